@@ -1,0 +1,318 @@
+"""Split-KV ("flash-decoding") attention over the latent cache, for the absorbed MLA form.
+
+Math (per batch b; rows i = (head h, query s) folded together, M = H * S rows):
+
+    q_lat[i]  = q_nope[b, h, s] W_UK[h]                       (torch bmm around the kernel)
+    x[i, j]   = (q_lat[i] . c[b, j] + q_rope[b, h, s] . kp[b, j]) * scale  (+ mask[b, s, j])
+    x[i, j]   = -inf where the bool mask is False, where j > s (is_causal) or j >= kv_len[b]
+    o_lat[i]  = sum_j softmax_j(x[i, :]) c[b, j]              (r-wide; the latent is the value)
+    out       = o_lat W_UV^T                                  (torch bmm around the kernel)
+
+Kernel 1 (`_absorbed_split_kernel`), grid (row tiles, splits, B): each program takes BLOCK_M rows
+and one contiguous chunk of keys, streams the latent tile c[j0:j0+BLOCK_N, :r] and the RoPE tile
+kp[j0:j0+BLOCK_N, :dr] from their own pointers (no concatenated copy), and keeps the online-softmax
+state (running max m, sum l, accumulator acc [BLOCK_M, r] in fp32). The latent tile is loaded once
+and used twice: as the key (q_lat c^T) and as the value (P c). With one split it writes the
+normalised o_lat directly; otherwise it writes o_p = acc / l and lse_p = m + log(l) per split.
+
+Kernel 2 (`_merge_splits_kernel`), grid (rows, B): o = sum_p exp(lse_p - L) o_p with
+L = log sum_p exp(lse_p); a row whose every key is masked gives zeros (as the reference does).
+
+`absorbed_latent_attention` is the core (absorbed q given; optional kv_lens int32 [B] so a static
+cache of 64K holding 3K reads 3K); `absorbed_decode` has the reference's signature.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from mla_compile.passes.forms.common import as_tokens, check_args
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+
+if INTERPRET:
+    _CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
+else:
+    _CONFIGS = [
+        triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
+    ]
+
+
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "R_PAD", "DR_PAD", "MASK_KIND", "ONE_SPLIT", "DOT_PREC"])
+@triton.jit
+def _absorbed_split_kernel(
+    Q, QR, C, KR, MASK, KVLEN, O, OP, LSE,
+    sm_scale, M, S, T, R, DR, chunk,
+    s_qb, s_qh, s_qs, s_qd,
+    s_rb, s_rh, s_rs, s_rd,
+    s_cb, s_ct, s_cd,
+    s_kb, s_kt, s_kd,
+    s_mb, s_ms, s_mt,
+    s_ob, s_oh, s_os, s_od,
+    s_pb, s_pp, s_pm,
+    M_BUCKET,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, DR_PAD: tl.constexpr,
+    HAS_ROPE: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr,
+    ONE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    h = rows // S
+    s = rows % S
+    offs_r = tl.arange(0, R_PAD)
+    r_ok = offs_r < R
+
+    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + s[:, None] * s_qs + offs_r[None, :] * s_qd,
+                mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+    if HAS_ROPE:
+        offs_d = tl.arange(0, DR_PAD)
+        d_ok = offs_d < DR
+        qr = tl.load(QR + b * s_rb + h[:, None] * s_rh + s[:, None] * s_rs + offs_d[None, :] * s_rd,
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    t_end = T
+    if HAS_KVLEN:
+        t_end = tl.minimum(t_end, tl.load(KVLEN + b))
+    if IS_CAUSAL:
+        t_end = tl.minimum(t_end, S)          # no row sees a key past the last query position
+    start = pid_p * chunk
+    stop = tl.minimum(start + chunk, t_end)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, R_PAD], tl.float32)
+    for n0 in range(start, stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < stop
+        c = tl.load(C + b * s_cb + offs_n[:, None] * s_ct + offs_r[None, :] * s_cd,
+                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(c), input_precision=DOT_PREC)
+        if HAS_ROPE:
+            kr = tl.load(KR + b * s_kb + offs_n[:, None] * s_kt + offs_d[None, :] * s_kd,
+                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            qk += tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC)
+        qk = qk * sm_scale
+        valid = n_ok[None, :] & row_ok[:, None]
+        if IS_CAUSAL:
+            valid = valid & (offs_n[None, :] <= s[:, None])
+        if MASK_KIND == 1:
+            mv = tl.load(MASK + b * s_mb + s[:, None] * s_ms + offs_n[None, :] * s_mt,
+                         mask=valid, other=0)
+            valid = valid & (mv != 0)
+        if MASK_KIND == 2:
+            mv = tl.load(MASK + b * s_mb + s[:, None] * s_ms + offs_n[None, :] * s_mt,
+                         mask=valid, other=0.0)
+            qk += mv.to(tl.float32)
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
+        p = tl.exp2((qk - m_safe[:, None]) * 1.4426950408889634)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=DOT_PREC)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    if ONE_SPLIT:
+        tl.store(O + b * s_ob + h[:, None] * s_oh + s[:, None] * s_os + offs_r[None, :] * s_od,
+                 o.to(O.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+    else:
+        lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
+        base = b * s_pb + pid_p * s_pp
+        tl.store(OP + base + rows[:, None] * R_PAD + offs_r[None, :], o, mask=row_ok[:, None])
+        tl.store(LSE + base // R_PAD + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    OP, LSE, O, S, R, P,
+    s_pb, s_pp,
+    s_ob, s_oh, s_os, s_od,
+    R_PAD: tl.constexpr, P_PAD: tl.constexpr,
+):
+    row = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    h = row // S
+    s = row % S
+    offs_p = tl.arange(0, P_PAD)
+    base = b * s_pb
+    lse = tl.load(LSE + base // R_PAD + offs_p * (s_pp // R_PAD) + row, mask=offs_p < P, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    total = tl.sum(tl.exp(lse - mx), 0)
+    offs_r = tl.arange(0, R_PAD)
+    acc = tl.zeros([R_PAD], tl.float32)
+    for p in range(0, P):
+        w = tl.exp(tl.load(LSE + base // R_PAD + p * (s_pp // R_PAD) + row) - mx)
+        acc += w * tl.load(OP + base + p * s_pp + row * R_PAD + offs_r)
+    total = tl.where(total > 0, total, 1.0)
+    r_ok = offs_r < R
+    tl.store(O + b * s_ob + h * s_oh + s * s_os + offs_r * s_od, (acc / total).to(O.dtype.element_ty), mask=r_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+
+
+_SM_COUNT: dict = {}
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def kernel_dtype(dtype: torch.dtype):
+    """The dtype the kernels compute in (fp32 accumulation always), or None for the reference (fp64)."""
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else None
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def block_m_for(rows: int) -> int:
+    if INTERPRET:
+        return 16
+    return 64 if rows > 32 else (32 if rows > 16 else 16)
+
+
+def mask_view(mask, B: int, S: int, T: int):
+    """mask broadcastable to [B, 1, S, T] -> (kind, tensor, (stride_b, stride_s, stride_t)), no copy."""
+    if mask is None:
+        return 0, None, (0, 0, 0)
+    m = mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    m = m.expand(B, 1, S, T)[:, 0]
+    if m.dtype == torch.bool:
+        m = m.view(torch.uint8)
+        kind = 1
+    else:
+        kind = 2
+    return kind, m, (m.stride(0), m.stride(1), m.stride(2))
+
+
+def choose_splits(device, B: int, row_tiles: int, T: int, block_m: int = 64, floor: int = 64) -> tuple[int, int]:
+    """(splits, chunk): enough programs to fill the GPU (one 64-row program per SM, several smaller
+    ones, which are memory-bound and need more loads in flight); chunk a multiple of 64 keys."""
+    target = num_sms(device) * max(1, 64 // (2 * block_m) * 2)
+    splits = max(1, round(target / max(1, B * row_tiles)))
+    chunk = max(floor, triton.cdiv(triton.cdiv(T, splits), floor) * floor)
+    return triton.cdiv(max(T, 1), chunk), chunk
+
+
+def merge_splits(o_part, lse, out_view, S: int, R: int, splits: int):
+    """o_part [B, P, M, R_PAD] fp32, lse [B, P, M] -> out_view [B, H, S, R] (any strides)."""
+    B, P, M, R_PAD = o_part.shape
+    _merge_splits_kernel[(M, B)](
+        o_part, lse, out_view, S, R, splits,
+        o_part.stride(0), o_part.stride(1),
+        *out_view.stride(),
+        R_PAD=R_PAD, P_PAD=triton.next_power_of_2(P),
+        num_warps=4,
+    )
+
+
+def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.0, is_causal=False,
+                              kv_lens=None, out=None, num_splits=None):
+    """The attention core of the absorbed form: q_lat [B, H, S, r] (q_nope W_UK, any strides),
+    q_rope [B, H, S, dr], latent [B, (1,) T, r], k_rope [B, (1,) T, dr] -> o_lat [B, H, S, r] in q_lat's
+    dtype (or written into `out`, any strides). kv_lens: optional int32 [B], keys j >= kv_lens[b] ignored."""
+    B, H, S, r = q_lat.shape
+    c = as_tokens(latent, "latent")
+    kr = as_tokens(k_rope, "k_rope")
+    T = c.shape[1]
+    dr = kr.shape[2]
+    dt = q_lat.dtype
+    if c.dtype != dt:
+        c = c.to(dt)
+    if kr.dtype != dt:
+        kr = kr.to(dt)
+    if q_rope.dtype != dt:
+        q_rope = q_rope.to(dt)
+    if out is None:
+        out = torch.empty(B, H, S, r, dtype=dt, device=q_lat.device)
+    if B * H * S == 0:
+        return out
+    M = H * S
+    BLOCK_M = block_m_for(M)
+    row_tiles = triton.cdiv(M, BLOCK_M)
+    eff_T = T if not is_causal else min(T, S)
+    if num_splits is None:
+        splits, chunk = choose_splits(q_lat.device, B, row_tiles, eff_T, BLOCK_M)
+    else:
+        chunk = max(64, triton.cdiv(triton.cdiv(max(eff_T, 1), num_splits), 64) * 64)
+        splits = triton.cdiv(max(eff_T, 1), chunk)
+    kind, m, ms = mask_view(mask, B, S, T)
+    R_PAD = triton.next_power_of_2(r)
+    DR_PAD = max(16, triton.next_power_of_2(dr)) if dr else 16
+    one = splits == 1
+    if one:
+        o_part = lse = out  # unused
+        sp = (0, 0, 0)
+    else:
+        o_part = torch.empty(B, splits, M, R_PAD, dtype=torch.float32, device=q_lat.device)
+        lse = torch.empty(B, splits, M, dtype=torch.float32, device=q_lat.device)
+        sp = (o_part.stride(0), o_part.stride(1), o_part.stride(2))
+    kvl = kv_lens if kv_lens is not None else c
+    _absorbed_split_kernel[(row_tiles, splits, B)](
+        q_lat, q_rope, c, kr, m if m is not None else c, kvl, out, o_part, lse,
+        float(scale), M, S, T, r, dr, chunk,
+        *q_lat.stride(), *q_rope.stride(), *c.stride(), *kr.stride(), *ms, *out.stride(), *sp,
+        triton.next_power_of_2(M),
+        BLOCK_M=BLOCK_M, R_PAD=R_PAD, DR_PAD=DR_PAD, HAS_ROPE=dr > 0, MASK_KIND=kind,
+        IS_CAUSAL=bool(is_causal), HAS_KVLEN=kv_lens is not None, ONE_SPLIT=one,
+        DOT_PREC=dot_precision(dt),
+    )
+    if not one:
+        merge_splits(o_part, lse, out, S, r, splits)
+    return out
+
+
+def absorb(q_nope, w_uk, dt):
+    """q_nope [B, H, S, dn] x W_UK [H, dn, r] -> q_lat as a [B, H, S, r] view of an [H, B*S, r] product."""
+    B, H, S, dn = q_nope.shape
+    q = q_nope.to(dt).permute(1, 0, 2, 3).reshape(H, B * S, dn)
+    return torch.bmm(q, w_uk.to(dt)).view(H, B, S, -1).permute(1, 0, 2, 3)
+
+
+def project(o_lat_hbs, w_uv, B, S, out_dtype):
+    """o_lat [H, B*S, r] x W_UV^T -> [B, H, S, dv] contiguous."""
+    H = o_lat_hbs.shape[0]
+    o = torch.bmm(o_lat_hbs, w_uv.to(o_lat_hbs.dtype).transpose(1, 2))
+    return o.view(H, B, S, -1).permute(1, 0, 2, 3).to(out_dtype).contiguous()
+
+
+def absorbed_decode(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale=1.0, is_causal=False,
+                    kv_lens=None):
+    """Drop-in for `absorbed_reference` (same signature), kernel-backed; kv_lens is an internal extra."""
+    d = check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask)
+    dt = kernel_dtype(q_nope.dtype)
+    if dt is None or q_nope.device.type == "meta":
+        from mla_compile.passes.forms.absorbed import absorbed_reference
+
+        return absorbed_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal)
+    B, H, S = d.batch, d.heads, d.q_len
+    q_lat = absorb(q_nope, w_uk, dt)
+    o_lat = torch.empty(H, B * S, d.rank, dtype=dt, device=q_nope.device)
+    absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask, scale, is_causal, kv_lens=kv_lens,
+                              out=o_lat.view(H, B, S, d.rank).permute(1, 0, 2, 3))
+    return project(o_lat, w_uv, B, S, q_nope.dtype)

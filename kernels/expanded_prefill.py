@@ -1,0 +1,259 @@
+"""Causal flash attention for the expanded MLA form (prefill: S close to T).
+
+Math (per batch b, head h):
+
+    [K_nope | V] = c [W_UK ; W_UV]^T          one expansion GEMM over all heads: [B, T, H*(dn+dv)]
+    x[i, j]      = (q_nope[i] . K_nope[j] + q_rope[i] . kp[j]) * scale (+ mask[b, i, j])
+    x[i, j]      = -inf where the bool mask is False, or j > i (is_causal, top-left aligned)
+    out[i]       = sum_j softmax_j(x[i, :]) V[j]                        [B, H, S, dv]
+
+`_expanded_fwd_kernel`, grid (query tiles, B*H): the key is read from two pointers, the per-head
+no-RoPE part (a strided view into the expansion GEMM's output; no split copy) and the RoPE key kp
+shared by every head (never broadcast into a [B, H, T, dr] copy); the dot product is two tl.dots.
+K_nope and V are the two halves of the expansion's rows, read in place through their strides.
+
+Skipping work: with is_causal and no mask, a query tile stops at its diagonal (the upper triangle
+is never loaded). With a mask, a block map is built first in torch ([B, S/BM, T/BN]: which key
+blocks hold any allowed entry, and which are entirely allowed with zero bias): the kernel visits
+only live blocks (so a causal-shaped mask skips its triangle too) and reads the mask tile only in
+partially masked blocks. Float entries <= finfo.min / 2 count as masked when building the map;
+query tiles with a row masked everywhere keep every block (the reference's uniform-row semantics).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from mla_compile.kernels.absorbed_decode import dot_precision, kernel_dtype, mask_view
+from mla_compile.passes.forms.common import as_tokens, check_args
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+if INTERPRET:
+    _CONFIGS = [triton.Config({}, num_warps=4, num_stages=1)]
+else:
+    _CONFIGS = [
+        triton.Config({}, num_warps=8, num_stages=3),
+        triton.Config({}, num_warps=8, num_stages=2),
+        triton.Config({}, num_warps=4, num_stages=3),
+    ]
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base,
+                  sm_scale, T, DN, DV, DR, s_kt, s_kd, s_vt, s_vd, s_krt, s_krd, s_mt,
+                  BLOCK_N: tl.constexpr, DN_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                  DR_PAD: tl.constexpr, HAS_ROPE: tl.constexpr, MASK_KIND: tl.constexpr,
+                  LOAD_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < T
+    offs_dn = tl.arange(0, DN_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    kn = tl.load(kn_base + offs_n[None, :] * s_kt + offs_dn[:, None] * s_kd,
+                 mask=n_ok[None, :] & (offs_dn[:, None] < DN), other=0.0)          # [DN_PAD, BLOCK_N]
+    qk = tl.dot(q, kn, input_precision=DOT_PREC)
+    if HAS_ROPE:
+        offs_dr = tl.arange(0, DR_PAD)
+        kr = tl.load(kr_base + offs_n[None, :] * s_krt + offs_dr[:, None] * s_krd,
+                     mask=n_ok[None, :] & (offs_dr[:, None] < DR), other=0.0)
+        qk += tl.dot(qr, kr, input_precision=DOT_PREC)
+    qk = qk * sm_scale
+    valid = n_ok[None, :] & m_ok[:, None]
+    if IS_CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+    if LOAD_MASK:
+        if MASK_KIND == 1:
+            mv = tl.load(mask_base + offs_m[:, None] * 0 + offs_n[None, :] * s_mt, mask=valid, other=0)
+            valid = valid & (mv != 0)
+        if MASK_KIND == 2:
+            mv = tl.load(mask_base + offs_n[None, :] * s_mt, mask=valid, other=0.0)
+            qk += mv.to(tl.float32)
+    qk = tl.where(valid, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
+    p = tl.exp2((qk - m_safe[:, None]) * 1.4426950408889634)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + offs_n[:, None] * s_vt + offs_dv[None, :] * s_vd,
+                mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.autotune(configs=_CONFIGS, key=["DN_PAD", "DV_PAD", "DR_PAD", "MASK_KIND", "IS_CAUSAL", "BLOCK_M",
+                                        "BLOCK_N", "DOT_PREC"])
+@triton.jit
+def _expanded_fwd_kernel(
+    Q, QR, KN, V, KR, MASK, LIST, CNT, O,
+    sm_scale, H, S, T, DN, DV, DR, n_mblocks, n_nblocks,
+    s_qb, s_qh, s_qs, s_qd,
+    s_rb, s_rh, s_rs, s_rd,
+    s_kb, s_kh, s_kt, s_kd,
+    s_vb, s_vh, s_vt, s_vd,
+    s_krb, s_krt, s_krd,
+    s_mb, s_ms, s_mt,
+    s_ob, s_oh, s_os, s_od,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DN_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    DR_PAD: tl.constexpr, HAS_ROPE: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_m = n_mblocks - 1 - tl.program_id(0)          # heaviest (causal) query tiles first
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < S
+    offs_dn = tl.arange(0, DN_PAD)
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_dn[None, :] * s_qd,
+                mask=m_ok[:, None] & (offs_dn[None, :] < DN), other=0.0)
+    qr = q
+    if HAS_ROPE:
+        offs_dr = tl.arange(0, DR_PAD)
+        qr = tl.load(QR + b * s_rb + h * s_rh + offs_m[:, None] * s_rs + offs_dr[None, :] * s_rd,
+                     mask=m_ok[:, None] & (offs_dr[None, :] < DR), other=0.0)
+    kn_base = KN + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    kr_base = KR + b * s_krb
+    mask_base = MASK + b * s_mb + offs_m[:, None] * s_ms
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    if MASK_KIND == 0:
+        hi = T
+        if IS_CAUSAL:
+            hi = tl.minimum(T, (pid_m + 1) * BLOCK_M)
+        for n0 in range(0, hi, BLOCK_N):
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base,
+                sm_scale, T, DN, DV, DR, s_kt, s_kd, s_vt, s_vd, s_krt, s_krd, s_mt,
+                BLOCK_N, DN_PAD, DV_PAD, DR_PAD, HAS_ROPE, MASK_KIND, False, IS_CAUSAL, DOT_PREC)
+    else:
+        lbase = (b * n_mblocks + pid_m)
+        cnt = tl.load(CNT + lbase)
+        for i in range(0, cnt):
+            e = tl.load(LIST + lbase * n_nblocks + i)
+            n0 = (e // 2) * BLOCK_N
+            if e % 2 == 1:          # entirely allowed, zero bias: no mask tile to read
+                acc, m_i, l_i = _attend_block(
+                    acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base,
+                    sm_scale, T, DN, DV, DR, s_kt, s_kd, s_vt, s_vd, s_krt, s_krd, s_mt,
+                    BLOCK_N, DN_PAD, DV_PAD, DR_PAD, HAS_ROPE, MASK_KIND, False, IS_CAUSAL, DOT_PREC)
+            else:
+                acc, m_i, l_i = _attend_block(
+                    acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base,
+                    sm_scale, T, DN, DV, DR, s_kt, s_kd, s_vt, s_vd, s_krt, s_krd, s_mt,
+                    BLOCK_N, DN_PAD, DV_PAD, DR_PAD, HAS_ROPE, MASK_KIND, True, IS_CAUSAL, DOT_PREC)
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    offs_dv = tl.arange(0, DV_PAD)
+    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_dv[None, :] * s_od,
+             o.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+# --------------------------------------------------------------------------------------------
+# launcher
+
+
+def blocks_for(S: int, T: int) -> tuple[int, int]:
+    if INTERPRET:
+        return 16, 16
+    return (128 if S > 64 else 64), 64
+
+
+def block_map(mask, B, S, T, is_causal, BM, BN):
+    """Live key blocks per query tile: (list [B, nM, nN] int32 of entries 2*nblock + fully_allowed, live
+    first; counts [B, nM] int32). Built with torch ops on the device, no host sync."""
+    dev = mask.device
+    m = mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    m = m.expand(B, 1, S, T)[:, 0]
+    if m.dtype == torch.bool:
+        allowed, free = m, m
+    else:
+        allowed = m > torch.finfo(m.dtype).min / 2
+        free = m == 0
+    if is_causal:
+        tri = torch.ones(S, T, dtype=torch.bool, device=dev).tril()
+        allowed = allowed & tri
+        free = free & tri
+    nM, nN = triton.cdiv(S, BM), triton.cdiv(T, BN)
+    pad = (0, nN * BN - T, 0, nM * BM - S)
+    a = torch.nn.functional.pad(allowed, pad, value=False).view(B, nM, BM, nN, BN)
+    live = a.any(4).any(2)                                                       # [B, nM, nN]
+    # Out-of-range keys/queries are masked by bounds inside the kernel, so padding counts as free.
+    f = torch.nn.functional.pad(free, pad, value=True).view(B, nM, BM, nN, BN).all(4).all(2)
+    if m.dtype != torch.bool:
+        row_dead = ~torch.nn.functional.pad(allowed.any(2), (0, nM * BM - S), value=True).view(B, nM, BM)
+        live = live | row_dead.any(2, keepdim=True)
+    order = torch.argsort((~live).to(torch.int8), dim=-1, stable=True)
+    entries = (order * 2 + torch.gather(f, 2, order).to(order.dtype)).to(torch.int32).contiguous()
+    counts = live.sum(-1).to(torch.int32).contiguous()
+    return entries, counts
+
+
+def expansion_weight(w_uk, w_uv):
+    """kv_b_proj.weight [H*(dn+dv), r] recovered from its two per-head views without a copy where
+    they are the halves of one tensor; else one concatenated copy."""
+    H, dn, r = w_uk.shape
+    dv = w_uv.shape[1]
+    es = w_uk.element_size()
+    if (w_uk.dtype == w_uv.dtype and w_uk.stride() == ((dn + dv) * r, r, 1) and w_uv.stride() == w_uk.stride()
+            and w_uv.untyped_storage().data_ptr() == w_uk.untyped_storage().data_ptr()
+            and w_uv.data_ptr() == w_uk.data_ptr() + dn * r * es):
+        return torch.as_strided(w_uk, (H * (dn + dv), r), (r, 1))
+    return torch.cat([w_uk, w_uv], 1).reshape(H * (dn + dv), r)
+
+
+def expanded_attention(q_nope, q_rope, k_nope, v, k_rope, mask=None, scale=1.0, is_causal=False, out=None):
+    """Core: q_nope [B, H, S, dn], q_rope [B, H, S, dr], k_nope [B, H, T, dn] and v [B, H, T, dv] (any
+    strides), k_rope [B, T, dr] shared by the heads -> out [B, H, S, dv]."""
+    B, H, S, dn = q_nope.shape
+    T, dv, dr = k_nope.shape[2], v.shape[3], k_rope.shape[2]
+    dt = q_nope.dtype
+    if out is None:
+        out = torch.empty(B, H, S, dv, dtype=dt, device=q_nope.device)
+    if B * H * S == 0:
+        return out
+    BM, BN = blocks_for(S, T)
+    nM, nN = triton.cdiv(S, BM), triton.cdiv(T, BN)
+    kind, m, ms = mask_view(mask, B, S, T)
+    if kind:
+        entries, counts = block_map(mask, B, S, T, is_causal, BM, BN)
+    else:
+        entries = counts = q_nope
+    _expanded_fwd_kernel[(nM, B * H)](
+        q_nope, q_rope, k_nope, v, k_rope, m if m is not None else q_nope, entries, counts, out,
+        float(scale), H, S, T, dn, dv, dr, nM, nN,
+        *q_nope.stride(), *q_rope.stride(), *k_nope.stride(), *v.stride(), *k_rope.stride(), *ms,
+        *out.stride(),
+        BLOCK_M=BM, BLOCK_N=BN, DN_PAD=max(16, triton.next_power_of_2(dn)),
+        DV_PAD=max(16, triton.next_power_of_2(dv)), DR_PAD=max(16, triton.next_power_of_2(max(dr, 1))),
+        HAS_ROPE=dr > 0, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), DOT_PREC=dot_precision(dt),
+    )
+    return out
+
+
+def expanded_prefill(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale=1.0, is_causal=False):
+    """Drop-in for `expanded_reference` (same signature), kernel-backed."""
+    d = check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask)
+    dt = kernel_dtype(q_nope.dtype)
+    if dt is None or q_nope.device.type == "meta":
+        from mla_compile.passes.forms.expanded import expanded_reference
+
+        return expanded_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal)
+    B, H, T, dn, dv = d.batch, d.heads, d.kv_len, d.nope_dim, d.v_dim
+    c = as_tokens(latent, "latent").to(dt)
+    kr = as_tokens(k_rope, "k_rope").to(dt)
+    w = expansion_weight(w_uk, w_uv).to(dt)
+    kv = torch.matmul(c, w.t()).view(B, T, H, dn + dv)            # the one expansion GEMM
+    k_nope = kv[..., :dn].permute(0, 2, 1, 3)                     # [B, H, T, dn] strided views
+    v = kv[..., dn:].permute(0, 2, 1, 3)
+    out = torch.empty(B, H, d.q_len, dv, dtype=q_nope.dtype, device=q_nope.device)
+    return expanded_attention(q_nope, q_rope.to(dt), k_nope, v, kr, mask, scale, is_causal, out=out)

@@ -1,0 +1,196 @@
+"""Sparse (DSA) absorbed attention: each query attends only to its indexer's top-k latent rows.
+
+Math (query (b, s), heads h in the rows of one tile, k selected positions idx[b, s, :]):
+
+    q_lat[h]   = q_nope[b, h, s] W_UK[h]                                  (torch bmm around)
+    x[h, n]    = (q_lat[h] . c[b, idx_n] + q_rope[b, h, s] . kp[b, idx_n]) * scale (+ mask[b, s, idx_n])
+    x[h, n]    = -inf where idx_n == -1, the bool mask is False there, or idx_n > s (is_causal)
+    o_lat[h]   = sum_n softmax_n(x[h, :]) c[b, idx_n]
+    out        = o_lat W_UV^T                                             (torch bmm around)
+
+`_sparse_split_kernel`, grid (head tiles, splits, B*S): the latent and RoPE rows are gathered inside
+the kernel (one pointer per selected row, each row contiguous), so the work and the bytes read are
+O(S * k * (r + dr)) whatever T is: a decode step over 128K tokens costs what one over 8K does.
+Splits over the k selected positions (decode, few programs) are merged by log-sum-exp with the
+merge kernel of `absorbed_decode`. Works for prefill (many queries, one split each) and decode.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from mla_compile.kernels.absorbed_decode import (
+    absorb, block_m_for, dot_precision, kernel_dtype, mask_view, merge_splits, num_sms, project,
+)
+from mla_compile.passes.forms.common import as_tokens, check_args, check_indices
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+if INTERPRET:
+    _CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
+else:
+    _CONFIGS = [
+        triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
+    ]
+
+
+@triton.autotune(configs=_CONFIGS, key=["H_BUCKET", "R_PAD", "DR_PAD", "MASK_KIND", "ONE_SPLIT", "DOT_PREC"])
+@triton.jit
+def _sparse_split_kernel(
+    Q, QR, C, KR, IDX, MASK, O, OP, LSE,
+    sm_scale, H, S, K, R, DR, chunk,
+    s_qb, s_qh, s_qs, s_qd,
+    s_rb, s_rh, s_rs, s_rd,
+    s_cb, s_ct, s_cd,
+    s_kb, s_kt, s_kd,
+    s_ib, s_is, s_ik,
+    s_mb, s_ms, s_mt,
+    s_ob, s_oh, s_od,
+    s_pb, s_pp,
+    H_BUCKET,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, DR_PAD: tl.constexpr,
+    HAS_ROPE: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    ONE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    bs = tl.program_id(2).to(tl.int64)
+    b = bs // S
+    s = bs % S
+    h = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    h_ok = h < H
+    offs_r = tl.arange(0, R_PAD)
+    r_ok = offs_r < R
+
+    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + s * s_qs + offs_r[None, :] * s_qd,
+                mask=h_ok[:, None] & r_ok[None, :], other=0.0)
+    if HAS_ROPE:
+        offs_d = tl.arange(0, DR_PAD)
+        d_ok = offs_d < DR
+        qr = tl.load(QR + b * s_rb + h[:, None] * s_rh + s * s_rs + offs_d[None, :] * s_rd,
+                     mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+
+    start = pid_p * chunk
+    stop = tl.minimum(start + chunk, K)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, R_PAD], tl.float32)
+    for n0 in range(start, stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < stop
+        idx = tl.load(IDX + b * s_ib + s * s_is + offs_n * s_ik, mask=n_ok, other=-1).to(tl.int64)
+        ok = idx >= 0
+        if IS_CAUSAL:
+            ok = ok & (idx <= s)
+        if MASK_KIND == 1:
+            mv = tl.load(MASK + b * s_mb + s * s_ms + idx * s_mt, mask=ok, other=0)
+            ok = ok & (mv != 0)
+        idx = tl.where(ok, idx, 0)
+        c = tl.load(C + b * s_cb + idx[:, None] * s_ct + offs_r[None, :] * s_cd,
+                    mask=ok[:, None] & r_ok[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(c), input_precision=DOT_PREC)
+        if HAS_ROPE:
+            kr = tl.load(KR + b * s_kb + idx[:, None] * s_kt + offs_d[None, :] * s_kd,
+                         mask=ok[:, None] & d_ok[None, :], other=0.0)
+            qk += tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC)
+        qk = qk * sm_scale
+        if MASK_KIND == 2:
+            mv = tl.load(MASK + b * s_mb + s * s_ms + idx * s_mt, mask=ok, other=0.0)
+            qk += mv.to(tl.float32)[None, :]
+        qk = tl.where(ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
+        p = tl.exp2((qk - m_safe[:, None]) * 1.4426950408889634)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=DOT_PREC)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    if ONE_SPLIT:
+        tl.store(O + bs * s_ob + h[:, None] * s_oh + offs_r[None, :] * s_od,
+                 o.to(O.dtype.element_ty), mask=h_ok[:, None] & r_ok[None, :])
+    else:
+        lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
+        base = bs * s_pb + pid_p * s_pp
+        tl.store(OP + base + h[:, None] * R_PAD + offs_r[None, :], o, mask=h_ok[:, None])
+        tl.store(LSE + base // R_PAD + h, lse, mask=h_ok)
+
+
+def sparse_latent_attention(q_lat, q_rope, latent, k_rope, topk_indices, mask=None, scale=1.0,
+                            is_causal=False, out=None, num_splits=None):
+    """Core: q_lat [B, H, S, r] (any strides), q_rope [B, H, S, dr], latent/k_rope [B, (1,) T, *],
+    topk_indices [B, S, k] (-1 = none) -> o_lat written into `out`, a [B*S, H, 1, r] view (any strides)
+    or a fresh [B*S, H, 1, r] tensor."""
+    B, H, S, r = q_lat.shape
+    c = as_tokens(latent, "latent")
+    kr = as_tokens(k_rope, "k_rope")
+    T, dr = c.shape[1], kr.shape[2]
+    k = topk_indices.shape[2]
+    dt = q_lat.dtype
+    c, kr, q_rope = c.to(dt), kr.to(dt), q_rope.to(dt)
+    if out is None:
+        out = torch.empty(B * S, H, 1, r, dtype=dt, device=q_lat.device)
+    if B * H * S == 0:
+        return out
+    if k == 0:
+        out.zero_()
+        return out
+    BLOCK_M = block_m_for(H)
+    tiles = triton.cdiv(H, BLOCK_M)
+    if num_splits is None:
+        want = max(1, round(num_sms(q_lat.device) * max(1, 64 // (2 * BLOCK_M) * 2) / (B * S * tiles)))
+    else:
+        want = num_splits
+    chunk = max(64, triton.cdiv(triton.cdiv(k, want), 64) * 64)
+    splits = triton.cdiv(k, chunk)
+    kind, m, ms = mask_view(mask, B, S, T)
+    R_PAD = triton.next_power_of_2(r)
+    DR_PAD = max(16, triton.next_power_of_2(dr)) if dr else 16
+    one = splits == 1
+    if one:
+        o_part = lse = out
+        sp = (0, 0)
+    else:
+        o_part = torch.empty(B * S, splits, H, R_PAD, dtype=torch.float32, device=q_lat.device)
+        lse = torch.empty(B * S, splits, H, dtype=torch.float32, device=q_lat.device)
+        sp = (o_part.stride(0), o_part.stride(1))
+    _sparse_split_kernel[(tiles, splits, B * S)](
+        q_lat, q_rope, c, kr, topk_indices, m if m is not None else c, out, o_part, lse,
+        float(scale), H, S, k, r, dr, chunk,
+        *q_lat.stride(), *q_rope.stride(), *c.stride(), *kr.stride(), *topk_indices.stride(), *ms,
+        out.stride(0), out.stride(1), out.stride(3), *sp,
+        triton.next_power_of_2(H),
+        BLOCK_M=BLOCK_M, R_PAD=R_PAD, DR_PAD=DR_PAD, HAS_ROPE=dr > 0, MASK_KIND=kind,
+        IS_CAUSAL=bool(is_causal), ONE_SPLIT=one, DOT_PREC=dot_precision(dt),
+    )
+    if not one:
+        merge_splits(o_part, lse, out, 1, r, splits)
+    return out
+
+
+def sparse_absorbed_decode(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask=None, scale=1.0,
+                           is_causal=False):
+    """Drop-in for `sparse_absorbed_reference` (same signature), kernel-backed."""
+    d = check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask)
+    check_indices(topk_indices, d)
+    dt = kernel_dtype(q_nope.dtype)
+    if dt is None or q_nope.device.type == "meta":
+        from mla_compile.passes.forms.sparse import sparse_absorbed_reference
+
+        return sparse_absorbed_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask,
+                                         scale, is_causal)
+    B, H, S = d.batch, d.heads, d.q_len
+    q_lat = absorb(q_nope, w_uk, dt)
+    o_lat = torch.empty(H, B * S, d.rank, dtype=dt, device=q_nope.device)
+    sparse_latent_attention(q_lat, q_rope, latent, k_rope, topk_indices, mask, scale, is_causal,
+                            out=o_lat.permute(1, 0, 2).unsqueeze(2))
+    return project(o_lat, w_uv, B, S, q_nope.dtype)

@@ -1,0 +1,121 @@
+"""The `mla` torch.compile backend.
+
+    torch.compile(model, backend="mla", options={"form": "auto", "log": "rewrites.jsonl", "verify": False})
+
+For each graph Dynamo hands over: find the MLA attention regions (mla_compile.passes.match), choose
+a form for each (mla_compile.passes.choose), rewrite the region into that form's op
+(mla_compile.passes.rewrite), record every decision and every near-miss in the rewrite log, and hand
+the whole graph to Inductor (`compile_fx`), so the parts we do not touch compile exactly as
+`backend="inductor"` would compile them.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from mla_compile.rewrite_log import RewriteRecord, record
+
+log = logging.getLogger("mla_compile")
+
+_GRAPH_IDS = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Options:
+    """`options=` of torch.compile(..., backend="mla"); environment variables give the defaults."""
+
+    form: str = "auto"            # "auto", or force "expanded" | "absorbed" | "sparse_absorbed" | "sparse_expanded" | "sparse"
+    log: str | None = None        # path: append the rewrite records as JSON lines (MLA_COMPILE_LOG)
+    verify: bool = False          # run the original graph beside the rewritten one on the first calls (MLA_COMPILE_VERIFY)
+    verify_calls: int = 2         # how many first calls verify checks
+    remainder: str = "inductor"   # "inductor", or "eager" to run the rewritten graph without Inductor (fast tests)
+    device: str | None = None     # cost model device override ("h100", "h200", "cpu", ...)
+
+    @classmethod
+    def parse(cls, options: dict | None) -> "Options":
+        env = {
+            "form": os.environ.get("MLA_COMPILE_FORM", "auto"),
+            "log": os.environ.get("MLA_COMPILE_LOG") or None,
+            "verify": os.environ.get("MLA_COMPILE_VERIFY", "0") not in ("", "0", "false", "False"),
+            "remainder": os.environ.get("MLA_COMPILE_REMAINDER", "inductor"),
+            "device": os.environ.get("MLA_COMPILE_DEVICE") or None,
+        }
+        names = {f.name for f in fields(cls)}
+        options = dict(options or {})
+        unknown = set(options) - names
+        if unknown:
+            raise ValueError(f"torch.compile(backend='mla'): unknown options {sorted(unknown)}; known: {sorted(names)}")
+        opts = cls(**{**env, **options})
+        if opts.remainder not in ("inductor", "eager"):
+            raise ValueError(f"options['remainder']: expected 'inductor' or 'eager', got {opts.remainder!r}")
+        return opts
+
+
+def _shapes_for_log(dims: dict) -> dict:
+    return {k: (v if isinstance(v, int) or v is None else str(v)) for k, v in dims.items()}
+
+
+def rewrite_graph(gm: fx.GraphModule, opts: Options, graph_id: int) -> list[RewriteRecord]:
+    """Find, decide and rewrite every MLA region of gm in place; return the log records."""
+    from mla_compile.passes.choose import decide
+    from mla_compile.passes.match import find_regions
+    from mla_compile.passes.rewrite import rewrite
+
+    regions, misses = find_regions(gm)
+    records = []
+    for miss in misses:
+        records.append(RewriteRecord(module=miss.module, status="skipped", form=None, family=miss.family,
+                                     shapes=_shapes_for_log(miss.dims), reason=miss.reason, core=miss.core,
+                                     graph=graph_id))
+    for region in regions:
+        decision = decide(region, opts.form, device=opts.device)
+        plan_id = None
+        if decision.form == "auto":
+            from mla_compile.passes.dispatch import register
+
+            plan_id = register(decision.chooser)
+        rewrite(gm, region, decision.form, dense_mask=decision.dense_mask, plan_id=plan_id)
+        records.append(RewriteRecord(
+            module=region.module, status="rewritten", form=decision.form, family=region.family,
+            shapes=_shapes_for_log(region.dims), reason=decision.reason, core=region.core,
+            dtype=str(region.dtype).removeprefix("torch."), costs=decision.costs,
+            expressions=decision.expressions, crossover=decision.crossover, device=decision.device,
+            graph=graph_id))
+    if regions:
+        gm.graph.lint()
+        gm.recompile()
+    return records
+
+
+def mla_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, mode: str | None = None):
+    """The Dynamo backend registered as `mla` (entry point group torch_dynamo_backends)."""
+    import mla_compile.passes.dispatch  # noqa: F401  (registers torch.ops.mla.auto)
+    import mla_compile.passes.forms  # noqa: F401  (registers torch.ops.mla.<form>)
+
+    opts = Options.parse(options)
+    graph_id = next(_GRAPH_IDS)
+    original = copy.deepcopy(gm) if opts.verify else None
+    for rec in rewrite_graph(gm, opts, graph_id):
+        record(rec, opts.log)
+    if opts.remainder == "eager":
+        compiled = gm.forward
+    else:
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = {"triton.cudagraphs": True} if mode in ("reduce-overhead", "max-autotune") else {}
+        if mode == "max-autotune":
+            patches.update({"max_autotune": True})
+        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    if original is not None:
+        from mla_compile.verify import verified
+
+        return verified(compiled, original, opts.verify_calls, graph_id)
+    return compiled

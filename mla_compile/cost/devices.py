@@ -1,0 +1,171 @@
+"""Roofline device models: what a device can do, as a table that measurements update.
+
+A form's time on a device is  sum over its kernels of
+    max(flops / (matmul_rate * eff[form.kernel]) + vector / vector_flops,  bytes / (mem_bw * mem_eff))
+    + launches * launch_overhead
+
+Figures and where they come from
+--------------------------------
+* h200: *measured* on a lent H200 (MLA-NOTES section 3): bf16 8192^3 matmul 687 TFLOP/s (nominal
+  989.4 dense) and device copy 4.27 TB/s, bytes read + written (nominal 4.8 TB/s).
+* Every other GPU: the vendor's nominal dense figure (no sparsity) times the H200's measured /
+  nominal ratio (matmul 687/989.4 = 0.694, memory 4.27/4.8 = 0.890), so that all GPU entries mean
+  "achievable ceiling" like the measured one.  The nominal figures are kept in `nominal`.
+    h100 (SXM5):  989.4 bf16/fp16, 494.7 tf32, 66.9 fp32 TFLOP/s, 3.35 TB/s HBM3
+    a100 (SXM4 80GB): 312 bf16, 156 tf32, 19.5 fp32 TFLOP/s, 2.039 TB/s
+    l40s: 362 bf16, 183 tf32, 91.6 fp32 TFLOP/s, 0.864 TB/s GDDR6
+    b200 (HGX): 2250 bf16, 1125 tf32, 80 fp32 TFLOP/s, 8.0 TB/s HBM3e
+* cpu: a *placeholder* (1 TFLOP/s fp32, 50 GB/s, 10 us per torch op) until `calibrate()` measures
+  the machine.  On the CPU the forms run their plain-torch references, which compute half dtypes in
+  float32 (`upcast_half`) and materialise the score matrix (`fused_attention` False).
+* float32 on a GPU uses the TF32 rate when torch.get_float32_matmul_precision() is not "highest"
+  (Triton's tl.dot and cuBLAS then use TF32), else the plain FP32 rate.
+* vector_flops: the non-tensor FP32 rate used for the softmax's element-wise work (nominal x 0.694).
+* launch_overhead: 4 us per GPU kernel launch (eager launch + tail; less under CUDA graphs).
+
+Efficiency factors (the part that benchmarks should update: `benchmarks/bench_forms.py` can write a
+calibrated JSON with its own `efficiency` table): fraction of the matmul ceiling a kernel reaches,
+looked up as "form.kernel", then "form", then "default".  Starting values: absorbed attention 0.70
+(FlashMLA ran ~480 of 687 TFLOP/s at B=32 decode on the H200), sparse absorbed attention 0.60
+(FlashMLA sparse decode 410 of 660), expansion GEMM 0.85 (one large cuBLAS GEMM), expanded flash
+attention 0.60 (head dims 192/128), the small per-head GEMMs of absorption/output 0.60.
+`mem_efficiency` likewise scales the copy bandwidth (default 0.85: kernels stream a little below copy).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+
+H200_MATMUL_RATIO = 687e12 / 989.4e12
+H200_MEMORY_RATIO = 4.27e12 / 4.8e12
+
+DEFAULT_EFFICIENCY = {
+    "default": 0.70,
+    "expanded.expand": 0.85,
+    "expanded.attention": 0.60,
+    "absorbed.absorb": 0.60,
+    "absorbed.attention": 0.70,
+    "absorbed.output": 0.60,
+    "sparse_absorbed.absorb": 0.60,
+    "sparse_absorbed.attention": 0.60,
+    "sparse_absorbed.output": 0.60,
+    "sparse_expanded.expand": 0.60,
+    "sparse_expanded.attention": 0.50,
+}
+DEFAULT_MEM_EFFICIENCY = {"default": 0.85}
+
+# the plain-torch references on a CPU: bmm reaches most of the measured matmul rate; the unfused
+# element-wise passes are already counted as bytes
+CPU_EFFICIENCY = {"default": 0.80}
+CPU_MEM_EFFICIENCY = {"default": 0.70}
+
+DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+@dataclass
+class DeviceModel:
+    name: str
+    matmul_flops: dict            # "bf16", "fp16", "tf32", "fp32" -> FLOP/s ceiling
+    vector_flops: float           # non-tensor FP32 FLOP/s (softmax element-wise work)
+    mem_bw: float                 # bytes/s, read + written
+    launch_overhead: float        # seconds per launch
+    efficiency: dict = field(default_factory=lambda: dict(DEFAULT_EFFICIENCY))
+    mem_efficiency: dict = field(default_factory=lambda: dict(DEFAULT_MEM_EFFICIENCY))
+    fused_attention: bool = True  # the forms run as fused kernels (False: unfused torch references)
+    upcast_half: bool = False     # half dtypes are computed in float32 (the references do)
+    nominal: dict = field(default_factory=dict)
+    source: str = ""
+    measured: bool = False
+    warning: Optional[str] = None
+
+    # -- figures -------------------------------------------------------------------------------
+    def matmul_rate(self, dtype: torch.dtype = torch.bfloat16) -> float:
+        """The matmul ceiling (FLOP/s) for inputs of `dtype` on this device."""
+        if dtype == torch.float64:
+            return float(self.matmul_flops["fp32"]) / 2.0
+        if self.upcast_half or dtype == torch.float32:
+            if self.fused_attention and torch.get_float32_matmul_precision() != "highest":
+                return float(self.matmul_flops.get("tf32", self.matmul_flops["fp32"]))
+            return float(self.matmul_flops["fp32"])
+        return float(self.matmul_flops.get(DTYPE_KEYS.get(dtype, "bf16"), self.matmul_flops["bf16"]))
+
+    def eff(self, form: str, kernel: str) -> float:
+        t = self.efficiency
+        return float(t.get(f"{form}.{kernel}", t.get(form, t.get("default", 0.7))))
+
+    def mem_eff(self, form: str, kernel: str) -> float:
+        t = self.mem_efficiency
+        return float(t.get(f"{form}.{kernel}", t.get(form, t.get("default", 0.85))))
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DeviceModel":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def copy(self, **changes) -> "DeviceModel":
+        m = copy.deepcopy(self)
+        for k, v in changes.items():
+            setattr(m, k, v)
+        return m
+
+
+def _gpu(name, bf16, tf32, fp32, bw, *, measured=None, source=""):
+    """A GPU entry from nominal dense figures (TFLOP/s, TB/s), derated by the H200 measured ratios
+    unless measured figures are given."""
+    nominal = {"bf16": bf16 * 1e12, "fp16": bf16 * 1e12, "tf32": tf32 * 1e12, "fp32": fp32 * 1e12, "mem_bw": bw * 1e12}
+    mm = {k: v * H200_MATMUL_RATIO for k, v in nominal.items() if k != "mem_bw"}
+    mem = bw * 1e12 * H200_MEMORY_RATIO
+    if measured:
+        mm["bf16"] = mm["fp16"] = measured["bf16"]
+        mem = measured["mem_bw"]
+    return DeviceModel(name=name, matmul_flops=mm, vector_flops=fp32 * 1e12 * H200_MATMUL_RATIO, mem_bw=mem,
+                       launch_overhead=4e-6, nominal=nominal,
+                       source=source or "nominal dense figures x H200 measured/nominal ratio")
+
+
+DEVICES: dict[str, DeviceModel] = {
+    "h100": _gpu("h100", 989.4, 494.7, 66.9, 3.35),
+    "h200": _gpu("h200", 989.4, 494.7, 66.9, 4.8, measured={"bf16": 687e12, "mem_bw": 4.27e12},
+                 source="measured on a lent H200 (MLA-NOTES): bf16 matmul 687 TFLOP/s, copy 4.27 TB/s; "
+                        "tf32/fp32 nominal x 0.694"),
+    "a100": _gpu("a100", 312.0, 156.0, 19.5, 2.039),
+    "l40s": _gpu("l40s", 362.05, 183.0, 91.6, 0.864),
+    "b200": _gpu("b200", 2250.0, 1125.0, 80.0, 8.0),
+    "cpu": DeviceModel(
+        name="cpu", matmul_flops={"bf16": 1e12, "fp16": 1e12, "tf32": 1e12, "fp32": 1e12},
+        vector_flops=0.2e12, mem_bw=50e9, launch_overhead=10e-6,
+        efficiency=dict(CPU_EFFICIENCY), mem_efficiency=dict(CPU_MEM_EFFICIENCY),
+        fused_attention=False, upcast_half=True,
+        source="placeholder (1 TFLOP/s fp32, 50 GB/s, 10 us/op): run calibrate() to measure this CPU"),
+}
+
+# substrings of torch.cuda.get_device_name() -> table key, checked in order
+GPU_NAMES = (("B200", "b200"), ("H200", "h200"), ("H100", "h100"), ("A100", "a100"), ("L40S", "l40s"))
+
+
+def table_key_for_gpu(gpu_name: str) -> Optional[str]:
+    up = gpu_name.upper()
+    for sub, key in GPU_NAMES:
+        if sub in up:
+            return key
+    return None
+
+
+def table_entry(name: str) -> DeviceModel:
+    """A copy of the table entry `name` ("h100", "h200", "a100", "l40s", "b200", "cpu")."""
+    key = name.lower()
+    if key not in DEVICES:
+        raise KeyError(f"unknown device {name!r}: expected one of {sorted(DEVICES)} or a torch.device")
+    return DEVICES[key].copy()

@@ -1,0 +1,103 @@
+"""The rewrite log: one record per MLA region the backend saw, rewritten or left alone, with why.
+
+Records accumulate since import or since `reset()`; `rewrite_log()` returns them, `format_rewrite_log()`
+renders a table, MLA_COMPILE_LOG=path.jsonl (or `options={"log": path}`) appends them as JSON lines,
+and each record also goes to the `mla_compile` Python logger (and so to TORCH_LOGS="+mla_compile").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+logger = logging.getLogger("mla_compile")
+
+_LOCK = threading.Lock()
+_RECORDS: list["RewriteRecord"] = []
+
+
+@dataclass
+class RewriteRecord:
+    module: str                      # qualified module name in the user's model, e.g. model.layers.3.self_attn
+    status: str                      # "rewritten" or "skipped"
+    form: str | None                 # the form emitted ("auto" when it is chosen at run time), None if skipped
+    family: str | None               # the HF model type, e.g. deepseek_v3
+    shapes: dict[str, Any]           # B, H, S, T, r, dr, dn, dv, k (symbolic sizes as strings)
+    reason: str                      # why this form, or why the region was left alone
+    core: str | None = None          # "eager" or "sdpa": which HF attention core was matched
+    dtype: str | None = None
+    costs: dict[str, float] = field(default_factory=dict)        # form -> predicted seconds
+    expressions: dict[str, str] = field(default_factory=dict)    # form -> sympy time expression
+    crossover: str | None = None     # closed form of the decision boundary, when shapes are dynamic
+    device: dict[str, Any] = field(default_factory=dict)         # roofline figures used
+    graph: int | None = None         # which compiled graph (the backend's counter)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def record(rec: RewriteRecord, log_path: str | None = None) -> None:
+    with _LOCK:
+        _RECORDS.append(rec)
+    path = log_path or os.environ.get("MLA_COMPILE_LOG")
+    if path:
+        with _LOCK, open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec.to_json(), default=str) + "\n")
+    if rec.status == "rewritten":
+        logger.info("rewrote %s (%s) as %s: %s", rec.module, rec.family, rec.form, rec.reason)
+    else:
+        logger.info("left %s (%s) alone: %s", rec.module, rec.family, rec.reason)
+    _emit_trace_artifact(rec)
+
+
+def _emit_trace_artifact(rec: RewriteRecord) -> None:
+    """Put the record in TORCH_TRACE's structured log, so tlparse shows it beside Inductor's output."""
+    try:
+        from torch._logging import trace_structured
+    except ImportError:  # pragma: no cover - older torch
+        return
+    trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": "mla_compile_rewrite", "encoding": "json"},
+        payload_fn=lambda: json.dumps(rec.to_json(), default=str),
+    )
+
+
+def rewrite_log() -> list[RewriteRecord]:
+    """The records made since import or since `reset()`, oldest first."""
+    with _LOCK:
+        return list(_RECORDS)
+
+
+def reset() -> None:
+    """Forget the records (compiled graphs and their plans are unaffected)."""
+    with _LOCK:
+        _RECORDS.clear()
+
+
+def _fmt_cost(seconds: float) -> str:
+    return f"{seconds * 1e6:.1f}us" if seconds < 1e-2 else f"{seconds * 1e3:.2f}ms"
+
+
+def format_rewrite_log(records: list[RewriteRecord] | None = None) -> str:
+    """A readable table: module, family, status, form, shapes, predicted costs, and the reason."""
+    recs = rewrite_log() if records is None else records
+    if not recs:
+        return "mla_compile: no MLA attention region has been compiled yet"
+    rows = [("graph", "module", "family", "status", "form", "shapes", "costs", "reason")]
+    for r in recs:
+        shapes = " ".join(f"{k}={v}" for k, v in r.shapes.items() if v is not None)
+        costs = " ".join(f"{f}={_fmt_cost(c)}" for f, c in r.costs.items())
+        reason = r.reason + (f"; crossover: {r.crossover}" if r.crossover else "")
+        rows.append((str(r.graph), r.module, r.family or "?", r.status, r.form or "-", shapes, costs or "-", reason))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1])
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    return "\n".join(lines)

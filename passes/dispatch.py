@@ -1,0 +1,72 @@
+"""Run-time dispatch for dynamic shapes: `torch.ops.mla.auto` picks the form on the actual sizes.
+
+When Dynamo hands the backend a graph whose query or key length is symbolic, the decision cannot be
+made at compile time. The backend registers a chooser (sizes -> form), derived once from the cost
+model's closed-form crossover, and emits `mla.auto(..., plan_id)`. Each call evaluates the chooser
+on the real B, S, T (a few float operations) and runs that form's implementation, so one compiled
+graph serves every length: no recompilation as the cache grows.
+
+A DSA region passes its base mask and the top-k indices; a dense form is chosen for it only when
+the selection covers every key (k >= T), where dense attention under the base mask is exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from mla_compile.passes.forms.ops import SPARSE_FORMS, implementation_for
+
+
+@dataclass
+class Chooser:
+    choose: Callable[[dict], str]          # {"B":..., "S":..., "T":..., "k":...} -> form
+    crossover: str                         # readable decision boundary, for the log
+    counts: dict = field(default_factory=dict)   # form -> calls, for tests and the log
+
+    def __call__(self, sizes: dict) -> str:
+        form = self.choose(sizes)
+        self.counts[form] = self.counts.get(form, 0) + 1
+        return form
+
+
+_CHOOSERS: dict[int, Chooser] = {}
+_IDS = itertools.count(1)
+_LOCK = threading.Lock()
+
+
+def register(chooser: Chooser) -> int:
+    with _LOCK:
+        pid = next(_IDS)
+        _CHOOSERS[pid] = chooser
+    return pid
+
+
+def chooser(plan_id: int) -> Chooser:
+    return _CHOOSERS[plan_id]
+
+
+@torch.library.custom_op("mla::auto", mutates_args=())
+def auto(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+         w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: Optional[torch.Tensor],
+         mask: Optional[torch.Tensor], scale: float, is_causal: bool, plan_id: int) -> torch.Tensor:
+    B, H, S, _ = q_nope.shape
+    T = latent.shape[-2]
+    k = topk_indices.shape[-1] if topk_indices is not None else None
+    form = _CHOOSERS[plan_id]({"B": B, "S": S, "T": T, "k": k})
+    fn = implementation_for(form, q_nope.device)
+    if form in SPARSE_FORMS:
+        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal)
+    if topk_indices is not None and k < T:
+        raise RuntimeError(f"mla.auto: plan {plan_id} chose dense form {form} for a DSA region with k={k} < T={T}")
+    return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal)
+
+
+@auto.register_fake
+def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, plan_id):
+    B, H, S, _ = q_nope.shape
+    return q_nope.new_empty(B, H, S, w_uv.shape[1])

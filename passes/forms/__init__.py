@@ -1,0 +1,6 @@
+"""The MLA forms, each a torch.library op (namespace `mla`) with a fake function and a plain-torch
+reference: `expanded`, `absorbed`, `sparse_absorbed`, `sparse_expanded`."""
+
+from mla_compile.passes.forms.ops import DENSE_FORMS, FORMS, SPARSE_FORMS, op_for, reference_for
+
+__all__ = ["DENSE_FORMS", "FORMS", "SPARSE_FORMS", "op_for", "reference_for"]

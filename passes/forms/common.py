@@ -1,0 +1,149 @@
+"""What every MLA form shares: the argument contract, its checks, and the mask semantics.
+
+All forms compute the same function as Hugging Face's MLA attention core,
+
+    K = [c W_UK^T, kp]   (per head; kp shared by all heads)     V = c W_UV^T
+    out = softmax(q K^T * scale + mask) V                       -> [B, H, S, dv]
+
+and take the same arguments, so the backend can swap one for another:
+
+    q_nope  [B, H, S, dn]   the no-RoPE part of the query
+    q_rope  [B, H, S, dr]   the RoPE part (dr may be 0)
+    latent  [B, 1, T, r] or [B, T, r]      the cached compressed KV (c)
+    k_rope  [B, 1, T, dr] or [B, T, dr]    the cached shared RoPE key (kp)
+    w_uk    [H, dn, r]      kv_b_proj.weight viewed per head, key half
+    w_uv    [H, dv, r]      kv_b_proj.weight viewed per head, value half
+    mask    None, bool (True = attend) or additive float, broadcastable to [B, 1, S, T]
+    scale   softmax scale
+    is_causal  torch SDPA's meaning: query i sees keys j <= i (top-left aligned), used only when
+               HF handed SDPA no mask
+
+Errors name the argument at fault and are raised before any arithmetic (issue: bad input gets a
+clear error, never a wrong answer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class Dims:
+    batch: int
+    heads: int
+    q_len: int
+    kv_len: int
+    rank: int
+    rope_dim: int
+    nope_dim: int
+    v_dim: int
+
+
+def as_tokens(x: torch.Tensor, name: str) -> torch.Tensor:
+    """[B, 1, T, d] (HF's single-head cache layout) or [B, T, d] -> [B, T, d], without a copy."""
+    if x.dim() == 4:
+        if x.shape[1] != 1:
+            raise ValueError(f"{name}: expected one shared head (shape [B, 1, T, d]), got {tuple(x.shape)}")
+        return x.squeeze(1)
+    if x.dim() != 3:
+        raise ValueError(f"{name}: expected [B, 1, T, d] or [B, T, d], got {tuple(x.shape)}")
+    return x
+
+
+def check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask) -> Dims:
+    for name, t in (("q_nope", q_nope), ("q_rope", q_rope), ("latent", latent), ("k_rope", k_rope),
+                    ("w_uk", w_uk), ("w_uv", w_uv)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected a floating dtype {FLOAT_DTYPES}, got {t.dtype}")
+    if q_nope.dim() != 4:
+        raise ValueError(f"q_nope: expected [B, H, S, dn], got {tuple(q_nope.shape)}")
+    B, H, S, dn = q_nope.shape
+    if q_rope.dim() != 4 or tuple(q_rope.shape[:3]) != (B, H, S):
+        raise ValueError(f"q_rope: expected [B={B}, H={H}, S={S}, dr], got {tuple(q_rope.shape)}")
+    dr = q_rope.shape[3]
+    lat = as_tokens(latent, "latent")
+    kr = as_tokens(k_rope, "k_rope")
+    if lat.shape[0] != B:
+        raise ValueError(f"latent: batch {lat.shape[0]} differs from the query's {B}")
+    T, r = lat.shape[1], lat.shape[2]
+    if tuple(kr.shape) != (B, T, dr):
+        raise ValueError(f"k_rope: expected [B={B}, 1, T={T}, dr={dr}], got {tuple(k_rope.shape)}")
+    if w_uk.dim() != 3 or tuple(w_uk.shape) != (H, dn, r):
+        raise ValueError(f"w_uk: expected [H={H}, dn={dn}, r={r}], got {tuple(w_uk.shape)}")
+    if w_uv.dim() != 3 or w_uv.shape[0] != H or w_uv.shape[2] != r:
+        raise ValueError(f"w_uv: expected [H={H}, dv, r={r}], got {tuple(w_uv.shape)}")
+    devices = {t.device for t in (q_nope, q_rope, latent, k_rope, w_uk, w_uv)}
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask: expected a tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"mask: expected bool (True = attend) or a float additive mask, got {mask.dtype}")
+        try:
+            torch.broadcast_shapes(tuple(mask.shape), (B, 1, S, T))
+        except RuntimeError:
+            raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to [B={B}, 1, S={S}, T={T}]") from None
+        if mask.dim() == 4 and mask.shape[1] not in (1,):
+            raise ValueError(f"mask: per-head masks are not supported (dim 1 is {mask.shape[1]}, expected 1)")
+        devices.add(mask.device)
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    return Dims(B, H, S, T, r, dr, dn, w_uv.shape[1])
+
+
+def check_indices(topk_indices, dims: Dims) -> int:
+    """int32/int64 [B, S, k], each in [-1, T): -1 means "no token". Returns k."""
+    if not isinstance(topk_indices, torch.Tensor):
+        raise TypeError(f"topk_indices: expected a tensor, got {type(topk_indices).__name__}")
+    if topk_indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_indices: expected int32 or int64, got {topk_indices.dtype}")
+    if topk_indices.dim() != 3 or tuple(topk_indices.shape[:2]) != (dims.batch, dims.q_len):
+        raise ValueError(f"topk_indices: expected [B={dims.batch}, S={dims.q_len}, k], got {tuple(topk_indices.shape)}")
+    # Range check needs the values; skip it while tracing with fake tensors (no data to read).
+    if topk_indices.numel() and not _is_fake(topk_indices):
+        lo, hi = int(topk_indices.min()), int(topk_indices.max())
+        if lo < -1 or hi >= dims.kv_len:
+            raise ValueError(
+                f"topk_indices: values must lie in [-1, T={dims.kv_len}), got min {lo}, max {hi}")
+    return topk_indices.shape[2]
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor) or t.device.type == "meta"
+
+
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A bool mask (True = attend) becomes 0 / -inf; a float mask is used as given (HF's eager adds it)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """torch SDPA's is_causal: query i sees key j iff j <= i (top-left aligned). [S, T] bool."""
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The reference computes in float32 for half types (float32 accumulation), else as given."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def softmax_rows(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim in float32 or wider; a row masked entirely to -inf gives zeros, not NaN
+    (HF's additive masks use finfo.min, never -inf, so this only changes rows that would be NaN)."""
+    scores = scores.to(compute_dtype(scores.dtype)) if scores.dtype != torch.float64 else scores
+    m = scores.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(scores - m)
+    s = e.sum(-1, keepdim=True)
+    return e / torch.where(s > 0, s, torch.ones_like(s))

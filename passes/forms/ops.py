@@ -1,0 +1,105 @@
+"""The forms as torch.library ops: `torch.ops.mla.<form>`.
+
+Each op has a fake function (for Dynamo, AOTAutograd and Inductor, which treat it as one opaque
+call) and an implementation that takes a fused Triton kernel where `mla_compile.kernels` offers one
+for the device (CUDA, or any device with MLA_COMPILE_KERNELS=triton), else the plain-torch
+reference, which runs on any device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from mla_compile.passes.forms.absorbed import absorbed_reference
+from mla_compile.passes.forms.expanded import expanded_reference
+from mla_compile.passes.forms.sparse import sparse_absorbed_reference, sparse_expanded_reference
+
+DENSE_FORMS = ("expanded", "absorbed")
+SPARSE_FORMS = ("sparse_absorbed", "sparse_expanded")
+FORMS = DENSE_FORMS + SPARSE_FORMS
+
+_REFERENCES: dict[str, Callable] = {
+    "expanded": expanded_reference,
+    "absorbed": absorbed_reference,
+    "sparse_absorbed": sparse_absorbed_reference,
+    "sparse_expanded": sparse_expanded_reference,
+}
+
+
+def reference_for(form: str) -> Callable:
+    return _REFERENCES[form]
+
+
+def implementation_for(form: str, device: torch.device) -> Callable:
+    """A fused kernel where one exists and applies, else the reference."""
+    from mla_compile.kernels import kernel_for
+
+    return kernel_for(form, device) or _REFERENCES[form]
+
+
+def _out_like(q_nope: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+    B, H, S, _ = q_nope.shape
+    return q_nope.new_empty(B, H, S, w_uv.shape[1])
+
+
+@torch.library.custom_op("mla::expanded", mutates_args=())
+def expanded(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+             w_uk: torch.Tensor, w_uv: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+             is_causal: bool) -> torch.Tensor:
+    fn = implementation_for("expanded", q_nope.device)
+    return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal)
+
+
+@torch.library.custom_op("mla::absorbed", mutates_args=())
+def absorbed(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+             w_uk: torch.Tensor, w_uv: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+             is_causal: bool) -> torch.Tensor:
+    fn = implementation_for("absorbed", q_nope.device)
+    return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal)
+
+
+@torch.library.custom_op("mla::sparse_absorbed", mutates_args=())
+def sparse_absorbed(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+                    w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: torch.Tensor,
+                    mask: Optional[torch.Tensor], scale: float, is_causal: bool) -> torch.Tensor:
+    fn = implementation_for("sparse_absorbed", q_nope.device)
+    return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal)
+
+
+@torch.library.custom_op("mla::sparse_expanded", mutates_args=())
+def sparse_expanded(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+                    w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: torch.Tensor,
+                    mask: Optional[torch.Tensor], scale: float, is_causal: bool) -> torch.Tensor:
+    fn = implementation_for("sparse_expanded", q_nope.device)
+    return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal)
+
+
+@expanded.register_fake
+def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal):
+    return _out_like(q_nope, w_uv)
+
+
+@absorbed.register_fake
+def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal):
+    return _out_like(q_nope, w_uv)
+
+
+@sparse_absorbed.register_fake
+def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal):
+    return _out_like(q_nope, w_uv)
+
+
+@sparse_expanded.register_fake
+def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal):
+    return _out_like(q_nope, w_uv)
+
+
+_OPS = {"expanded": expanded, "absorbed": absorbed, "sparse_absorbed": sparse_absorbed,
+        "sparse_expanded": sparse_expanded}
+
+
+def op_for(form: str):
+    """The OpOverload the rewrite emits for a form."""
+    return getattr(torch.ops.mla, form).default

@@ -1,0 +1,440 @@
+"""Find MLA attention regions in a Dynamo FX graph, by structure.
+
+A region is anchored at an attention core and traced back through its operands:
+
+    core   eager:  matmul(dropout(softmax(matmul(Q, K^T) * scale [+ mask]).to()), V)
+           sdpa:   scaled_dot_product_attention(Q, K, V, attn_mask=mask, scale=scale, is_causal=...)
+    V      = split(X, [dn, dv], -1)[1]
+    K      = new_empty(B, H, T, dn+dr) filled by copy_(K[..., :dn], split(X)[0])
+                                          and copy_(K[..., dn:], kp.expand(-1, H, -1, -1))
+    X      = linear(c, W).view(B, T, H, dn+dv).transpose(1, 2)        c: the latent [B, 1, T, r]
+    Q      = cat((q_nope, q_rope), -1)
+    mask   (DSA) = masked_fill(base, scatter(new_ones(..., bool), -1, idx, False).unsqueeze(1), min)
+                or base & ~(that index mask)
+
+What matters is which tensor feeds which op and how dims split, never a variable name: W is
+whatever weight the latent is multiplied with, H and the ranks come from tensor shapes.
+Every anchor that fails a step becomes a `Miss` with the step that failed, so the log can say why a
+near-miss was left alone.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+SDPA = F.scaled_dot_product_attention
+
+
+class NoMatch(Exception):
+    """A step of the structural match failed; the message says which."""
+
+
+@dataclass
+class Region:
+    """One matched MLA attention core and the graph nodes that feed it."""
+
+    module: str
+    family: str | None
+    core: str                          # "eager" or "sdpa"
+    output: fx.Node                    # the core's [B, H, S, dv] output (replaced by the rewrite)
+    q_nope: fx.Node
+    q_rope: fx.Node
+    latent: fx.Node                    # c, [B, 1, T, r]
+    k_rope: fx.Node                    # kp, [B, 1, T, dr]
+    weight: fx.Node                    # kv_b_proj.weight, [H*(dn+dv), r]
+    mask: fx.Node | None               # the mask as HF hands it to the core
+    base_mask: fx.Node | None          # DSA: the mask before the top-k index mask was applied
+    topk_indices: fx.Node | None       # DSA: [B, S, k] int indices
+    topk: Any                          # DSA: k (int or SymInt)
+    scale: float
+    is_causal: bool
+    dims: dict[str, Any]               # B, H, S, T, r, dr, dn, dv
+    dtype: torch.dtype
+    dead: list[fx.Node] = field(default_factory=list)   # nodes to erase once the core is replaced
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.topk_indices is not None
+
+
+@dataclass
+class Miss:
+    """An attention core that looked like MLA but failed a step of the match."""
+
+    module: str
+    family: str | None
+    core: str
+    reason: str
+    dims: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Small structural predicates over FX nodes (Dynamo emits torch functions and tensor methods).
+
+def _is_fn(n: Any, *targets) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
+
+
+def _is_method(n: Any, *names: str) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_method" and n.target in names
+
+
+def _arg(n: fx.Node, i: int, name: str, default=None):
+    """Argument i of n counted after its first operand (self for a method, the input tensor for a
+    function), positional or by keyword."""
+    if len(n.args) > i + 1:
+        return n.args[i + 1]
+    return n.kwargs.get(name, default)
+
+
+def _self(n: fx.Node) -> Any:
+    return n.args[0]
+
+
+def _val(n: Any):
+    """The example value Dynamo recorded for a node (a FakeTensor), or None."""
+    if not isinstance(n, fx.Node):
+        return None
+    v = n.meta.get("example_value", n.meta.get("val"))
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _shape(n: Any, what: str) -> tuple:
+    v = _val(n)
+    if v is None:
+        raise NoMatch(f"{what}: no recorded shape")
+    return tuple(v.shape)
+
+
+def _static(x: Any, what: str) -> int:
+    if isinstance(x, int):
+        return x
+    raise NoMatch(f"{what} is symbolic ({x}); head and rank sizes must be static")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Size equality that never installs a guard on a symbolic size."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return str(a) == str(b)
+
+
+def _dim_arg(d: Any) -> Any:
+    """A dim argument may be a node (a symbolic size Dynamo traced); return its example value."""
+    if isinstance(d, fx.Node):
+        v = d.meta.get("example_value")
+        return v if v is not None else d
+    return d
+
+
+def _only_users(n: fx.Node, allowed: set[fx.Node], what: str) -> None:
+    extra = [u for u in n.users if u not in allowed]
+    if extra:
+        raise NoMatch(f"{what} is also used by {', '.join(u.name for u in extra)} outside the attention core")
+
+
+def _getitem_of(n: Any, index: int) -> fx.Node:
+    if not _is_fn(n, operator.getitem) or n.args[1] != index:
+        raise NoMatch("expected an item of a split")
+    return n.args[0]
+
+
+def _slice_bounds(idx: Any):
+    """For x[..., a:b] return (a, b); else None."""
+    if isinstance(idx, tuple) and len(idx) == 2 and idx[0] is Ellipsis and isinstance(idx[1], slice):
+        s = idx[1]
+        if s.step in (None, 1):
+            return s.start, s.stop
+    return None
+
+
+# --------------------------------------------------------------------------------------------- #
+# Module attribution.
+
+_FAMILY_RE = re.compile(r"transformers\.models\.([a-z0-9_]+)\.")
+
+
+def module_of(n: fx.Node) -> tuple[str, str | None]:
+    """(qualified module name in the user's model, HF model type) from Dynamo's nn_module_stack."""
+    stack = n.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<top>", None
+    path, cls = list(stack.values())[-1]
+    path = re.sub(r"^L\['self'\]\.?", "", str(path))
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    mod = getattr(cls, "__module__", "") if not isinstance(cls, str) else cls
+    m = _FAMILY_RE.search(str(mod) + ".")
+    return path or "<top>", (m.group(1) if m else None)
+
+
+# --------------------------------------------------------------------------------------------- #
+# The cores.
+
+@dataclass
+class _Core:
+    kind: str
+    output: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    mask: fx.Node | None
+    scale: float | None
+    is_causal: bool
+    nodes: list[fx.Node]         # the core's own nodes, erased after the rewrite
+    k_uses: set[fx.Node]          # the core nodes that read K
+
+
+def _eager_core(out: fx.Node) -> _Core:
+    """out = matmul(dropout(to(softmax(add(mul(matmul(Q, K^T), s), mask)))), V)."""
+    p, v = out.args[0], out.args[1]
+    nodes = [out]
+    if _is_fn(p, F.dropout):
+        if _arg(p, 0, "p", 0.5) != 0.0 and _arg(p, 1, "training", True):
+            raise NoMatch("attention dropout is active (training with dropout > 0)")
+        nodes.append(p)
+        p = _self(p)
+    if _is_method(p, "to", "type"):
+        nodes.append(p)
+        p = _self(p)
+    if not _is_fn(p, F.softmax, torch.softmax):
+        raise NoMatch("no softmax before P @ V")
+    if _arg(p, 0, "dim", None) not in (-1, 3):
+        raise NoMatch("softmax is not over the key dimension")
+    nodes.append(p)
+    x = _self(p)
+    mask = None
+    if _is_fn(x, operator.add, torch.add):
+        mask = x.args[1]
+        nodes.append(x)
+        x = x.args[0]
+        if not isinstance(mask, fx.Node):
+            raise NoMatch("the added mask is not a tensor")
+    scale = 1.0
+    if _is_fn(x, operator.mul, torch.mul) and isinstance(x.args[1], (int, float)):
+        scale = float(x.args[1])
+        nodes.append(x)
+        x = x.args[0]
+    elif _is_fn(x, operator.truediv) and isinstance(x.args[1], (int, float)):
+        scale = 1.0 / float(x.args[1])
+        nodes.append(x)
+        x = x.args[0]
+    if not _is_fn(x, torch.matmul):
+        raise NoMatch("no Q @ K^T product before the softmax")
+    nodes.append(x)
+    q, kt = x.args[0], x.args[1]
+    if not (_is_method(kt, "transpose") and sorted(kt.args[1:3]) in ([2, 3], [-2, -1])):
+        raise NoMatch("the key is not transposed into Q @ K^T")
+    nodes.append(kt)
+    for n in nodes[1:]:
+        _only_users(n, set(nodes), f"the attention core value {n.name}")
+    return _Core("eager", out, q, _self(kt), v, mask, scale, False, nodes, {kt})
+
+
+def _sdpa_core(out: fx.Node) -> _Core:
+    q = out.args[0] if out.args else out.kwargs.get("query")
+    k, v = _arg(out, 0, "key"), _arg(out, 1, "value")
+    mask = _arg(out, 2, "attn_mask")
+    if _arg(out, 3, "dropout_p", 0.0) not in (0, 0.0):
+        raise NoMatch("SDPA dropout is active")
+    is_causal = bool(_arg(out, 4, "is_causal", False))
+    scale = _arg(out, 5, "scale")
+    if out.kwargs.get("enable_gqa"):
+        raise NoMatch("SDPA grouped-query broadcasting is on")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise NoMatch("SDPA scale is a tensor")
+    return _Core("sdpa", out, q, k, v, mask, None if scale is None else float(scale), is_causal, [out], {out})
+
+
+# --------------------------------------------------------------------------------------------- #
+# Tracing the operands back to the latent.
+
+@dataclass
+class _Expansion:
+    latent: fx.Node
+    weight: fx.Node
+    x: fx.Node                 # the [B, H, T, dn+dv] expansion
+    split: fx.Node
+    nodes: list[fx.Node]       # linear, view, transpose, split and its items
+
+
+def _expansion_of_value(v: fx.Node) -> tuple[_Expansion, int, int]:
+    split = _getitem_of(v, 1)
+    if not _is_fn(split, torch.split, torch.functional.split) and not _is_method(split, "split"):
+        raise NoMatch("V is not the second half of a split")
+    sizes = _arg(split, 0, "split_size_or_sections")
+    dim = _arg(split, 1, "dim", 0)
+    if not (isinstance(sizes, (list, tuple)) and len(sizes) == 2 and dim in (-1, 3)):
+        raise NoMatch("V's split is not [dn, dv] over the last dim")
+    dn, dv = (_static(s, "split size") for s in sizes)
+    x = _self(split)
+    if not (_is_method(x, "transpose") and sorted(x.args[1:3]) == [1, 2]):
+        raise NoMatch("the expansion is not transposed to [B, H, T, d]")
+    view = _self(x)
+    if not _is_method(view, "view", "reshape"):
+        raise NoMatch("the expansion is not viewed per head")
+    lin = _self(view)
+    if not _is_fn(lin, F.linear, torch._C._nn.linear):
+        raise NoMatch("K/V do not come from a linear layer (no latent expansion)")
+    if len(lin.args) > 2 and lin.args[2] is not None or lin.kwargs.get("bias") is not None:
+        raise NoMatch("the expansion has a bias (kv_b_proj with bias is not absorbed)")
+    latent, weight = lin.args[0], lin.args[1]
+    nodes = [lin, view, x, split]
+    return _Expansion(latent, weight, x, split, nodes), dn, dv
+
+
+def _key_assembly(k: fx.Node, exp: _Expansion, dn: int, core: _Core) -> tuple[fx.Node, list[fx.Node]]:
+    """K = new_empty(...); K[..., :dn].copy_(k_nope); K[..., dn:].copy_(kp.expand(-1, H, -1, -1)).
+    Returns (kp, nodes to erase)."""
+    if not _is_method(k, "new_empty"):
+        raise NoMatch("K is not assembled from the expansion (no new_empty + copy_)")
+    nope_src = rope_src = None
+    nodes = [k]
+    for u in list(k.users):
+        if u in core.k_uses:
+            continue
+        bounds = _slice_bounds(u.args[1]) if _is_fn(u, operator.getitem) else None
+        copies = [c for c in u.users if _is_method(c, "copy_") and c.args[0] is u]
+        if bounds is None or len(copies) != 1 or len(u.users) != 1:
+            raise NoMatch(f"K is used by {u.name} outside the attention core")
+        src = copies[0].args[1]
+        nodes += [u, copies[0]]
+        if bounds in ((None, dn), (0, dn)):
+            nope_src = src
+        elif bounds == (dn, None):
+            rope_src = src
+        else:
+            raise NoMatch("K is filled in pieces other than [:dn] and [dn:]")
+    if nope_src is None or rope_src is None:
+        raise NoMatch("K is not filled from both k_nope and the RoPE key")
+    if _getitem_of(nope_src, 0) is not exp.split:
+        raise NoMatch("K's no-RoPE part is not the first half of V's split")
+    nodes.append(nope_src)
+    if not _is_method(rope_src, "expand"):
+        raise NoMatch("K's RoPE part is not the shared key broadcast over heads")
+    nodes.append(rope_src)
+    return _self(rope_src), nodes
+
+
+def _query_parts(q: fx.Node) -> tuple[fx.Node, fx.Node]:
+    if not _is_fn(q, torch.cat):
+        raise NoMatch("Q is not cat(q_nope, q_rope)")
+    parts = q.args[0]
+    dim = _arg(q, 0, "dim", 0)
+    if not (isinstance(parts, (list, tuple)) and len(parts) == 2 and dim in (-1, 3)):
+        raise NoMatch("Q is not a two-part cat over the last dim")
+    return parts[0], parts[1]
+
+
+def _dsa_mask(mask: fx.Node | None):
+    """If mask is HF's DSA top-k masking of a base mask, return (base, indices, index-mask nodes)."""
+    if mask is None:
+        return None
+    if _is_method(mask, "masked_fill"):
+        base, index_mask = _self(mask), _arg(mask, 0, "mask")
+    elif _is_fn(mask, operator.and_, torch.logical_and) and _is_fn(mask.args[1], operator.invert, torch.logical_not):
+        base, index_mask = mask.args[0], mask.args[1].args[0]
+    else:
+        return None
+    if not (_is_method(index_mask, "unsqueeze") and _arg(index_mask, 0, "dim") == 1):
+        return None
+    scatter = _self(index_mask)
+    if not (_is_method(scatter, "scatter") and _arg(scatter, 0, "dim") in (-1, 2)
+            and _arg(scatter, 2, "value") is False and _is_method(_self(scatter), "new_ones")):
+        return None
+    idx = _arg(scatter, 1, "index")
+    if _is_method(idx, "long", "to"):
+        idx = _self(idx)
+    nodes = [mask, index_mask, scatter, _self(scatter)]
+    if mask.op == "call_function":
+        nodes.insert(1, mask.args[1])
+    return base, idx, nodes
+
+
+# --------------------------------------------------------------------------------------------- #
+
+def _match_core(core: _Core) -> Region:
+    exp, dn, dv = _expansion_of_value(core.v)
+    kp, key_nodes = _key_assembly(core.k, exp, dn, core)
+    q_nope, q_rope = _query_parts(core.q)
+
+    B, one, T, r = _shape(exp.latent, "latent")
+    if not _same(one, 1):
+        raise NoMatch(f"the latent has {one} heads, expected one shared head")
+    r = _static(r, "kv_lora_rank")
+    w_rows, w_r = (_static(s, "kv_b_proj weight dim") for s in _shape(exp.weight, "kv_b_proj weight"))
+    if w_r != r or w_rows % (dn + dv):
+        raise NoMatch(f"kv_b_proj weight {w_rows}x{w_r} does not fit latent rank {r} and head dims {dn}+{dv}")
+    H = w_rows // (dn + dv)
+    qb, qh, S, qdn = _shape(q_nope, "q_nope")
+    dr = _static(_shape(q_rope, "q_rope")[3], "qk_rope_head_dim")
+    kpb, kph, kpt, kpdr = _shape(kp, "RoPE key")
+    if not (_same(qh, H) and _same(qdn, dn)):
+        raise NoMatch(f"q_nope is {tuple(_shape(q_nope, 'q_nope'))}, expected [B, H={H}, S, dn={dn}]")
+    if not (_same(kph, 1) and _same(kpdr, dr) and _same(kpt, T) and _same(kpb, B) and _same(qb, B)):
+        raise NoMatch("the RoPE key is not one shared [B, 1, T, dr] head")
+    vshape = _shape(exp.x, "expansion")
+    if not (_same(vshape[1], H) and _same(vshape[3], dn + dv)):
+        raise NoMatch("the expansion's view does not split heads as the weight does")
+    dtype = _val(core.output).dtype if _val(core.output) is not None else torch.float32
+
+    # Everything read by the core must be used only by it (else it cannot be removed).
+    _only_users(core.q, set(core.nodes), "Q")
+    _only_users(core.v, set(core.nodes), "V")
+    _only_users(exp.x, {exp.split, core.k}, "the expansion")
+
+    scale = core.scale
+    if scale is None:   # SDPA's default scale
+        scale = (dn + dr) ** -0.5
+
+    mask, base_mask, idx, topk, dead_mask = core.mask, None, None, None, []
+    dsa = _dsa_mask(core.mask)
+    if dsa is not None:
+        base_mask, idx, dead_mask = dsa
+        topk = _shape(idx, "top-k indices")[2]
+    module, family = module_of(core.output)
+    dead = core.nodes + key_nodes + [core.v] + exp.nodes[::-1] + [core.q] + dead_mask
+    return Region(
+        module=module, family=family, core=core.kind, output=core.output, q_nope=q_nope, q_rope=q_rope,
+        latent=exp.latent, k_rope=kp, weight=exp.weight, mask=mask, base_mask=base_mask,
+        topk_indices=idx, topk=topk, scale=float(scale), is_causal=core.is_causal,
+        dims=dict(B=B, H=H, S=S, T=T, r=r, dr=dr, dn=dn, dv=dv, k=topk), dtype=dtype,
+        dead=[n for n in dead if isinstance(n, fx.Node)],
+    )
+
+
+def find_regions(gm: fx.GraphModule) -> tuple[list[Region], list[Miss]]:
+    """Every MLA attention region in the graph, and every attention core that was not one."""
+    regions, misses = [], []
+    for n in list(gm.graph.nodes):
+        if _is_fn(n, SDPA):
+            kind, build = "sdpa", _sdpa_core
+        elif _is_fn(n, torch.matmul) and _is_softmax_product(n):
+            kind, build = "eager", _eager_core
+        else:
+            continue
+        module, family = module_of(n)
+        try:
+            regions.append(_match_core(build(n)))
+        except NoMatch as e:
+            misses.append(Miss(module, family, kind, str(e)))
+    return regions, misses
+
+
+def _is_softmax_product(n: fx.Node) -> bool:
+    """matmul(P, V) whose P comes (through dropout/to) from a softmax: an attention core's last product."""
+    p = n.args[0]
+    for _ in range(3):
+        if _is_fn(p, F.softmax, torch.softmax):
+            return True
+        if not (_is_fn(p, F.dropout) or _is_method(p, "to", "type")):
+            return False
+        p = _self(p)
+    return False

@@ -1,0 +1,67 @@
+"""Replace a matched MLA region by one call of the chosen form's op.
+
+Inserted just before the core's output:
+
+    w      = kv_b_weight.view(H, dn + dv, r)        # views, no copy: W_UK = w[:, :dn], W_UV = w[:, dn:]
+    out    = torch.ops.mla.<form>(q_nope, q_rope, latent, k_rope, W_UK, W_UV, [indices,] mask, scale, is_causal)
+
+then the core, HF's key assembly (new_empty + copy_), the expansion and (for the sparse forms) the
+dense top-k mask are erased once nothing reads them. The weight views are graph nodes over the
+weight placeholder, so Inductor folds them and training sees the real parameter.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from mla_compile.passes.forms import SPARSE_FORMS, op_for
+from mla_compile.passes.match import Region
+
+
+def rewrite(gm: fx.GraphModule, region: Region, form: str, dense_mask: str = "full", plan_id: int | None = None) -> fx.Node:
+    """Emit `form` for `region`. dense_mask="base" lets a dense form of a DSA region drop the
+    top-k mask (exact only when every key is selected, i.e. T <= k). form="auto" emits the run-time
+    dispatching op with plan `plan_id`."""
+    g = gm.graph
+    d = region.dims
+    H, dn, dv, r = d["H"], d["dn"], d["dv"], d["r"]
+    with g.inserting_before(region.output):
+        w = g.call_method("view", (region.weight, H, dn + dv, r))
+        w_uk = g.call_function(operator.getitem, (w, (slice(None), slice(None, dn))))
+        w_uv = g.call_function(operator.getitem, (w, (slice(None), slice(dn, None))))
+        head = (region.q_nope, region.q_rope, region.latent, region.k_rope, w_uk, w_uv)
+        if form == "auto":
+            mask = region.base_mask if region.is_sparse else region.mask
+            new = g.call_function(torch.ops.mla.auto.default,
+                                  head + (region.topk_indices, mask, region.scale, region.is_causal, plan_id))
+        elif form in SPARSE_FORMS:
+            new = g.call_function(op_for(form), head + (region.topk_indices, region.base_mask, region.scale,
+                                                        region.is_causal))
+        else:
+            mask = region.base_mask if (region.is_sparse and dense_mask == "base") else region.mask
+            new = g.call_function(op_for(form), head + (mask, region.scale, region.is_causal))
+    for n in (w, w_uk, w_uv, new):
+        n.meta["nn_module_stack"] = region.output.meta.get("nn_module_stack", {})
+    out_val = region.output.meta.get("example_value")
+    if out_val is not None:
+        new.meta["example_value"] = out_val
+    region.output.replace_all_uses_with(new)
+    _erase_dead(g, region.dead)
+    return new
+
+
+def _erase_dead(g: fx.Graph, nodes: list[fx.Node]) -> None:
+    """Erase the region's old nodes as they become unread (copy_ is impure, so DCE would keep it)."""
+    pending = list(dict.fromkeys(nodes))
+    changed = True
+    while changed:
+        changed = False
+        for n in list(pending):
+            if not n.users:
+                g.erase_node(n)
+                pending.remove(n)
+                changed = True
+    # Nodes still read elsewhere (e.g. a mask also used by the indexer) stay, as they must.

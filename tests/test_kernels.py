@@ -1,0 +1,290 @@
+"""The Triton kernels against the plain-torch references (float64), on CPU under the Triton interpreter.
+
+Without CUDA, TRITON_INTERPRET=1 is set here before the kernel modules are imported (triton 3.9 picks
+the interpreter when `@triton.jit` decorates, i.e. at import): the kernels then run on CPU tensors.
+With CUDA the same tests run on the GPU, and the `gpu` tests add real DeepSeek-V3 sizes.
+Interpreter limits: its tl.dot gives garbage for bfloat16 (triton 3.9), so CPU tests use float32
+and float16; bfloat16 is covered by the GPU tests.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+    # A kernel module imported earlier without the interpreter would hold compiled-only kernels.
+    for name in [n for n in sys.modules if n.startswith("mla_compile.kernels.")]:
+        del sys.modules[name]
+    import mla_compile.kernels as _k
+
+    _k._KERNELS.clear()
+    _k._LOADED = False
+
+triton = pytest.importorskip("triton")
+
+from mla_compile.kernels.absorbed_decode import absorbed_decode, absorbed_latent_attention  # noqa: E402
+from mla_compile.kernels.expanded_prefill import expanded_prefill  # noqa: E402
+from mla_compile.kernels.sparse_decode import sparse_absorbed_decode  # noqa: E402
+from mla_compile.passes.forms.absorbed import absorbed_reference  # noqa: E402
+from mla_compile.passes.forms.expanded import expanded_reference  # noqa: E402
+from mla_compile.passes.forms.sparse import sparse_absorbed_reference  # noqa: E402
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+
+
+def make(B, H, S, T, r=32, dr=16, dn=16, dv=8, dtype=torch.float32, device=DEV, seed=0, latent_4d=True):
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    lat_shape = (B, 1, T) if latent_4d else (B, T)
+    qn, qr = rn(B, H, S, dn), rn(B, H, S, dr)
+    c, kr = rn(*lat_shape, r), rn(*lat_shape, dr)
+    w = rn(H * (dn + dv), r) / r ** 0.5                       # kv_b_proj.weight
+    wv = w.view(H, dn + dv, r)
+    return qn, qr, c, kr, wv[:, :dn], wv[:, dn:]
+
+
+def f64(x):
+    return x if x is None or x.dtype == torch.bool or not x.is_floating_point() else x.double().cpu()
+
+
+def rel_err(out, ref):
+    assert torch.isfinite(out).all(), "non-finite output"
+    return ((out.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def tol(dtype):
+    return {torch.float32: 1e-4 if not HAS_CUDA else 1e-3, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+
+
+def masks(kind, B, S, T, device=DEV, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if kind is None:
+        return None
+    if kind == "bool":
+        m = torch.rand(B, 1, S, T, generator=g) > 0.3
+        m[..., 0] = True                                      # no fully masked row
+        return m.to(device)
+    if kind == "float":
+        return (torch.randn(B, 1, S, T, generator=g)).to(device)
+    if kind == "float2d":                                     # broadcast over batch, HF-style min
+        m = torch.zeros(S, T).masked_fill(torch.rand(S, T, generator=g) > 0.7, torch.finfo(torch.float32).min)
+        m[:, 0] = 0
+        return m.to(device)
+    raise ValueError(kind)
+
+
+# ---------------------------------------------------------------------------------------------------
+# absorbed decode
+
+ABSORBED_CASES = [
+    # B, H, S, T, dr, mask, causal, dtype
+    (2, 3, 1, 37, 16, None, False, torch.float32),
+    (1, 5, 1, 1, 16, None, False, torch.float32),            # T = 1
+    (2, 20, 1, 50, 0, "bool", False, torch.float32),         # dr = 0, H = 20
+    (1, 5, 3, 41, 16, "float", False, torch.float16),        # S > 1, float mask
+    (2, 3, 4, 30, 16, "float2d", True, torch.float32),       # causal + broadcast float mask
+    (1, 3, 5, 20, 16, None, True, torch.float32),            # causal only
+]
+
+
+@pytest.mark.parametrize("B,H,S,T,dr,mask,causal,dtype", ABSORBED_CASES)
+def test_absorbed(B, H, S, T, dr, mask, causal, dtype):
+    args = make(B, H, S, T, dr=dr, dtype=dtype, latent_4d=(B != 1))
+    m = masks(mask, B, S, T)
+    out = absorbed_decode(*args, m, 0.17, causal)
+    assert out.shape == (B, H, S, 8) and out.dtype == dtype
+    ref = absorbed_reference(*map(f64, args), f64(m), 0.17, causal)
+    assert rel_err(out, ref) < tol(dtype)
+
+
+def test_absorbed_kv_lens_and_forced_splits():
+    B, H, S, T = 3, 5, 1, 70
+    qn, qr, c, kr, wuk, wuv = make(B, H, S, T)
+    q_lat = torch.einsum("bhsd,hdr->bhsr", qn, wuk)
+    lens = torch.tensor([70, 23, 1], dtype=torch.int32, device=DEV)
+    for splits in (1, 3):
+        o = absorbed_latent_attention(q_lat, qr, c, kr, None, 0.2, False, kv_lens=lens, num_splits=splits)
+        for b in range(B):
+            n = int(lens[b])
+            sc = (q_lat[b, :, 0] @ c[b, 0, :n].T + qr[b, :, 0] @ kr[b, 0, :n].T) * 0.2
+            ref = torch.softmax(sc.double(), -1) @ c[b, 0, :n].double()
+            assert rel_err(o[b, :, 0], ref.cpu()) < 1e-4
+
+
+def test_absorbed_fully_masked_row_is_zero():
+    B, H, S, T = 1, 3, 2, 20
+    args = make(B, H, S, T)
+    m = torch.ones(B, 1, S, T, dtype=torch.bool, device=DEV)
+    m[0, 0, 1] = False
+    out = absorbed_decode(*args, m, 0.3, False)
+    ref = absorbed_reference(*map(f64, args), m.cpu(), 0.3, False)
+    assert out[:, :, 1].abs().max() == 0
+    assert rel_err(out, ref) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# sparse decode / prefill
+
+SPARSE_CASES = [
+    # B, H, S, T, k, dr, mask, causal, dtype
+    (2, 3, 1, 37, 20, 16, None, False, torch.float32),
+    (1, 5, 3, 50, 70, 0, None, True, torch.float32),          # dr = 0, causal, k > T (duplicates)
+    (2, 20, 2, 40, 9, 16, "bool", False, torch.float16),
+    (1, 3, 1, 1, 4, 16, "float", False, torch.float32),       # T = 1
+]
+
+
+@pytest.mark.parametrize("B,H,S,T,k,dr,mask,causal,dtype", SPARSE_CASES)
+def test_sparse(B, H, S, T, k, dr, mask, causal, dtype):
+    args = make(B, H, S, T, dr=dr, dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(-1, T, (B, S, k), generator=g, dtype=torch.int32)
+    idx[..., 0] = 0
+    idx = idx.to(DEV)
+    m = masks(mask, B, S, T)
+    out = sparse_absorbed_decode(*args, idx, m, 0.21, causal)
+    ref = sparse_absorbed_reference(*map(f64, args), idx.cpu(), f64(m), 0.21, causal)
+    assert rel_err(out, ref) < tol(dtype)
+
+
+def test_sparse_forced_splits_and_all_minus_one():
+    B, H, S, T, k = 1, 4, 2, 90, 130
+    args = make(B, H, S, T)
+    idx = torch.randint(0, T, (B, S, k), dtype=torch.int32)
+    idx[0, 1] = -1                                              # the second query selects nothing
+    idx = idx.to(DEV)
+    from mla_compile.kernels.absorbed_decode import absorb
+    q_lat = absorb(args[0], args[4], torch.float32)
+    o = sparse_absorbed_decode(*args, idx, None, 0.3, False)
+    ref = sparse_absorbed_reference(*map(f64, args), idx.cpu(), None, 0.3, False)
+    assert rel_err(o, ref) < 1e-4
+    assert o[:, :, 1].abs().max() == 0
+    from mla_compile.kernels.sparse_decode import sparse_latent_attention
+    o2 = sparse_latent_attention(q_lat, args[1], args[2], args[3], idx, None, 0.3, False, num_splits=3)
+    o1 = sparse_latent_attention(q_lat, args[1], args[2], args[3], idx, None, 0.3, False, num_splits=1)
+    assert rel_err(o2, o1.double().cpu()) < 1e-5
+
+
+def test_sparse_bad_indices_raise():
+    args = make(1, 3, 1, 10)
+    with pytest.raises(ValueError, match="topk_indices"):
+        sparse_absorbed_decode(*args, torch.full((1, 1, 4), 10, dtype=torch.int32, device=DEV), None, 1.0, False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# expanded prefill
+
+EXPANDED_CASES = [
+    # B, H, S, T, dr, mask, causal, dtype
+    (1, 3, 20, 37, 16, None, True, torch.float32),
+    (2, 2, 33, 33, 0, None, True, torch.float32),            # dr = 0
+    (1, 5, 20, 37, 16, "bool", False, torch.float32),
+    (1, 3, 40, 40, 16, "causal_min", False, torch.float32),  # HF's float causal mask (finfo.min)
+    (2, 3, 24, 24, 16, "bool", True, torch.float16),
+    (1, 5, 1, 30, 16, "float", False, torch.float32),        # S = 1
+]
+
+
+@pytest.mark.parametrize("B,H,S,T,dr,mask,causal,dtype", EXPANDED_CASES)
+def test_expanded(B, H, S, T, dr, mask, causal, dtype):
+    args = make(B, H, S, T, dr=dr, dtype=dtype)
+    if mask == "causal_min":
+        m = torch.full((S, T), torch.finfo(torch.float32).min).triu(1)[None, None].to(DEV)
+    else:
+        m = masks(mask, B, S, T)
+    out = expanded_prefill(*args, m, 0.19, causal)
+    ref = expanded_reference(*map(f64, args), f64(m), 0.19, causal)
+    assert rel_err(out, ref) < tol(dtype)
+
+
+def test_expanded_causal_mask_skips_triangle():
+    from mla_compile.kernels.expanded_prefill import blocks_for, block_map
+    S = 64
+    BM, BN = blocks_for(S, S)
+    m = torch.full((S, S), torch.finfo(torch.float32).min).triu(1)[None, None]
+    entries, counts = block_map(m, 1, S, S, False, BM, BN)
+    nM, nN = triton.cdiv(S, BM), triton.cdiv(S, BN)
+    assert counts.sum().item() < nM * nN                       # the upper triangle is skipped
+
+
+def test_unsplit_weights():
+    qn, qr, c, kr, wuk, wuv = make(1, 3, 9, 9)
+    args = (qn, qr, c, kr, wuk.contiguous(), wuv.contiguous())
+    out = expanded_prefill(*args, None, 0.2, True)
+    ref = expanded_reference(*map(f64, args), None, 0.2, True)
+    assert rel_err(out, ref) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# the ops, with the kernels chosen
+
+@pytest.mark.parametrize("form", ["absorbed", "expanded", "sparse_absorbed"])
+def test_opcheck(form, monkeypatch):
+    monkeypatch.setenv("MLA_COMPILE_KERNELS", "triton")
+    import mla_compile.passes.forms.ops  # noqa: F401  registers torch.ops.mla
+    from mla_compile.kernels import kernel_for
+
+    assert kernel_for(form, torch.device(DEV)) is not None
+    B, H, S, T = 1, 3, 2, 17
+    args = make(B, H, S, T)
+    m = masks("bool", B, S, T)
+    if form == "sparse_absorbed":
+        idx = torch.randint(-1, T, (B, S, 5), dtype=torch.int32).to(DEV)
+        full = (*args, idx, m, 0.3, False)
+    else:
+        full = (*args, m, 0.3, False)
+    op = getattr(torch.ops.mla, form).default
+    torch.library.opcheck(op, full, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    ref = {"absorbed": absorbed_reference, "expanded": expanded_reference,
+           "sparse_absorbed": sparse_absorbed_reference}[form]
+    assert rel_err(op(*full), ref(*map(f64, full[:-2]), 0.3, False)) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# real sizes on a GPU
+
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+
+V3 = dict(r=512, dr=64, dn=128, dv=128)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,S,T", [(2, 128, 1, 4096), (3, 16, 2, 4000), (1, 20, 1, 4096)])
+def test_gpu_absorbed(B, H, S, T, dtype):
+    args = make(B, H, S, T, dtype=dtype, **V3)
+    out = absorbed_decode(*args, None, 0.07, False)
+    ref = absorbed_reference(*[a.double() for a in args], None, 0.07, False)
+    assert rel_err(out, ref.cpu()) < tol(dtype)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("B,H,S,T,k", [(2, 128, 1, 8192, 2048), (1, 32, 64, 4096, 2048)])
+def test_gpu_sparse(B, H, S, T, k):
+    args = make(B, H, S, T, dtype=torch.bfloat16, **V3)
+    idx = torch.randint(-1, T, (B, S, k), dtype=torch.int32, device=DEV)
+    out = sparse_absorbed_decode(*args, idx, None, 0.07, False)
+    ref = sparse_absorbed_reference(*[a.double() for a in args], idx, None, 0.07, False)
+    assert rel_err(out, ref.cpu()) < tol(torch.bfloat16)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("mask", [None, "causal_min"])
+def test_gpu_expanded(mask):
+    B, H, S, T = 1, 128, 4096, 4096
+    args = make(B, H, S, T, dtype=torch.bfloat16, **V3)
+    m = None
+    if mask == "causal_min":
+        m = torch.full((S, T), torch.finfo(torch.bfloat16).min, device=DEV).triu(1).to(torch.bfloat16)[None, None]
+    out = expanded_prefill(*args, m, 0.07, m is None)
+    ref = expanded_reference(*[a.float() for a in args], None if m is None else m.float(), 0.07, m is None)
+    assert rel_err(out, ref.double().cpu()) < tol(torch.bfloat16)
