@@ -22,7 +22,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from mla_compile.kernels.absorbed_decode import absorbed_decode, absorbed_latent_attention
 from mla_compile.kernels.expanded_prefill import expanded_prefill
@@ -40,10 +40,12 @@ def out(line=""):
     LINES.append(line)
 
 
-def bench(fn, rep=60):
+def bench(fn, rep=60, graph=False):
     try:
         fn()
         torch.cuda.synchronize()
+        if graph:       # CUDA-graph replays: GPU time without Python launch overhead (L2 not flushed)
+            return do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
         return do_bench(fn, warmup=10, rep=rep, return_mode="median") * 1e3   # us
     except Exception as e:  # noqa: BLE001
         print(f"  ! {type(e).__name__}: {str(e)[:200]}", file=sys.stderr, flush=True)
@@ -135,9 +137,12 @@ def flash_mla_fn(q_lat, q_rope, latent, k_rope, scale):
 def absorbed_table(flops_rate, bw):
     out("## Absorbed decode (S=1, bf16, no mask), microseconds")
     out()
-    out("| H | B | T | ours core | ours op | FlashMLA | core/FlashMLA | HF eager | Inductor(HF) | "
-        "HF/op | Ind/op | floor core | floor/core |")
-    out("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    out("ev = CUDA events around eager launches (includes Python launch overhead, L2 flushed); "
+        "gr = CUDA-graph replay (GPU time). Ratios core/FlashMLA and floor/core use the gr columns.")
+    out()
+    out("| H | B | T | ours core ev | ours core gr | ours op ev | ours op gr | FlashMLA ev | FlashMLA gr | "
+        "core/FlashMLA | HF eager | Inductor(HF) | HF/op | Ind/op | floor core | floor/core |")
+    out("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     Hs = (128, 32, 16)
     Bs = (1, 8, 32, 64) if not QUICK else (8,)
     Ts = (1024, 4096, 16384, 65536) if not QUICK else (4096,)
@@ -151,14 +156,17 @@ def absorbed_table(flops_rate, bw):
                     continue
                 x = inputs(B, H, 1, T)
                 q_lat = torch.einsum("bhsd,hdr->bhsr", x["q_nope"], x["w_uk"])
-                core = bench(lambda: absorbed_latent_attention(q_lat, x["q_rope"], x["latent"], x["k_rope"],
-                                                               None, scale, False))
-                op = bench(lambda: absorbed_decode(x["q_nope"], x["q_rope"], x["latent"], x["k_rope"],
-                                                   x["w_uk"], x["w_uv"], None, scale, False))
-                fm = None
+                core_fn = lambda: absorbed_latent_attention(q_lat, x["q_rope"], x["latent"], x["k_rope"],  # noqa
+                                                            None, scale, False)
+                op_fn = lambda: absorbed_decode(x["q_nope"], x["q_rope"], x["latent"], x["k_rope"],  # noqa
+                                                x["w_uk"], x["w_uv"], None, scale, False)
+                core, core_g = bench(core_fn), bench(core_fn, graph=True)
+                op, op_g = bench(op_fn), bench(op_fn, graph=True)
+                fm = fm_g = None
                 if H in (64, 128):
                     try:
-                        fm = bench(flash_mla_fn(q_lat, x["q_rope"], x["latent"], x["k_rope"], scale))
+                        f = flash_mla_fn(q_lat, x["q_rope"], x["latent"], x["k_rope"], scale)
+                        fm, fm_g = bench(f), bench(f, graph=True)
                     except Exception as e:  # noqa: BLE001
                         print(f"  FlashMLA: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
                 hf = ind = None
@@ -169,9 +177,10 @@ def absorbed_table(flops_rate, bw):
                 fl = 2 * B * H * T * (R + DR + R)
                 by = 2 * (B * T * (R + DR) + B * H * (R + DR) + B * H * R)
                 floor = max(fl / flops_rate, by / bw) * 1e6
-                out(f"| {H} | {B} | {T} | {fmt(core)} | {fmt(op)} | {fmt(fm)} | {ratio(core, fm)} | {fmt(hf)} | "
-                    f"{fmt(ind)} | {ratio(hf, op)} | {ratio(ind, op)} | {fmt(floor)} | "
-                    f"{'n/a' if core is None else f'{100 * floor / core:.0f}%'} |")
+                out(f"| {H} | {B} | {T} | {fmt(core)} | {fmt(core_g)} | {fmt(op)} | {fmt(op_g)} | {fmt(fm)} | "
+                    f"{fmt(fm_g)} | {ratio(core_g, fm_g)} | {fmt(hf)} | "
+                    f"{fmt(ind)} | {ratio(hf, op_g)} | {ratio(ind, op_g)} | {fmt(floor)} | "
+                    f"{'n/a' if core_g is None else f'{100 * floor / core_g:.0f}%'} |")
                 del x, q_lat
                 torch.cuda.empty_cache()
     out()
@@ -180,8 +189,10 @@ def absorbed_table(flops_rate, bw):
 def sparse_table(flops_rate, bw):
     out("## Sparse (DSA) absorbed decode, k=2048, H=128, S=1, bf16, microseconds")
     out()
-    out("| B | T | ours core | ours op | floor core |")
-    out("|---|---|---|---|---|")
+    out("op ev includes check_indices' range check (a device-to-host sync) and the two bmm's.")
+    out()
+    out("| B | T | ours core ev | ours core gr | ours op ev | floor core |")
+    out("|---|---|---|---|---|---|")
     H, k = 128, 2048
     scale = 1 / math.sqrt(DN + DR)
     for B in (1, 8):
@@ -191,14 +202,15 @@ def sparse_table(flops_rate, bw):
             idx = torch.stack([torch.randperm(T, device=DEV, generator=g)[:k] for _ in range(B)]).view(B, 1, k)
             idx = idx.sort(-1).values.to(torch.int32)
             q_lat = torch.einsum("bhsd,hdr->bhsr", x["q_nope"], x["w_uk"])
-            core = bench(lambda: sparse_latent_attention(q_lat, x["q_rope"], x["latent"], x["k_rope"], idx,
-                                                         None, scale, False))
+            core_fn = lambda: sparse_latent_attention(q_lat, x["q_rope"], x["latent"], x["k_rope"], idx,  # noqa
+                                                      None, scale, False)
+            core, core_g = bench(core_fn), bench(core_fn, graph=True)
             op = bench(lambda: sparse_absorbed_decode(x["q_nope"], x["q_rope"], x["latent"], x["k_rope"],
                                                       x["w_uk"], x["w_uv"], idx, None, scale, False))
             fl = 2 * B * H * k * (R + DR + R)
             by = 2 * (B * k * (R + DR) + B * H * (2 * R + DR))
             floor = max(fl / flops_rate, by / bw) * 1e6
-            out(f"| {B} | {T} | {fmt(core)} | {fmt(op)} | {fmt(floor)} |")
+            out(f"| {B} | {T} | {fmt(core)} | {fmt(core_g)} | {fmt(op)} | {fmt(floor)} |")
             del x, q_lat
             torch.cuda.empty_cache()
     out()

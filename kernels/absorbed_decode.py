@@ -15,7 +15,7 @@ state (running max m, sum l, accumulator acc [BLOCK_M, r] in fp32). The latent t
 and used twice: as the key (q_lat c^T) and as the value (P c). With one split it writes the
 normalised o_lat directly; otherwise it writes o_p = acc / l and lse_p = m + log(l) per split.
 
-Kernel 2 (`_merge_splits_kernel`), grid (rows, B): o = sum_p exp(lse_p - L) o_p with
+Kernel 2 (`_merge_splits_kernel`), grid (rows, B, r / 128): o = sum_p exp(lse_p - L) o_p with
 L = log sum_p exp(lse_p); a row whose every key is masked gives zeros (as the reference does).
 
 `absorbed_latent_attention` is the core (absorbed q given; optional kv_lens int32 [B] so a static
@@ -44,10 +44,12 @@ else:
         triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=4),
     ]
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "R_PAD", "DR_PAD", "MASK_KIND", "ONE_SPLIT", "DOT_PREC"])
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "WORK", "R_PAD", "DR_PAD", "MASK_KIND", "ONE_SPLIT", "DOT_PREC"])
 @triton.jit
 def _absorbed_split_kernel(
     Q, QR, C, KR, MASK, KVLEN, O, OP, LSE,
@@ -59,7 +61,7 @@ def _absorbed_split_kernel(
     s_mb, s_ms, s_mt,
     s_ob, s_oh, s_os, s_od,
     s_pb, s_pp, s_pm,
-    M_BUCKET,
+    M_BUCKET, WORK,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, DR_PAD: tl.constexpr,
     HAS_ROPE: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr,
     ONE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -141,26 +143,37 @@ def _merge_splits_kernel(
     OP, LSE, O, S, R, P,
     s_pb, s_pp,
     s_ob, s_oh, s_os, s_od,
-    R_PAD: tl.constexpr, P_PAD: tl.constexpr,
+    R_PAD: tl.constexpr, RB: tl.constexpr, PB: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    offs_r = tl.program_id(2) * RB + tl.arange(0, RB)
     h = row // S
     s = row % S
-    offs_p = tl.arange(0, P_PAD)
-    base = b * s_pb
-    lse = tl.load(LSE + base // R_PAD + offs_p * (s_pp // R_PAD) + row, mask=offs_p < P, other=float("-inf"))
-    mx = tl.max(lse, 0)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    total = tl.sum(tl.exp(lse - mx), 0)
-    offs_r = tl.arange(0, R_PAD)
-    acc = tl.zeros([R_PAD], tl.float32)
-    for p in range(0, P):
-        w = tl.exp(tl.load(LSE + base // R_PAD + p * (s_pp // R_PAD) + row) - mx)
-        acc += w * tl.load(OP + base + p * s_pp + row * R_PAD + offs_r)
-    total = tl.where(total > 0, total, 1.0)
-    r_ok = offs_r < R
-    tl.store(O + b * s_ob + h * s_oh + s * s_os + offs_r * s_od, (acc / total).to(O.dtype.element_ty), mask=r_ok)
+    lse_base = LSE + (b * s_pb) // R_PAD + row
+    lse_pp = s_pp // R_PAD
+    # pass 1: the largest lse over the splits
+    mx = tl.full([PB], float("-inf"), tl.float32)
+    for p0 in range(0, P, PB):
+        offs_p = p0 + tl.arange(0, PB)
+        mx = tl.maximum(mx, tl.load(lse_base + offs_p * lse_pp, mask=offs_p < P, other=float("-inf")))
+    m = tl.max(mx, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    # pass 2: weights exp(lse_p - m) and the weighted sum of the split outputs, PB splits at a time
+    total = tl.zeros([PB], tl.float32)
+    acc = tl.zeros([RB], tl.float32)
+    for p0 in range(0, P, PB):
+        offs_p = p0 + tl.arange(0, PB)
+        p_ok = offs_p < P
+        w = tl.exp(tl.load(lse_base + offs_p * lse_pp, mask=p_ok, other=float("-inf")) - m)
+        total += w
+        o = tl.load(OP + b * s_pb + offs_p[:, None] * s_pp + row * R_PAD + offs_r[None, :], mask=p_ok[:, None],
+                    other=0.0)
+        acc += tl.sum(w[:, None] * o, 0)
+    tot = tl.sum(total, 0)
+    tot = tl.where(tot > 0, tot, 1.0)
+    tl.store(O + b * s_ob + h * s_oh + s * s_os + offs_r * s_od, (acc / tot).to(O.dtype.element_ty),
+             mask=offs_r < R)
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,6 +190,11 @@ def num_sms(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
+
+
+def work_bucket(n: int) -> int:
+    """Autotuning key for the amount of work (keys x batch): a power of two in [2^12, 2^22]."""
+    return min(1 << 22, max(1 << 12, triton.next_power_of_2(max(n, 1))))
 
 
 def kernel_dtype(dtype: torch.dtype):
@@ -210,9 +228,9 @@ def mask_view(mask, B: int, S: int, T: int):
     return kind, m, (m.stride(0), m.stride(1), m.stride(2))
 
 
-def choose_splits(device, B: int, row_tiles: int, T: int, block_m: int = 64, floor: int = 64) -> tuple[int, int]:
+def choose_splits(device, B: int, row_tiles: int, T: int, block_m: int = 64, floor: int = 256) -> tuple[int, int]:
     """(splits, chunk): enough programs to fill the GPU (one 64-row program per SM, several smaller
-    ones, which are memory-bound and need more loads in flight); chunk a multiple of 64 keys."""
+    ones, which are memory-bound and need more loads in flight); chunk a multiple of 256 keys."""
     target = num_sms(device) * max(1, 64 // (2 * block_m) * 2)
     splits = max(1, round(target / max(1, B * row_tiles)))
     chunk = max(floor, triton.cdiv(triton.cdiv(T, splits), floor) * floor)
@@ -222,11 +240,15 @@ def choose_splits(device, B: int, row_tiles: int, T: int, block_m: int = 64, flo
 def merge_splits(o_part, lse, out_view, S: int, R: int, splits: int):
     """o_part [B, P, M, R_PAD] fp32, lse [B, P, M] -> out_view [B, H, S, R] (any strides)."""
     B, P, M, R_PAD = o_part.shape
-    _merge_splits_kernel[(M, B)](
+    # Many rows: one program per row over the whole r (few, fat programs). Few rows (small batch, many
+    # splits): split r across programs too, so the merge is not a handful of long serial loops.
+    RB = R_PAD if B * M >= 1024 else min(R_PAD, 128)
+    PB = max(2, min(16, triton.next_power_of_2(P)))
+    _merge_splits_kernel[(M, B, R_PAD // RB)](
         o_part, lse, out_view, S, R, splits,
         o_part.stride(0), o_part.stride(1),
         *out_view.stride(),
-        R_PAD=R_PAD, P_PAD=triton.next_power_of_2(P),
+        R_PAD=R_PAD, RB=RB, PB=PB,
         num_warps=4,
     )
 
@@ -277,7 +299,7 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
         q_lat, q_rope, c, kr, m if m is not None else c, kvl, out, o_part, lse,
         float(scale), M, S, T, r, dr, chunk,
         *q_lat.stride(), *q_rope.stride(), *c.stride(), *kr.stride(), *ms, *out.stride(), *sp,
-        triton.next_power_of_2(M),
+        triton.next_power_of_2(M), work_bucket(B * eff_T),
         BLOCK_M=BLOCK_M, R_PAD=R_PAD, DR_PAD=DR_PAD, HAS_ROPE=dr > 0, MASK_KIND=kind,
         IS_CAUSAL=bool(is_causal), HAS_KVLEN=kv_lens is not None, ONE_SPLIT=one,
         DOT_PREC=dot_precision(dt),

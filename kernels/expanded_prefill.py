@@ -13,7 +13,8 @@ shared by every head (never broadcast into a [B, H, T, dr] copy); the dot produc
 K_nope and V are the two halves of the expansion's rows, read in place through their strides.
 
 Skipping work: with is_causal and no mask, a query tile stops at its diagonal (the upper triangle
-is never loaded). With a mask, a block map is built first in torch ([B, S/BM, T/BN]: which key
+is never loaded). A mask found to be causal-shaped (allowed exactly on j <= i with zero bias there,
+HF's prefill mask; checked with torch, one host sync) takes that same path. Any other mask: a block map is built first in torch ([B, S/BM, T/BN]: which key
 blocks hold any allowed entry, and which are entirely allowed with zero bias): the kernel visits
 only live blocks (so a causal-shaped mask skips its triangle too) and reads the mask tile only in
 partially masked blocks. Float entries <= finfo.min / 2 count as masked when building the map;
@@ -179,10 +180,14 @@ def block_map(mask, B, S, T, is_causal, BM, BN):
     else:
         allowed = m > torch.finfo(m.dtype).min / 2
         free = m == 0
+    tri = torch.ones(S, T, dtype=torch.bool, device=dev).tril()
     if is_causal:
-        tri = torch.ones(S, T, dtype=torch.bool, device=dev).tril()
         allowed = allowed & tri
         free = free & tri
+    # A causal-shaped mask (HF's prefill mask when S == T): the kernel's is_causal path is exact for it
+    # (every row keeps key 0, so masked entries contribute exactly zero) and needs no map: one host sync.
+    if S <= T and torch.equal(allowed, tri.expand_as(allowed)) and torch.equal(free, allowed):
+        return None, None
     nM, nN = triton.cdiv(S, BM), triton.cdiv(T, BN)
     pad = (0, nN * BN - T, 0, nM * BM - S)
     a = torch.nn.functional.pad(allowed, pad, value=False).view(B, nM, BM, nN, BN)
@@ -224,9 +229,12 @@ def expanded_attention(q_nope, q_rope, k_nope, v, k_rope, mask=None, scale=1.0, 
     BM, BN = blocks_for(S, T)
     nM, nN = triton.cdiv(S, BM), triton.cdiv(T, BN)
     kind, m, ms = mask_view(mask, B, S, T)
+    entries = None
     if kind:
         entries, counts = block_map(mask, B, S, T, is_causal, BM, BN)
-    else:
+        if entries is None:                        # causal-shaped: skip the triangle, read no mask
+            kind, m, ms, is_causal = 0, None, (0, 0, 0), True
+    if entries is None:
         entries = counts = q_nope
     _expanded_fwd_kernel[(nM, B * H)](
         q_nope, q_rope, k_nope, v, k_rope, m if m is not None else q_nope, entries, counts, out,

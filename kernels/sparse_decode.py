@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from mla_compile.kernels.absorbed_decode import (
-    absorb, block_m_for, dot_precision, kernel_dtype, mask_view, merge_splits, num_sms, project,
+    absorb, block_m_for, work_bucket, dot_precision, kernel_dtype, mask_view, merge_splits, num_sms, project,
 )
 from mla_compile.passes.forms.common import as_tokens, check_args, check_indices
 
@@ -38,10 +38,12 @@ else:
         triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=4),
     ]
 
 
-@triton.autotune(configs=_CONFIGS, key=["H_BUCKET", "R_PAD", "DR_PAD", "MASK_KIND", "ONE_SPLIT", "DOT_PREC"])
+@triton.autotune(configs=_CONFIGS, key=["H_BUCKET", "WORK", "R_PAD", "DR_PAD", "MASK_KIND", "ONE_SPLIT", "DOT_PREC"])
 @triton.jit
 def _sparse_split_kernel(
     Q, QR, C, KR, IDX, MASK, O, OP, LSE,
@@ -54,7 +56,7 @@ def _sparse_split_kernel(
     s_mb, s_ms, s_mt,
     s_ob, s_oh, s_od,
     s_pb, s_pp,
-    H_BUCKET,
+    H_BUCKET, WORK,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, DR_PAD: tl.constexpr,
     HAS_ROPE: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     ONE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -168,7 +170,7 @@ def sparse_latent_attention(q_lat, q_rope, latent, k_rope, topk_indices, mask=No
         float(scale), H, S, k, r, dr, chunk,
         *q_lat.stride(), *q_rope.stride(), *c.stride(), *kr.stride(), *topk_indices.stride(), *ms,
         out.stride(0), out.stride(1), out.stride(3), *sp,
-        triton.next_power_of_2(H),
+        triton.next_power_of_2(H), work_bucket(B * S * k),
         BLOCK_M=BLOCK_M, R_PAD=R_PAD, DR_PAD=DR_PAD, HAS_ROPE=dr > 0, MASK_KIND=kind,
         IS_CAUSAL=bool(is_causal), ONE_SPLIT=one, DOT_PREC=dot_precision(dt),
     )

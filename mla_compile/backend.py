@@ -70,13 +70,15 @@ def rewrite_graph(gm: fx.GraphModule, opts: Options, graph_id: int) -> list[Rewr
     from mla_compile.passes.rewrite import rewrite
 
     regions, misses = find_regions(gm)
+    example_device = next((v.device for n in gm.graph.nodes if n.op == "placeholder"
+                           for v in [n.meta.get("example_value")] if isinstance(v, torch.Tensor)), None)
     records = []
     for miss in misses:
         records.append(RewriteRecord(module=miss.module, status="skipped", form=None, family=miss.family,
                                      shapes=_shapes_for_log(miss.dims), reason=miss.reason, core=miss.core,
                                      graph=graph_id))
     for region in regions:
-        decision = decide(region, opts.form, device=opts.device)
+        decision = decide(region, opts.form, device=opts.device, example_device=example_device)
         plan_id = None
         if decision.form == "auto":
             from mla_compile.passes.dispatch import register

@@ -1,15 +1,13 @@
-"""Which form a region gets.
+"""Which form a region gets: the sympy cost model (mla_compile.cost) decides, per shape and device.
 
-Interim rule (replaced by the sympy cost model in mla_compile.cost): compare FLOPs only.
-Per head and batch, the expanded form pays r*(dn+dv) per cached token for the expansion and
-(dn+dr+dv) per query-key pair; the absorbed form pays (2r+dr) per query-key pair and nothing per
-cached token. They are equal at
+Static sizes: `plan(...)` predicts every candidate form's time on the device's roofline and the
+cheapest wins at compile time. Symbolic sizes (Dynamo marked the query or key length dynamic): the
+same expressions, with the dynamic sizes as symbols, give a chooser evaluated on the real sizes at
+each call (`torch.ops.mla.auto`) and a closed-form crossover for the log; the graph is compiled once.
 
-    S* = r*(dn+dv) / (2r - dn - dv)       (170.7 for DeepSeek-V3: r=512, dn=dv=128)
-
-so absorbed while S < S*, else expanded. A DSA region attends to k keys instead of T when T > k
-(sparse forms, absorbed or expanded by the same rule); with T <= k the selection is everything and
-a dense form under the base mask is exact.
+A form forced through options wins over the model, with two corrections the region's structure
+demands: a sparse form on a region without an indexer becomes its dense counterpart, and a dense
+form on a DSA region keeps HF's full top-k mask (exact whatever k is).
 """
 
 from __future__ import annotations
@@ -17,8 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
+import torch
+
 from mla_compile.passes.forms import DENSE_FORMS, FORMS, SPARSE_FORMS
 from mla_compile.passes.match import Region
+
+FORCED_CHOICES = ("auto", "sparse") + FORMS
 
 
 @dataclass
@@ -33,47 +36,83 @@ class Decision:
     device: dict = field(default_factory=dict)
 
 
-def _flop_crossover(d: dict) -> float:
-    denom = 2 * d["r"] - d["dn"] - d["dv"]
-    return float("inf") if denom <= 0 else d["r"] * (d["dn"] + d["dv"]) / denom
+def _static_topk(k: Any) -> int | None:
+    """The indexer's k: HF takes min(index_topk, T), so a symbolic k is Min(index_topk, T-expr)."""
+    if k is None or isinstance(k, int):
+        return k
+    expr = k.node.expr if isinstance(k, torch.SymInt) else sympy.sympify(str(k))
+    if type(expr).__name__ == "Min":      # sympy's Min, or torch's own (torch.utils._sympy)
+        nums = [a for a in expr.args if a.is_number]
+        if nums:
+            return int(min(nums))
+    return None
 
 
-def _static(x) -> bool:
-    return isinstance(x, int)
-
-
-def rule_form(d: dict, S: int, T: int, k: int | None) -> str:
-    dense = "absorbed" if S < _flop_crossover(d) else "expanded"
-    if k is not None and T > k:
-        return "sparse_" + dense
-    return dense
-
-
-def decide(region: Region, forced: str = "auto", device: str | None = None) -> Decision:
+def _plan_args(region: Region, device) -> dict:
     d = region.dims
-    S, T, k = d["S"], d["T"], region.topk
-    if forced not in ("auto",) + FORMS + ("sparse",):
-        raise ValueError(f"options['form']: unknown form {forced!r}; expected 'auto', 'sparse' or one of {FORMS}")
+    sizes = {}
+    for key, name in (("B", "batch"), ("S", "q_len"), ("T", "kv_len")):
+        v = d[key]
+        # A dynamic size enters the model as a plain symbol named after its role, so the run-time
+        # chooser is fed {"B", "S", "T"} and the crossover reads "absorbed while S < ...".
+        sizes[name] = v if isinstance(v, int) else sympy.Symbol(key, positive=True, integer=True)
+    return dict(sizes, heads=d["H"], kv_lora_rank=d["r"], qk_rope_head_dim=d["dr"], qk_nope_head_dim=d["dn"],
+                v_head_dim=d["dv"], topk=_static_topk(region.topk) if region.is_sparse else None,
+                dtype=region.dtype, device=device,
+                causal=region.is_causal or region.mask is not None, mask=region.mask is not None)
+
+
+def _device_for(device_option: str | None, example_device: torch.device | None):
+    if device_option:
+        return device_option
+    if example_device is not None and example_device.type == "cuda":
+        return example_device
+    return "cpu"
+
+
+def _fmt_s(t: float) -> str:
+    return f"{t * 1e6:.1f}us" if t < 1e-3 else f"{t * 1e3:.2f}ms"
+
+
+def decide(region: Region, forced: str = "auto", device: str | None = None,
+           example_device: torch.device | None = None) -> Decision:
+    from mla_compile.cost import plan
+
+    if forced not in FORCED_CHOICES:
+        raise ValueError(f"options['form']: unknown form {forced!r}; expected one of {FORCED_CHOICES}")
     if forced != "auto":
-        if forced == "sparse":
-            forced = "sparse_absorbed"
-        if forced in SPARSE_FORMS and not region.is_sparse:
-            dense = forced.removeprefix("sparse_")
-            return Decision(dense, f"forced {forced!r}, but this region has no top-k indexer: dense {dense}")
-        if forced in DENSE_FORMS and region.is_sparse:
-            return Decision(forced, f"forced {forced!r} (dense over the full DSA mask)")
-        return Decision(forced, f"forced by options['form']={forced!r}")
-    star = _flop_crossover(d)
-    if _static(S) and _static(T) and (k is None or _static(k)):
-        form = rule_form(d, S, T, k)
-        why = f"S={S} {'<' if S < star else '>='} S*={star:.1f} (equal-FLOP point of absorbed vs expanded)"
-        if region.is_sparse:
-            why += f"; top-k k={k} {'<' if T > k else '>='} T={T}"
-            if T <= k:
-                return Decision(form, why + ": the selection is every key, dense is exact", dense_mask="base")
-        return Decision(form, why)
+        return _forced(region, "sparse_absorbed" if forced == "sparse" else forced)
+    args = _plan_args(region, _device_for(device, example_device))
+    p = plan(**args)
+    expressions = {f: str(e) for f, e in p.expressions.items()}
+    if p.form is not None:        # every size static: decide now
+        others = sorted((t, f) for f, t in p.costs.items() if f != p.form)
+        why = f"{p.form} {_fmt_s(p.costs[p.form])}"
+        if others:
+            why += " vs " + ", ".join(f"{f} {_fmt_s(t)}" for t, f in others)
+        why += f" predicted on {p.device.get('name', '?')}"
+        dense_mask = "full"
+        if region.is_sparse and p.form in DENSE_FORMS and args["topk"] is not None \
+                and isinstance(args["kv_len"], int) and args["kv_len"] <= args["topk"]:
+            why += f"; T={args['kv_len']} <= k={args['topk']}: the selection is every key, dense is exact"
+            dense_mask = "base"
+        return Decision(p.form, why, dense_mask=dense_mask, costs=dict(p.costs), expressions=expressions,
+                        device=dict(p.device))
     from mla_compile.passes.dispatch import Chooser
 
-    text = f"absorbed while S < {star:.1f}, else expanded" + ("; sparse while T > k" if region.is_sparse else "")
-    ch = Chooser(lambda s: rule_form(d, s["S"], s["T"], s["k"]), text)
-    return Decision("auto", "dynamic sizes: chosen per call", chooser=ch, crossover=text)
+    choose, text = p.runtime_chooser()
+    if region.is_sparse and args["topk"] is None:
+        raise ValueError("a DSA region with a symbolic top-k needs a static index_topk")
+    return Decision("auto", "dynamic sizes: the form is chosen per call on the predicted times",
+                    chooser=Chooser(choose, text), expressions=expressions, crossover=text,
+                    device=dict(p.device))
+
+
+def _forced(region: Region, forced: str) -> Decision:
+    if forced in SPARSE_FORMS and not region.is_sparse:
+        dense = forced.removeprefix("sparse_")
+        return Decision(dense, f"forced {forced!r}, but no HF top-k index mask (indices scattered into "
+                               f"new_ones, then masked_fill) feeds this region: dense {dense}")
+    if forced in DENSE_FORMS and region.is_sparse:
+        return Decision(forced, f"forced {forced!r} (dense over HF's full top-k mask)")
+    return Decision(forced, f"forced by options['form']={forced!r}")

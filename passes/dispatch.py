@@ -6,8 +6,8 @@ model's closed-form crossover, and emits `mla.auto(..., plan_id)`. Each call eva
 on the real B, S, T (a few float operations) and runs that form's implementation, so one compiled
 graph serves every length: no recompilation as the cache grows.
 
-A DSA region passes its base mask and the top-k indices; a dense form is chosen for it only when
-the selection covers every key (k >= T), where dense attention under the base mask is exact.
+A DSA region passes its base mask and the top-k indices; a dense form under the base mask is exact
+when the selection covers every key (k >= T); otherwise the selection is applied as a dense mask.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from mla_compile.passes.forms.ops import SPARSE_FORMS, implementation_for
+from mla_compile.passes.forms.sparse import mask_outside_topk
 
 
 @dataclass
@@ -62,7 +63,9 @@ def auto(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rop
     if form in SPARSE_FORMS:
         return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal)
     if topk_indices is not None and k < T:
-        raise RuntimeError(f"mla.auto: plan {plan_id} chose dense form {form} for a DSA region with k={k} < T={T}")
+        # The cost model found dense attention cheaper even though k < T (tiny T): apply the top-k
+        # selection as a dense mask, as HF does; exact, and what the model's dense cost counted.
+        mask = mask_outside_topk(mask, topk_indices, S, T)
     return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal)
 
 

@@ -44,8 +44,9 @@ class Region:
     family: str | None
     core: str                          # "eager" or "sdpa"
     output: fx.Node                    # the core's [B, H, S, dv] output (replaced by the rewrite)
-    q_nope: fx.Node
-    q_rope: fx.Node
+    query: fx.Node                     # Q, [B, H, S, dn+dr]
+    q_nope: fx.Node | None             # Q's parts when Q is their cat (else the rewrite slices Q)
+    q_rope: fx.Node | None
     latent: fx.Node                    # c, [B, 1, T, r]
     k_rope: fx.Node                    # kp, [B, 1, T, dr]
     weight: fx.Node                    # kv_b_proj.weight, [H*(dn+dv), r]
@@ -323,13 +324,19 @@ def _key_assembly(k: fx.Node, exp: _Expansion, dn: int, core: _Core) -> tuple[fx
     return _self(rope_src), nodes
 
 
-def _query_parts(q: fx.Node) -> tuple[fx.Node, fx.Node]:
+def _query_parts(q: fx.Node, dn: int, dr: int) -> tuple[fx.Node | None, fx.Node | None]:
+    """(q_nope, q_rope) when Q is cat(q_nope, q_rope) over the last dim with those widths, else
+    (None, None): the rewrite then slices Q itself (families that scale Q after the cat, such as
+    mistral4's per-position llama-4 scale, or never split it, such as kimi_linear)."""
     if not _is_fn(q, torch.cat):
-        raise NoMatch("Q is not cat(q_nope, q_rope)")
+        return None, None
     parts = q.args[0]
     dim = _arg(q, 0, "dim", 0)
     if not (isinstance(parts, (list, tuple)) and len(parts) == 2 and dim in (-1, 3)):
-        raise NoMatch("Q is not a two-part cat over the last dim")
+        return None, None
+    widths = [_val(p).shape[-1] if _val(p) is not None else None for p in parts]
+    if widths != [dn, dr]:
+        return None, None
     return parts[0], parts[1]
 
 
@@ -363,7 +370,6 @@ def _dsa_mask(mask: fx.Node | None):
 def _match_core(core: _Core) -> Region:
     exp, dn, dv = _expansion_of_value(core.v)
     kp, key_nodes = _key_assembly(core.k, exp, dn, core)
-    q_nope, q_rope = _query_parts(core.q)
 
     B, one, T, r = _shape(exp.latent, "latent")
     if not _same(one, 1):
@@ -373,11 +379,12 @@ def _match_core(core: _Core) -> Region:
     if w_r != r or w_rows % (dn + dv):
         raise NoMatch(f"kv_b_proj weight {w_rows}x{w_r} does not fit latent rank {r} and head dims {dn}+{dv}")
     H = w_rows // (dn + dv)
-    qb, qh, S, qdn = _shape(q_nope, "q_nope")
-    dr = _static(_shape(q_rope, "q_rope")[3], "qk_rope_head_dim")
     kpb, kph, kpt, kpdr = _shape(kp, "RoPE key")
-    if not (_same(qh, H) and _same(qdn, dn)):
-        raise NoMatch(f"q_nope is {tuple(_shape(q_nope, 'q_nope'))}, expected [B, H={H}, S, dn={dn}]")
+    dr = _static(kpdr, "qk_rope_head_dim")
+    qb, qh, S, qd = _shape(core.q, "Q")
+    if not (_same(qh, H) and _same(qd, dn + dr)):
+        raise NoMatch(f"Q is {_shape(core.q, 'Q')}, expected [B, H={H}, S, dn+dr={dn + dr}]")
+    q_nope, q_rope = _query_parts(core.q, dn, dr)
     if not (_same(kph, 1) and _same(kpdr, dr) and _same(kpt, T) and _same(kpb, B) and _same(qb, B)):
         raise NoMatch("the RoPE key is not one shared [B, 1, T, dr] head")
     vshape = _shape(exp.x, "expansion")
@@ -385,8 +392,7 @@ def _match_core(core: _Core) -> Region:
         raise NoMatch("the expansion's view does not split heads as the weight does")
     dtype = _val(core.output).dtype if _val(core.output) is not None else torch.float32
 
-    # Everything read by the core must be used only by it (else it cannot be removed).
-    _only_users(core.q, set(core.nodes), "Q")
+    # What the core reads must be used only by it (else it cannot be removed); Q may be read elsewhere.
     _only_users(core.v, set(core.nodes), "V")
     _only_users(exp.x, {exp.split, core.k}, "the expansion")
 
@@ -400,9 +406,11 @@ def _match_core(core: _Core) -> Region:
         base_mask, idx, dead_mask = dsa
         topk = _shape(idx, "top-k indices")[2]
     module, family = module_of(core.output)
-    dead = core.nodes + key_nodes + [core.v] + exp.nodes[::-1] + [core.q] + dead_mask
+    dead = core.nodes + key_nodes + [core.v] + exp.nodes[::-1] + (dead_mask if dsa else [])
+    if q_nope is not None:
+        dead.append(core.q)
     return Region(
-        module=module, family=family, core=core.kind, output=core.output, q_nope=q_nope, q_rope=q_rope,
+        module=module, family=family, core=core.kind, output=core.output, query=core.q, q_nope=q_nope, q_rope=q_rope,
         latent=exp.latent, k_rope=kp, weight=exp.weight, mask=mask, base_mask=base_mask,
         topk_indices=idx, topk=topk, scale=float(scale), is_causal=core.is_causal,
         dims=dict(B=B, H=H, S=S, T=T, r=r, dr=dr, dn=dn, dv=dv, k=topk), dtype=dtype,
@@ -418,6 +426,10 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], list[Miss]]:
             kind, build = "sdpa", _sdpa_core
         elif _is_fn(n, torch.matmul) and _is_softmax_product(n):
             kind, build = "eager", _eager_core
+        elif _is_fn(n, torch.matmul) and _reads_expanded_value(n):
+            module, family = module_of(n)
+            misses.append(Miss(module, family, "eager", _unrecognised_probabilities(n.args[0])))
+            continue
         else:
             continue
         module, family = module_of(n)
@@ -438,3 +450,28 @@ def _is_softmax_product(n: fx.Node) -> bool:
             return False
         p = _self(p)
     return False
+
+
+def _reads_expanded_value(n: fx.Node) -> bool:
+    """P @ V where V is a latent expansion, but P is not a plain softmax (a near-miss worth logging)."""
+    try:
+        _expansion_of_value(n.args[1])
+        return True
+    except NoMatch:
+        return False
+
+
+def _unrecognised_probabilities(p: Any) -> str:
+    for _ in range(4):
+        if _is_fn(p, operator.getitem) and _is_fn(p.args[0], F.softmax, torch.softmax):
+            x = _self(p.args[0])
+            while _is_fn(x, operator.sub, torch.sub):
+                x = x.args[0]
+            if _is_fn(x, torch.cat):
+                return ("the softmax runs over [scores, per-head sink logits] (attention sinks); "
+                        "the MLA forms have no sink term, so HF's attention is kept")
+            return "the probabilities are a slice of a softmax the forms do not model"
+        if not isinstance(p, fx.Node) or not p.args:
+            break
+        p = p.args[0]
+    return "P @ V reads a latent expansion, but P is not softmax(Q K^T * scale + mask)"

@@ -32,7 +32,11 @@ def rewrite(gm: fx.GraphModule, region: Region, form: str, dense_mask: str = "fu
         w = g.call_method("view", (region.weight, H, dn + dv, r))
         w_uk = g.call_function(operator.getitem, (w, (slice(None), slice(None, dn))))
         w_uv = g.call_function(operator.getitem, (w, (slice(None), slice(dn, None))))
-        head = (region.q_nope, region.q_rope, region.latent, region.k_rope, w_uk, w_uv)
+        q_nope, q_rope = region.q_nope, region.q_rope
+        if q_nope is None:
+            q_nope = g.call_function(operator.getitem, (region.query, (Ellipsis, slice(None, dn))))
+            q_rope = g.call_function(operator.getitem, (region.query, (Ellipsis, slice(dn, None))))
+        head = (q_nope, q_rope, region.latent, region.k_rope, w_uk, w_uv)
         if form == "auto":
             mask = region.base_mask if region.is_sparse else region.mask
             new = g.call_function(torch.ops.mla.auto.default,
@@ -43,7 +47,7 @@ def rewrite(gm: fx.GraphModule, region: Region, form: str, dense_mask: str = "fu
         else:
             mask = region.base_mask if (region.is_sparse and dense_mask == "base") else region.mask
             new = g.call_function(op_for(form), head + (mask, region.scale, region.is_causal))
-    for n in (w, w_uk, w_uv, new):
+    for n in (w, w_uk, w_uv, q_nope, q_rope, new):
         n.meta["nn_module_stack"] = region.output.meta.get("nn_module_stack", {})
     out_val = region.output.meta.get("example_value")
     if out_val is not None:

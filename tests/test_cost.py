@@ -308,3 +308,20 @@ def test_calibrate_cpu_writes_and_reloads(tmp_path, monkeypatch):
     assert p.device["measured"] and p.form == "absorbed"
     # a table name keeps the table's figures
     assert not plan(batch=1, q_len=1, kv_len=8192, device="cpu", **V3).device["measured"]
+
+
+def test_symbolic_plan_choose_matches_numeric_with_topk():
+    T = sympy.Symbol("T", positive=True, integer=True)
+    p = plan(batch=4, q_len=1, kv_len=T, topk=2048, **V3)
+    for t in (16, 1000, 2048, 2049, 2300, 2500, 10000, 100000):
+        assert p.choose({"T": t}) == plan(batch=4, q_len=1, kv_len=t, topk=2048, **V3).form
+
+
+def test_plan_times_with_dynamo_style_symbols():
+    s0 = sympy.Symbol("s0")
+    p = plan(batch=2, q_len=s0, kv_len=s0 + 4096, **V3)
+    for v in (1, 300, 5000):
+        want = plan(batch=2, q_len=v, kv_len=v + 4096, **V3)
+        assert p.times({"s0": v}) == pytest.approx(want.costs)
+        assert p.times({"q_len": v}) == pytest.approx(want.costs)
+        assert p.choose({"s0": v}) == want.form

@@ -50,7 +50,9 @@ def make(B, H, S, T, r=32, dr=16, dn=16, dv=8, dtype=torch.float32, device=DEV, 
 
 
 def f64(x):
-    return x if x is None or x.dtype == torch.bool or not x.is_floating_point() else x.double().cpu()
+    if x is None or not isinstance(x, torch.Tensor):
+        return x
+    return x.cpu() if x.dtype == torch.bool or not x.is_floating_point() else x.double().cpu()
 
 
 def rel_err(out, ref):
@@ -115,6 +117,15 @@ def test_absorbed_kv_lens_and_forced_splits():
             sc = (q_lat[b, :, 0] @ c[b, 0, :n].T + qr[b, :, 0] @ kr[b, 0, :n].T) * 0.2
             ref = torch.softmax(sc.double(), -1) @ c[b, 0, :n].double()
             assert rel_err(o[b, :, 0], ref.cpu()) < 1e-4
+
+
+def test_absorbed_many_splits_merge():
+    B, H, S, T = 1, 3, 1, 2100                                 # 17 splits: more than one merge block
+    qn, qr, c, kr, wuk, wuv = make(B, H, S, T, latent_4d=False)
+    q_lat = torch.einsum("bhsd,hdr->bhsr", qn, wuk)
+    one = absorbed_latent_attention(q_lat, qr, c, kr, None, 0.2, False, num_splits=1)
+    many = absorbed_latent_attention(q_lat, qr, c, kr, None, 0.2, False, num_splits=30)
+    assert rel_err(many, one.double().cpu()) < 1e-5
 
 
 def test_absorbed_fully_masked_row_is_zero():
@@ -205,9 +216,11 @@ def test_expanded(B, H, S, T, dr, mask, causal, dtype):
 
 def test_expanded_causal_mask_skips_triangle():
     from mla_compile.kernels.expanded_prefill import blocks_for, block_map
-    S = 64
+    S = 256
     BM, BN = blocks_for(S, S)
-    m = torch.full((S, S), torch.finfo(torch.float32).min).triu(1)[None, None]
+    m = torch.full((S, S), torch.finfo(torch.float32).min, device=DEV).triu(1)[None, None]
+    assert block_map(m, 1, S, S, False, BM, BN) == (None, None)   # causal-shaped: the is_causal path
+    m[..., 3] = torch.finfo(torch.float32).min                       # a masked key: no longer causal-shaped
     entries, counts = block_map(m, 1, S, S, False, BM, BN)
     nM, nN = triton.cdiv(S, BM), triton.cdiv(S, BN)
     assert counts.sum().item() < nM * nN                       # the upper triangle is skipped

@@ -12,6 +12,7 @@ not measured (vector rate, TF32/FP32 rates on CUDA, efficiency factors) is kept 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import statistics
@@ -94,8 +95,6 @@ def load_device(device: DeviceLike = None) -> DeviceModel:
     path = cache_path(key)
     if path.is_file():
         try:
-            import json
-
             return DeviceModel.from_dict(json.loads(path.read_text()))
         except (ValueError, TypeError, OSError) as exc:
             warnings.warn(f"mla_compile: ignoring unreadable device cache {path}: {exc}")

@@ -27,6 +27,7 @@ with other sizes symbolic it is exact in a neighbourhood of their hints (pass `h
 from __future__ import annotations
 
 import functools
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -54,7 +55,7 @@ def _device_key(dev: DeviceModel) -> str:
 def _kernel_exprs(form: str, dev_json: str, dtype_name: str, causal: bool, mask: bool, precision: str,
                   dsa: bool, sparse_k: bool):
     """[(kernel, compute_s, memory_s, launch_s, flops, vector, bytes)] in the canonical symbols."""
-    dev = DeviceModel.from_dict(__import__("json").loads(dev_json))
+    dev = DeviceModel.from_dict(json.loads(dev_json))
     dtype = getattr(torch, dtype_name)
     rate = dev.matmul_rate(dtype)
     esz = torch.empty((), dtype=dtype).element_size()
@@ -244,6 +245,7 @@ class Plan:
     _model: Optional[DeviceModel] = None
     _exprs: dict = field(default_factory=dict)
     _sparse_k: bool = True          # sparse forms select k (T > k); False: min(k, T) (explicit forms at T <= k)
+    excluded: str = ""              # candidates left out, and why
 
     def _sel_k(self, form: str) -> bool:
         return form in SPARSE_FORMS and self._sparse_k
@@ -267,22 +269,26 @@ class Plan:
 
     # numeric evaluation ---------------------------------------------------------------------
     def _kernels(self, form, sizes):
-        names, fn = _lambdas(form, *self._key, self._sel_k(form))
+        key = self._key
+        if key[-1] and form in DENSE_FORMS and sizes[sy.T] <= sizes[sy.k]:
+            key = key[:-1] + (False,)                    # T <= k: dense runs without the top-k mask
+        names, fn = _lambdas(form, *key, self._sel_k(form))
         rows = fn(*[sizes[s] for s in sy.SIZES])
         return [(n, *row) for n, row in zip(names, rows)]
 
     def _sizes(self, overrides=None) -> dict:
-        """Canonical symbol -> float, from the plan's values, overrides and hints."""
-        overrides = overrides or {}
+        """Canonical symbol -> float, from the plan's values, overrides (see _canon) and hints."""
+        canon, by_sym = overrides or ({}, {})
         out = {}
         for s in sy.SIZES:
             v = self.values.get(s)
-            if s in overrides:
-                out[s] = float(overrides[s])
+            if s in canon:
+                out[s] = float(canon[s])
             elif v is not None and v.is_number:
                 out[s] = float(v)
             elif v is not None:
-                sub = {f: overrides.get(f, self.hints.get(str(f), DEFAULT_HINTS.get(str(f), 1024))) for f in v.free_symbols}
+                sub = {f: by_sym[f] if f in by_sym else self._hint_for(f, {**DEFAULT_HINTS, **self.hints})
+                       for f in v.free_symbols}
                 out[s] = float(v.subs(sub))
             else:
                 out[s] = float(self.hints.get(str(s), DEFAULT_HINTS[str(s)]))
@@ -296,28 +302,25 @@ class Plan:
     def choose(self, sizes: Optional[dict] = None) -> str:
         """The cheapest eligible form at `sizes` (sparse forms only where T > k)."""
         sz = self._sizes(self._canon(sizes))
-        t = self.times(sizes)
+        t = {f: sum(max(c, m) + l for _, c, m, l, *_ in self._kernels(f, sz)) for f in self.candidates}
         ok = [f for f in self.candidates if f in DENSE_FORMS or sz[sy.T] > sz[sy.k]]
         return min(ok, key=t.__getitem__)
 
     def _canon(self, sizes):
-        """Accept canonical names ('S'), argument names ('q_len') and the plan's own symbols."""
-        if not sizes:
-            return {}
-        out = {}
-        for key, v in sizes.items():
-            try:
-                out[sy.resolve(key)] = v
+        """sizes keyed by canonical names ('S'), argument names ('q_len') or the plan's own symbols
+        ('s0') -> ({canonical symbol: value}, {plan symbol: value})."""
+        canon, by_sym = {}, {}
+        dyn = {str(d): d for d in self.dynamic_symbols()}
+        for key, v in (sizes or {}).items():
+            if str(key) in dyn:
+                by_sym[dyn[str(key)]] = v
                 continue
-            except KeyError:
-                pass
-            for s, val in self.values.items():           # a user symbol, e.g. Dynamo's s0
-                if val is not None and not val.is_number and str(val) == str(key):
-                    out[s] = v
-                    break
-            else:
-                raise KeyError(f"unknown size {key!r}")
-        return out
+            c = sy.resolve(key)                          # KeyError for an unknown name
+            canon[c] = v
+            val = self.values.get(c)
+            if isinstance(val, sympy.Symbol) and val in dyn.values():
+                by_sym[val] = v
+        return canon, by_sym
 
     # crossover -------------------------------------------------------------------------------
     def crossover(self, form_a: str, form_b: str, symbol, hints: Optional[dict] = None) -> Crossover:
@@ -415,6 +418,9 @@ class Plan:
         return Crossover(form_a, form_b, sym, bounds, points, winners, text, (lo, hi))
 
     def _hint_for(self, o, hints):
+        """A value for the plan's symbol `o`: hints[name of o], else the hint of the size it stands for."""
+        if str(o) in hints:
+            return hints[str(o)]
         for s, v in self.values.items():
             if v is not None and v == o:
                 return hints.get(str(s), DEFAULT_HINTS.get(str(s), 1024))
@@ -565,7 +571,6 @@ class Plan:
             lines.append(why)
         return "\n".join(lines)
 
-    excluded: str = ""
 
 
 def plan(batch=1, q_len=1, kv_len=None, heads=None, kv_lora_rank=None, qk_rope_head_dim=None,

@@ -35,6 +35,22 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(B * T, dd).index_select(0, flat.reshape(-1)).view(*idx.shape, dd)
 
 
+def mask_outside_topk(mask, topk_indices, q_len: int, kv_len: int) -> torch.Tensor:
+    """HF's dense DSA mask: `mask` with every key outside the row's top-k selection masked out.
+    Bool (True = attend) in, bool out; a float mask gets -inf outside the selection. O(S*T): only for
+    the dense forms of a DSA region, where the dense mask is what the cost model counted."""
+    B = topk_indices.shape[0]
+    idx = topk_indices.long()
+    selected = torch.zeros(B, q_len, kv_len + 1, dtype=torch.bool, device=idx.device)
+    selected.scatter_(-1, torch.where(idx >= 0, idx, kv_len), True)        # -1 parks in a spare column
+    selected = selected[..., :kv_len].unsqueeze(1)                          # [B, 1, S, T]
+    if mask is None:
+        return selected
+    if mask.dtype == torch.bool:
+        return mask & selected
+    return mask.masked_fill(~selected, float("-inf"))
+
+
 def selected_bias(mask, idx, valid, s0: int, dims: Dims, is_causal: bool, dtype) -> torch.Tensor:
     """The additive mask at the selected positions only: [B, s, k] for queries s0 .. s0+s."""
     B, s, k = idx.shape

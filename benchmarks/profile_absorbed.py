@@ -1,0 +1,32 @@
+"""Why the absorbed decode kernel is where it is at H=128: the autotuner's pick, registers/spills, and an
+Nsight Compute window around one launch (run under `ncu --profile-from-start off`).
+
+    python benchmarks/profile_absorbed.py [B] [T] [H]
+"""
+import math
+import sys
+
+import torch
+
+from mla_compile.kernels.absorbed_decode import _absorbed_split_kernel, absorbed_latent_attention
+
+B, T, H = (int(a) for a in (sys.argv[1:4] + ["32", "16384", "128"][len(sys.argv[1:4]):]))
+dt, dev = torch.bfloat16, "cuda"
+q = torch.randn(B, H, 1, 512, device=dev, dtype=dt)
+qr = torch.randn(B, H, 1, 64, device=dev, dtype=dt)
+c = torch.randn(B, 1, T, 512, device=dev, dtype=dt)
+kr = torch.randn(B, 1, T, 64, device=dev, dtype=dt)
+fn = lambda: absorbed_latent_attention(q, qr, c, kr, None, 1 / math.sqrt(192), False)  # noqa: E731
+fn()
+torch.cuda.synchronize()
+print("best config:", _absorbed_split_kernel.best_config)
+for key, k in list(_absorbed_split_kernel.fn.device_caches[torch.cuda.current_device()][0].items())[:8]:
+    try:
+        print("compiled:", k.metadata.num_warps, k.metadata.num_stages, "regs", k.n_regs, "spills", k.n_spills,
+              "smem", k.metadata.shared)
+    except Exception as e:  # noqa: BLE001
+        print("compiled: ?", type(e).__name__, e)
+torch.cuda.profiler.start()
+fn()
+torch.cuda.synchronize()
+torch.cuda.profiler.stop()
