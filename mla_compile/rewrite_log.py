@@ -93,6 +93,7 @@ def format_rewrite_log(records: list[RewriteRecord] | None = None) -> str:
         shapes = " ".join(f"{k}={v}" for k, v in r.shapes.items() if v is not None)
         costs = " ".join(f"{f}={_fmt_cost(c)}" for f, c in r.costs.items())
         reason = r.reason + (f"; crossover: {r.crossover}" if r.crossover else "")
+        reason = reason.replace("\n", "; ")
         rows.append((str(r.graph), r.module, r.family or "?", r.status, r.form or "-", shapes, costs or "-", reason))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = []

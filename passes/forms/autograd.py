@@ -1,0 +1,244 @@
+"""Autograd formulas for the MLA ops (`torch.ops.mla.{expanded,absorbed,sparse_absorbed,sparse_expanded,auto}`).
+
+    import mla_compile.passes.forms.autograd   # side effect: register_autograd on every op (idempotent)
+
+All forms compute one function (see common.py), so the backward is written once per kind, in the
+absorbed (latent) parametrisation, in plain torch (traceable by AOTAutograd; Inductor fuses it):
+
+    q_lat = q_nope W_UK                         s = (q_lat c^T + q_rope kp^T) * scale + mask
+    P     = softmax(s)                          o_lat = P c          out = o_lat W_UV^T
+
+    d_o_lat = dO W_UV                           dW_UV = sum_{b,s} dO^T o_lat            (per head)
+    dP      = d_o_lat c^T                       dS    = P * (dP - rowsum(dP * P)) * scale
+    dq_lat  = dS c                              dq_nope = dq_lat W_UK^T     dW_UK = sum_{b,s} q_nope^T dq_lat
+    dq_rope = dS kp                             dkp     = sum_h dS^T q_rope
+    dc      = sum_h (P^T d_o_lat + dS^T q_lat)
+
+The sparse forms gather the selected rows (c_g = c[idx], kp_g = kp[idx]), apply the same formulas
+over the k selected keys, and scatter-add (index_add_) the row gradients back into dc and dkp, so
+duplicated indices accumulate as the forward counts them. Invalid (-1) selections carry P = 0 and so
+no gradient. Nothing is saved but the inputs; P is recomputed in the backward (flash-style), which
+keeps the forward's memory what it was. Gradients flow to q_nope, q_rope, latent, k_rope, w_uk and
+w_uv (views of kv_b_proj.weight, so autograd carries them to the parameter); mask, indices, scale
+and is_causal get none. Half-precision inputs are differentiated in float32 and cast back.
+
+The backward needs no backward kernel: every form (and `mla.auto`, which re-evaluates its plan's
+choice on the same sizes) has one, so the backend never has to avoid a form in training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mla_compile.passes.forms.absorbed import masked_scores
+from mla_compile.passes.forms.common import additive_mask, compute_dtype, softmax_rows
+from mla_compile.passes.forms.sparse import GATHER_BUDGET, gather_rows, mask_outside_topk
+
+_DENSE_ARGS = ("q_nope", "q_rope", "latent", "k_rope", "w_uk", "w_uv", "mask")
+_REGISTERED = False
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], x.shape[-2], x.shape[-1])        # [B, 1, T, d] or [B, T, d] -> [B, T, d]
+
+
+def _per_head_rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, S, d] -> [H, B*S, d]."""
+    B, H, S, d = x.shape
+    return x.permute(1, 0, 2, 3).reshape(H, B * S, d)
+
+
+def _from_head_rows(x: torch.Tensor, B: int, S: int) -> torch.Tensor:
+    """[H, B*S, d] -> [B, H, S, d]."""
+    H, _, d = x.shape
+    return x.reshape(H, B, S, d).permute(1, 0, 2, 3)
+
+
+def dense_backward(grad_out, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal):
+    """Gradients of the dense MLA function w.r.t. (q_nope, q_rope, latent, k_rope, w_uk, w_uv)."""
+    B, H, S, dn = q_nope.shape
+    ct = compute_dtype(q_nope.dtype)
+    c = _tokens(latent).to(ct)                                   # [B, T, r]
+    kp = _tokens(k_rope).to(ct)                                  # [B, T, dr]
+    T, r, dr = c.shape[1], c.shape[2], kp.shape[2]
+    wk, wv = w_uk.to(ct), w_uv.to(ct)
+    qn, qr, dO = q_nope.to(ct), q_rope.to(ct), grad_out.to(ct)
+
+    q_lat = _from_head_rows(torch.bmm(_per_head_rows(qn), wk), B, S)          # [B, H, S, r]
+    scores = torch.matmul(q_lat.reshape(B, H * S, r), c.transpose(1, 2))
+    scores = scores + torch.matmul(qr.reshape(B, H * S, dr), kp.transpose(1, 2))
+    scores = masked_scores(scores.view(B, H, S, T) * scale, mask, is_causal)
+    p = softmax_rows(scores).to(ct)                                            # [B, H, S, T]
+    p_rows = p.reshape(B, H * S, T)
+    o_lat = torch.bmm(p_rows, c).view(B, H, S, r)
+
+    d_o_lat = _from_head_rows(torch.bmm(_per_head_rows(dO), wv), B, S)        # [B, H, S, r]
+    d_wv = torch.bmm(_per_head_rows(dO).transpose(1, 2), _per_head_rows(o_lat))   # [H, dv, r]
+    dp = torch.bmm(d_o_lat.reshape(B, H * S, r), c.transpose(1, 2)).view(B, H, S, T)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+    ds_rows = ds.reshape(B, H * S, T)
+
+    dq_lat = torch.bmm(ds_rows, c).view(B, H, S, r)
+    d_c = torch.bmm(p_rows.transpose(1, 2), d_o_lat.reshape(B, H * S, r)) \
+        + torch.bmm(ds_rows.transpose(1, 2), q_lat.reshape(B, H * S, r))           # [B, T, r]
+    d_qr = torch.bmm(ds_rows, kp).view(B, H, S, dr)
+    d_kp = torch.bmm(ds_rows.transpose(1, 2), qr.reshape(B, H * S, dr))            # [B, T, dr]
+    d_qn = _from_head_rows(torch.bmm(_per_head_rows(dq_lat), wk.transpose(1, 2)), B, S)
+    d_wk = torch.bmm(_per_head_rows(qn).transpose(1, 2), _per_head_rows(dq_lat))  # [H, dn, r]
+    return (d_qn.to(q_nope.dtype), d_qr.to(q_rope.dtype), d_c.reshape(latent.shape).to(latent.dtype),
+            d_kp.reshape(k_rope.shape).to(k_rope.dtype), d_wk.to(w_uk.dtype), d_wv.to(w_uv.dtype))
+
+
+def _selected_bias(mask, idx, valid, s0, S, T, is_causal, dtype):
+    """The additive mask at the selected positions [B, s, k] (as sparse.selected_bias, without Dims)."""
+    B, s, k = idx.shape
+    bias = torch.zeros(B, s, k, dtype=dtype, device=idx.device)
+    if mask is not None:
+        m = additive_mask(mask, dtype)
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        m = m[:, 0].expand(B, S, T)[:, s0:s0 + s]
+        bias = bias + torch.gather(m, 2, idx)
+    if is_causal:
+        q_pos = torch.arange(s0, s0 + s, device=idx.device).view(1, s, 1)
+        bias = bias.masked_fill(idx > q_pos, float("-inf"))
+    return bias.masked_fill(~valid, float("-inf"))
+
+
+def sparse_backward(grad_out, q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal):
+    """Gradients of the sparse (top-k gathered) MLA function; the row gradients are scatter-added."""
+    B, H, S, dn = q_nope.shape
+    ct = compute_dtype(q_nope.dtype)
+    c = _tokens(latent).to(ct)
+    kp = _tokens(k_rope).to(ct)
+    T, r, dr = c.shape[1], c.shape[2], kp.shape[2]
+    k = topk_indices.shape[-1]
+    wk, wv = w_uk.to(ct), w_uv.to(ct)
+    d_c = torch.zeros(B * T, r, dtype=ct, device=c.device)
+    d_kp = torch.zeros(B * T, dr, dtype=ct, device=c.device)
+    d_qn, d_qr, d_wk, d_wv = [], [], torch.zeros_like(wk), torch.zeros_like(wv)
+    # Chunk the query positions like the forward does, when S is a plain number (a symbolic S under
+    # dynamic-shape tracing runs as one chunk, with no guard on its value).
+    if isinstance(S, int):
+        per_query = max(1, B * k * (r + dr + H))
+        chunk = max(1, min(S, GATHER_BUDGET // per_query)) if S else 1
+        bounds = [(s0, min(S, s0 + chunk)) for s0 in range(0, S, chunk)]
+    else:
+        bounds = [(0, S)]
+    offsets = (torch.arange(B, device=c.device) * T).view(B, 1, 1)
+    for s0, s1 in bounds:
+        s = s1 - s0
+        idx = topk_indices[:, s0:s1].long()
+        valid = idx >= 0
+        idx = idx.clamp_min(0)
+        c_g = gather_rows(c, idx).reshape(B * s, k, r)
+        kp_g = gather_rows(kp, idx).reshape(B * s, k, dr)
+        rows = lambda x: x.permute(0, 2, 1, 3).reshape(B * s, H, x.shape[-1])   # noqa: E731  [B*s, H, d]
+        qn = q_nope[:, :, s0:s1].to(ct)
+        qr = q_rope[:, :, s0:s1].to(ct)
+        dO = grad_out[:, :, s0:s1].to(ct)
+        q_lat = _from_head_rows(torch.bmm(_per_head_rows(qn), wk), B, s)        # [B, H, s, r]
+        q_lat_r, qr_r = rows(q_lat), rows(qr)                                    # [B*s, H, .]
+        scores = torch.bmm(q_lat_r, c_g.transpose(1, 2)) + torch.bmm(qr_r, kp_g.transpose(1, 2))
+        bias = _selected_bias(mask, idx, valid, s0, S, T, is_causal, ct).reshape(B * s, 1, k)
+        p = softmax_rows(scores * scale + bias).to(ct)                            # [B*s, H, k]
+        o_lat = torch.bmm(p, c_g)                                                 # [B*s, H, r]
+        d_o_lat_bhs = _from_head_rows(torch.bmm(_per_head_rows(dO), wv), B, s)  # [B, H, s, r]
+        o_lat_bhs = o_lat.view(B, s, H, r).permute(0, 2, 1, 3)
+        d_wv = d_wv + torch.bmm(_per_head_rows(dO).transpose(1, 2), _per_head_rows(o_lat_bhs))
+        d_o_lat = rows(d_o_lat_bhs)
+        dp = torch.bmm(d_o_lat, c_g.transpose(1, 2))                              # [B*s, H, k]
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+        dq_lat = torch.bmm(ds, c_g)                                               # [B*s, H, r]
+        d_cg = torch.bmm(p.transpose(1, 2), d_o_lat) + torch.bmm(ds.transpose(1, 2), q_lat_r)   # [B*s, k, r]
+        d_kpg = torch.bmm(ds.transpose(1, 2), qr_r)                               # [B*s, k, dr]
+        live = valid.reshape(B * s, k, 1).to(ct)
+        flat = (idx + offsets).reshape(-1)
+        d_c = d_c.index_add(0, flat, (d_cg * live).reshape(-1, r))
+        d_kp = d_kp.index_add(0, flat, (d_kpg * live).reshape(-1, dr))
+        dq_lat_bhs = dq_lat.view(B, s, H, r).permute(0, 2, 1, 3)
+        d_qr.append(torch.bmm(ds, kp_g).view(B, s, H, dr).permute(0, 2, 1, 3))
+        d_qn.append(_from_head_rows(torch.bmm(_per_head_rows(dq_lat_bhs), wk.transpose(1, 2)), B, s))
+        d_wk = d_wk + torch.bmm(_per_head_rows(qn).transpose(1, 2), _per_head_rows(dq_lat_bhs))
+    d_qn = torch.cat(d_qn, dim=2) if len(d_qn) > 1 else d_qn[0]
+    d_qr = torch.cat(d_qr, dim=2) if len(d_qr) > 1 else d_qr[0]
+    return (d_qn.to(q_nope.dtype), d_qr.to(q_rope.dtype), d_c.reshape(latent.shape).to(latent.dtype),
+            d_kp.reshape(k_rope.shape).to(k_rope.dtype), d_wk.to(w_uk.dtype), d_wv.to(w_uv.dtype))
+
+
+# --------------------------------------------------------------------------------------------- #
+# registration
+# --------------------------------------------------------------------------------------------- #
+def _setup_dense(ctx, inputs, output):
+    q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal = inputs
+    ctx.save_for_backward(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask)
+    ctx.scale, ctx.is_causal = scale, is_causal
+
+
+def _backward_dense(ctx, grad):
+    q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask = ctx.saved_tensors
+    grads = dense_backward(grad, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, ctx.scale, ctx.is_causal)
+    return grads + (None, None, None)
+
+
+def _setup_sparse(ctx, inputs, output):
+    q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal = inputs
+    ctx.save_for_backward(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask)
+    ctx.scale, ctx.is_causal = scale, is_causal
+
+
+def _backward_sparse(ctx, grad):
+    q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask = ctx.saved_tensors
+    grads = sparse_backward(grad, q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask,
+                            ctx.scale, ctx.is_causal)
+    return grads + (None, None, None, None)
+
+
+def _setup_auto(ctx, inputs, output):
+    q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, plan_id = inputs
+    ctx.save_for_backward(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask)
+    ctx.scale, ctx.is_causal, ctx.plan_id = scale, is_causal, plan_id
+
+
+def auto_form(plan_id: int, q_nope, latent, topk_indices) -> str:
+    """The form mla.auto ran for these sizes (the plan's choice, evaluated without counting a call)."""
+    from mla_compile.passes.dispatch import chooser
+
+    B, H, S, _ = q_nope.shape
+    T = latent.shape[-2]
+    k = topk_indices.shape[-1] if topk_indices is not None else None
+    return chooser(plan_id).choose({"B": B, "S": S, "T": T, "k": k})
+
+
+def _backward_auto(ctx, grad):
+    from mla_compile.passes.forms.ops import SPARSE_FORMS
+
+    q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask = ctx.saved_tensors
+    form = auto_form(ctx.plan_id, q_nope, latent, topk_indices)
+    if form in SPARSE_FORMS:
+        grads = sparse_backward(grad, q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask,
+                                ctx.scale, ctx.is_causal)
+    else:
+        if topk_indices is not None and topk_indices.shape[-1] < latent.shape[-2]:
+            mask = mask_outside_topk(mask, topk_indices, q_nope.shape[2], latent.shape[-2])
+        grads = dense_backward(grad, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, ctx.scale, ctx.is_causal)
+    return grads + (None, None, None, None, None)
+
+
+def register() -> None:
+    """Register the backward of every MLA op (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    import mla_compile.passes.dispatch  # noqa: F401  (defines torch.ops.mla.auto)
+    import mla_compile.passes.forms.ops  # noqa: F401  (defines the four forms)
+
+    for form in ("expanded", "absorbed"):
+        torch.library.register_autograd(f"mla::{form}", _backward_dense, setup_context=_setup_dense)
+    for form in ("sparse_absorbed", "sparse_expanded"):
+        torch.library.register_autograd(f"mla::{form}", _backward_sparse, setup_context=_setup_sparse)
+    torch.library.register_autograd("mla::auto", _backward_auto, setup_context=_setup_auto)
+    _REGISTERED = True
+
+
+register()

@@ -1,0 +1,46 @@
+"""The README's family table must be what the family tests found (runs last: test_zz_)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from mla_compile.tiny import DSA_FAMILIES, HYBRID_FAMILIES, MLA_FAMILIES
+from tests.family_table import RESULTS
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- families:begin -->", "<!-- families:end -->"
+
+
+def _cell(forms: set) -> str:
+    return ", ".join(sorted(forms)) if forms else "-"
+
+
+def family_table() -> str:
+    rows = ["| family | DSA | hybrid | eager: chosen forms | sdpa: chosen forms | forced forms, each equal to eager |",
+            "|---|---|---|---|---|---|"]
+    for f in MLA_FAMILIES:
+        r = RESULTS.get(f, {})
+        rows.append(f"| {f} | {'yes' if f in DSA_FAMILIES else ''} | {'yes' if f in HYBRID_FAMILIES else ''} | "
+                    f"{_cell(r.get('eager', set()))} | {_cell(r.get('sdpa', set()))} | {_cell(r.get('forced', set()))} |")
+    return "\n".join(rows)
+
+
+def test_readme_family_table_matches_the_tests():
+    if set(RESULTS) != set(MLA_FAMILIES) or any(
+            not RESULTS[f].get("eager") or not RESULTS[f].get("forced") for f in MLA_FAMILIES
+            if f != "hy_v4"):
+        pytest.skip("the family tests did not all run in this session")
+    table = family_table()
+    text = README.read_text()
+    current = re.search(re.escape(BEGIN) + r"\n(.*?)\n" + re.escape(END), text, re.S)
+    if os.environ.get("MLA_COMPILE_WRITE_TABLE") == "1":
+        new = text.replace(current.group(0), f"{BEGIN}\n{table}\n{END}") if current else text + f"\n{BEGIN}\n{table}\n{END}\n"
+        README.write_text(new)
+        return
+    assert current, f"README.md has no {BEGIN} section"
+    assert current.group(1) == table, ("README family table differs from what the tests found; regenerate with "
+                                       "MLA_COMPILE_WRITE_TABLE=1 python -m pytest tests/test_families.py tests/test_zz_family_table.py")
