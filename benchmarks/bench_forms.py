@@ -427,8 +427,13 @@ def reeval(path, device_json=None, fit_json=None):
         rows = list(csv.DictReader(f))
     base = os.path.splitext(os.path.basename(path))[0].removeprefix("forms-")
     dj = device_json or os.path.join(os.path.dirname(path), f"device-{base}.json")
-    dm = DeviceModel.from_dict(json.load(open(dj))) if os.path.exists(dj) else table_entry("h200")
     ej = fit_json or os.path.join(os.path.dirname(path), f"form-efficiency-{base}.json")
+    if os.path.exists(dj):
+        dm = DeviceModel.from_dict(json.load(open(dj)))
+    elif os.path.exists(ej) and "calibrated" in json.load(open(ej)):
+        dm = DeviceModel.from_dict(json.load(open(ej))["calibrated"])
+    else:
+        dm = table_entry("h200")
     lines = [f"# Cost model re-evaluated offline from {os.path.basename(path)}", ""]
     before = evaluate(rows, dm, f"device model as used ({dm.name}, {dm.source[:80]})")
     table = evaluate(rows, table_entry("h200"), "h200 table entry as is")
@@ -443,7 +448,18 @@ def reeval(path, device_json=None, fit_json=None):
             ev = evaluate(rows, device_with(dm, saved), "with the efficiencies in " + os.path.basename(ej))
             lines += summary_lines(ev)
     tab = device_with(table_entry("h200"), fit)
-    lines += summary_lines(evaluate(rows, tab, "h200 table entry + fitted efficiencies"))
+    ev_tab_fit = evaluate(rows, tab, "h200 table entry + fitted efficiencies (launch overhead fitted too)")
+    lines += summary_lines(ev_tab_fit)
+    if os.path.exists(ej):
+        d = json.load(open(ej))
+        d["fit"] = fit
+        d["roofline_over_measured"] = roofline_stats(rows, dm)
+        d["fit_evaluation"] = {e["label"]: {k: e[k] for k in ("points", "hits", "hit_rate", "within5", "worst",
+                                                                "worst_at", "geo_slowdown")}
+                               for e in (before, table, after, ev_tab_fit)}
+        with open(ej, "w") as f:
+            json.dump(d, f, indent=1)
+        lines += ["", "## Per point, h200 table + fitted efficiencies", ""] + point_table(ev_tab_fit)
     print("\n".join(lines))
     return before, after, fit
 
@@ -456,6 +472,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny grid, any device (CPU: reference ops)")
     ap.add_argument("--reeval", metavar="CSV", help="offline: redo the comparison from a saved CSV")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-first", action="store_true", help="do not put the target points first")
     ap.add_argument("--no-fit", action="store_true", help="skip the efficiency fit (do it offline with --reeval)")
     args = ap.parse_args()
     if args.reeval:
@@ -480,7 +497,7 @@ def main():
     table_key = "h200" if not cuda else (os.environ.get("MLA_TABLE") or
                                          ("h100" if "H100" in torch.cuda.get_device_name() else "h200"))
     tm = table_entry(table_key if cuda else "cpu")
-    name = device_name(dev) + ("-smoke" if args.smoke else "")
+    name = device_name(dev) + ("-smoke" if args.smoke else "") + (f"-seed{args.seed}" if args.seed else "")
     os.makedirs(RESULTS, exist_ok=True)
     out_dir = os.environ.get("OUT")
     csv_path = os.path.join(RESULTS, f"forms-{name}.csv")
@@ -499,7 +516,8 @@ def main():
         first = [(8, 1, 4096, 128, None), (1, 1, 4096, 128, None), (32, 1, 16384, 128, None),
                  (1, 2048, 4096, 128, None), (1, 8192, 16384, 128, None), (8, 1, 65536, 128, K),
                  (1, 512, 1024, 128, None), (8, 16, 4096, 128, None), (8, 128, 16384, 16, None)]
-        pts = first + [p for p in pts if p not in first]
+        if not args.no_first:
+            pts = first + [p for p in pts if p not in first]
     rows, skipped, not_run = [], [], []
     fcsv = open(csv_path, "w", newline="")
     w = csv.DictWriter(fcsv, CSV_FIELDS)
@@ -527,6 +545,8 @@ def main():
                        method="skip", pred_cal_s=p_cal.costs[form], pred_table_s=p_tab.costs[form], note="")
             if form not in fits:
                 row["note"] = f"memory > {MEM_LIMIT / 1e9:.0f} GB"
+            elif form == "sparse_absorbed" and B * S > 65535:
+                row["note"] = "B*S > 65535: the kernel's grid dim 2 limit (kernels/sparse_decode.py)"
             elif p_tab.costs[form] > SLOW_LIMIT and not args.smoke:
                 row["note"] = f"predicted {p_tab.costs[form]:.2f} s > {SLOW_LIMIT} s"
             else:

@@ -15,7 +15,7 @@ state (running max m, sum l, accumulator acc [BLOCK_M, r] in fp32). The latent t
 and used twice: as the key (q_lat c^T) and as the value (P c). With one split it writes the
 normalised o_lat directly; otherwise it writes o_p = acc / l and lse_p = m + log(l) per split.
 
-Kernel 2 (`_merge_splits_kernel`), grid (rows, B, r / 128): o = sum_p exp(lse_p - L) o_p with
+Kernel 2 (`_merge_splits_kernel`), grid (B * rows, r / RB): o = sum_p exp(lse_p - L) o_p with
 L = log sum_p exp(lse_p); a row whose every key is masked gives zeros (as the reference does).
 
 `absorbed_latent_attention` is the core (absorbed q given; optional kv_lens int32 [B] so a static
@@ -67,7 +67,7 @@ def _absorbed_split_kernel(
     ONE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_p = tl.program_id(1)
+    pid_p = tl.program_id(1).to(tl.int64)     # split index x split stride can pass 2**31 (large B*H*S)
     b = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -140,14 +140,16 @@ def _absorbed_split_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    OP, LSE, O, S, R, P,
+    OP, LSE, O, S, R, P, M,
     s_pb, s_pp,
     s_ob, s_oh, s_os, s_od,
     R_PAD: tl.constexpr, RB: tl.constexpr, PB: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_r = tl.program_id(2) * RB + tl.arange(0, RB)
+    # One flat axis over (batch, row): either alone can pass the 65535 limit of grid axes 1 and 2.
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // M
+    row = pid % M
+    offs_r = tl.program_id(1) * RB + tl.arange(0, RB)
     h = row // S
     s = row % S
     lse_base = LSE + (b * s_pb) // R_PAD + row
@@ -163,7 +165,7 @@ def _merge_splits_kernel(
     total = tl.zeros([PB], tl.float32)
     acc = tl.zeros([RB], tl.float32)
     for p0 in range(0, P, PB):
-        offs_p = p0 + tl.arange(0, PB)
+        offs_p = (p0 + tl.arange(0, PB)).to(tl.int64)
         p_ok = offs_p < P
         w = tl.exp(tl.load(lse_base + offs_p * lse_pp, mask=p_ok, other=float("-inf")) - m)
         total += w
@@ -244,8 +246,8 @@ def merge_splits(o_part, lse, out_view, S: int, R: int, splits: int):
     # splits): split r across programs too, so the merge is not a handful of long serial loops.
     RB = R_PAD if B * M >= 1024 else min(R_PAD, 128)
     PB = max(2, min(16, triton.next_power_of_2(P)))
-    _merge_splits_kernel[(M, B, R_PAD // RB)](
-        o_part, lse, out_view, S, R, splits,
+    _merge_splits_kernel[(B * M, R_PAD // RB)](
+        o_part, lse, out_view, S, R, splits, M,
         o_part.stride(0), o_part.stride(1),
         *out_view.stride(),
         R_PAD=R_PAD, RB=RB, PB=PB,
@@ -333,8 +335,13 @@ def absorbed_decode(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale
 
         return absorbed_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal)
     B, H, S = d.batch, d.heads, d.q_len
+    if kv_lens is not None:   # a scalar (static cache fill) or per row; int32 [B] for the kernel
+        kv_lens = kv_lens.to(device=q_nope.device, dtype=torch.int32).reshape(-1).expand(B).contiguous()
     q_lat = absorb(q_nope, w_uk, dt)
     o_lat = torch.empty(H, B * S, d.rank, dtype=dt, device=q_nope.device)
     absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask, scale, is_causal, kv_lens=kv_lens,
                               out=o_lat.view(H, B, S, d.rank).permute(1, 0, 2, 3))
     return project(o_lat, w_uv, B, S, q_nope.dtype)
+
+
+absorbed_decode.accepts_kv_lens = True   # mla.absorbed passes a static cache's valid length through

@@ -8,7 +8,7 @@ Math (query (b, s), heads h in the rows of one tile, k selected positions idx[b,
     o_lat[h]   = sum_n softmax_n(x[h, :]) c[b, idx_n]
     out        = o_lat W_UV^T                                             (torch bmm around)
 
-`_sparse_split_kernel`, grid (head tiles, splits, B*S): the latent and RoPE rows are gathered inside
+`_sparse_split_kernel`, grid (B*S, splits, head tiles): the latent and RoPE rows are gathered inside
 the kernel (one pointer per selected row, each row contiguous), so the work and the bytes read are
 O(S * k * (r + dr)) whatever T is: a decode step over 128K tokens costs what one over 8K does.
 Splits over the k selected positions (decode, few programs) are merged by log-sum-exp with the
@@ -61,9 +61,10 @@ def _sparse_split_kernel(
     HAS_ROPE: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     ONE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    bs = tl.program_id(2).to(tl.int64)
+    # B*S on grid axis 0 (up to 2**31 programs; axes 1 and 2 stop at 65535, too few for prefill).
+    bs = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(1).to(tl.int64)
+    pid_m = tl.program_id(2)
     b = bs // S
     s = bs % S
     h = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -165,7 +166,7 @@ def sparse_latent_attention(q_lat, q_rope, latent, k_rope, topk_indices, mask=No
         o_part = torch.empty(B * S, splits, H, R_PAD, dtype=torch.float32, device=q_lat.device)
         lse = torch.empty(B * S, splits, H, dtype=torch.float32, device=q_lat.device)
         sp = (o_part.stride(0), o_part.stride(1))
-    _sparse_split_kernel[(tiles, splits, B * S)](
+    _sparse_split_kernel[(B * S, splits, tiles)](
         q_lat, q_rope, c, kr, topk_indices, m if m is not None else c, out, o_part, lse,
         float(scale), H, S, k, r, dr, chunk,
         *q_lat.stride(), *q_rope.stride(), *c.stride(), *kr.stride(), *topk_indices.stride(), *ms,

@@ -11,6 +11,22 @@ __all__ = ["format_rewrite_log", "plan", "reset", "rewrite_log"]
 __version__ = "0.1.0"
 
 
+def _register_backend() -> None:
+    """An installed copy is found through its entry point; a bare source checkout on PYTHONPATH has
+    no distribution metadata, so importing the package registers the backend by hand."""
+    from torch._dynamo.backends.registry import lookup_backend, register_backend
+
+    try:
+        lookup_backend("mla")
+    except Exception:  # not installed: no entry point to find
+        from mla_compile.backend import mla_backend
+
+        register_backend(name="mla")(mla_backend)
+
+
+_register_backend()
+
+
 def plan(**kwargs):
     """The cost model's decision for one layer's shapes: see mla_compile.cost.plan."""
     from mla_compile.cost import plan as _plan

@@ -54,6 +54,7 @@ class Region:
     base_mask: fx.Node | None          # DSA: the mask before the top-k index mask was applied
     topk_indices: fx.Node | None       # DSA: [B, S, k] int indices
     topk: Any                          # DSA: k (int or SymInt)
+    cache_position: fx.Node | None     # StaticCache: positions written this step (latent.index_copy_)
     scale: float
     is_causal: bool
     dims: dict[str, Any]               # B, H, S, T, r, dr, dn, dv
@@ -267,6 +268,9 @@ class _Expansion:
 
 
 def _expansion_of_value(v: fx.Node) -> tuple[_Expansion, int, int]:
+    if _is_fn(v, torch.cat) and any(_is_fn(p, operator.getitem) for p in v.args[0]):
+        raise NoMatch("V is a cache of expanded values (cat of cached and new V): the cache holds no latent "
+                      "to attend over (transformers before 5.18 caches expanded K/V for DSA models)")
     split = _getitem_of(v, 1)
     if not _is_fn(split, torch.split, torch.functional.split) and not _is_method(split, "split"):
         raise NoMatch("V is not the second half of a split")
@@ -338,6 +342,19 @@ def _query_parts(q: fx.Node, dn: int, dr: int) -> tuple[fx.Node | None, fx.Node 
     if widths != [dn, dr]:
         return None, None
     return parts[0], parts[1]
+
+
+def _static_cache_position(latent: fx.Node) -> fx.Node | None:
+    """A StaticCache writes the new latents in place, `cache.index_copy_(2, cache_position, new)`, and
+    attention then reads the whole preallocated buffer. The positions written tell how much of it is
+    filled (HF fills it from the front), so the kernels can skip the rest."""
+    writes = [u for u in latent.users if _is_method(u, "index_copy_") and u.args[0] is latent
+              and _arg(u, 0, "dim") in (2, -2)]
+    if len(writes) != 1:
+        return None
+    pos = _arg(writes[0], 1, "index")
+    v = _val(pos)
+    return pos if v is not None and v.dim() == 1 and not v.is_floating_point() else None
 
 
 def _dsa_mask(mask: fx.Node | None):
@@ -413,6 +430,7 @@ def _match_core(core: _Core) -> Region:
         module=module, family=family, core=core.kind, output=core.output, query=core.q, q_nope=q_nope, q_rope=q_rope,
         latent=exp.latent, k_rope=kp, weight=exp.weight, mask=mask, base_mask=base_mask,
         topk_indices=idx, topk=topk, scale=float(scale), is_causal=core.is_causal,
+        cache_position=_static_cache_position(exp.latent),
         dims=dict(B=B, H=H, S=S, T=T, r=r, dr=dr, dn=dn, dv=dv, k=topk), dtype=dtype,
         dead=[n for n in dead if isinstance(n, fx.Node)],
     )

@@ -46,7 +46,7 @@ def rewrite(gm: fx.GraphModule, region: Region, form: str, dense_mask: str = "fu
                                                         region.is_causal))
         else:
             mask = region.base_mask if (region.is_sparse and dense_mask == "base") else region.mask
-            new = g.call_function(op_for(form), head + (mask, region.scale, region.is_causal))
+            new = g.call_function(op_for(form), head + (mask, region.scale, region.is_causal, _filled(g, region)))
     for n in (w, w_uk, w_uv, q_nope, q_rope, new):
         n.meta["nn_module_stack"] = region.output.meta.get("nn_module_stack", {})
     out_val = region.output.meta.get("example_value")
@@ -55,6 +55,14 @@ def rewrite(gm: fx.GraphModule, region: Region, form: str, dense_mask: str = "fu
     region.output.replace_all_uses_with(new)
     _erase_dead(g, region.dead)
     return new
+
+
+def _filled(g: fx.Graph, region: Region):
+    """kv_lens for a static cache: last written position + 1 (a device scalar, no host read)."""
+    if region.cache_position is None:
+        return None
+    last = g.call_function(operator.getitem, (region.cache_position, -1))
+    return g.call_function(operator.add, (last, 1))
 
 
 def _erase_dead(g: fx.Graph, nodes: list[fx.Node]) -> None:

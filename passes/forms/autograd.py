@@ -154,8 +154,8 @@ def sparse_backward(grad_out, q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_i
         d_kpg = torch.bmm(ds.transpose(1, 2), qr_r)                               # [B*s, k, dr]
         live = valid.reshape(B * s, k, 1).to(ct)
         flat = (idx + offsets).reshape(-1)
-        d_c = d_c.index_add(0, flat, (d_cg * live).reshape(-1, r))
-        d_kp = d_kp.index_add(0, flat, (d_kpg * live).reshape(-1, dr))
+        d_c = d_c.index_add(0, flat, (d_cg * live).reshape(B * s * k, r))
+        d_kp = d_kp.index_add(0, flat, (d_kpg * live).reshape(B * s * k, dr))
         dq_lat_bhs = dq_lat.view(B, s, H, r).permute(0, 2, 1, 3)
         d_qr.append(torch.bmm(ds, kp_g).view(B, s, H, dr).permute(0, 2, 1, 3))
         d_qn.append(_from_head_rows(torch.bmm(_per_head_rows(dq_lat_bhs), wk.transpose(1, 2)), B, s))

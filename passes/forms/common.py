@@ -20,6 +20,10 @@ and take the same arguments, so the backend can swap one for another:
 
 Errors name the argument at fault and are raised before any arithmetic (issue: bad input gets a
 clear error, never a wrong answer).
+
+Empty sizes: B = 0 or S = 0 is a legitimate empty batch / empty query block and gives an empty
+[B, H, S, dv] output; T = 0 (nothing to attend to: softmax over no keys is undefined), k = 0 (a
+top-k selection of nothing), H = 0 and r = 0 are errors naming the argument.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class Dims:
     rope_dim: int
     nope_dim: int
     v_dim: int
+    device: torch.device | None = None
 
 
 def as_tokens(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -72,6 +77,13 @@ def check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask) -> Dims:
     if lat.shape[0] != B:
         raise ValueError(f"latent: batch {lat.shape[0]} differs from the query's {B}")
     T, r = lat.shape[1], lat.shape[2]
+    if T == 0:
+        raise ValueError(f"latent: T = 0 cached tokens (shape {tuple(latent.shape)}): attention over no keys "
+                         f"is undefined")
+    if r == 0:
+        raise ValueError(f"latent: kv_lora_rank r = 0 (shape {tuple(latent.shape)})")
+    if H == 0:
+        raise ValueError(f"q_nope: H = 0 heads (shape {tuple(q_nope.shape)})")
     if tuple(kr.shape) != (B, T, dr):
         raise ValueError(f"k_rope: expected [B={B}, 1, T={T}, dr={dr}], got {tuple(k_rope.shape)}")
     if w_uk.dim() != 3 or tuple(w_uk.shape) != (H, dn, r):
@@ -93,7 +105,7 @@ def check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask) -> Dims:
         devices.add(mask.device)
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    return Dims(B, H, S, T, r, dr, dn, w_uv.shape[1])
+    return Dims(B, H, S, T, r, dr, dn, w_uv.shape[1], next(iter(devices)))
 
 
 def check_indices(topk_indices, dims: Dims) -> int:
@@ -104,6 +116,10 @@ def check_indices(topk_indices, dims: Dims) -> int:
         raise TypeError(f"topk_indices: expected int32 or int64, got {topk_indices.dtype}")
     if topk_indices.dim() != 3 or tuple(topk_indices.shape[:2]) != (dims.batch, dims.q_len):
         raise ValueError(f"topk_indices: expected [B={dims.batch}, S={dims.q_len}, k], got {tuple(topk_indices.shape)}")
+    if topk_indices.shape[2] == 0:
+        raise ValueError(f"topk_indices: k = 0 selected keys (shape {tuple(topk_indices.shape)})")
+    if dims.device is not None and topk_indices.device != dims.device:
+        raise ValueError(f"topk_indices: on {topk_indices.device}, the other tensors on {dims.device}")
     # Range check needs the values; skip it while tracing with fake tensors (no data to read).
     if topk_indices.numel() and not _is_fake(topk_indices):
         lo, hi = int(topk_indices.min()), int(topk_indices.max())

@@ -44,20 +44,40 @@ def _out_like(q_nope: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
     return q_nope.new_empty(B, H, S, w_uv.shape[1])
 
 
+def _dense(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens):
+    """Run a dense form. kv_lens (int, [B] or a scalar): keys at or past it are not read. A static
+    cache is allocated at its maximum length and HF masks the unfilled tail; with kv_lens the filled
+    part alone is read. Kernels take kv_lens on the device; elsewhere the inputs are cut to its
+    maximum (a host read, skipped while a CUDA graph is being captured: the mask keeps it exact)."""
+    fn = implementation_for(form, q_nope.device)
+    if kv_lens is None:
+        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal)
+    if getattr(fn, "accepts_kv_lens", False):
+        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens=kv_lens)
+    capturing = q_nope.is_cuda and torch.cuda.is_current_stream_capturing()
+    T = latent.shape[-2]
+    n = T if capturing else int(kv_lens.max())
+    if not 0 < n <= T:
+        raise ValueError(f"kv_lens: valid lengths must lie in [1, T={T}], got max {n}")
+    if n < T:
+        latent, k_rope = latent[..., :n, :], k_rope[..., :n, :]
+        if mask is not None and mask.shape[-1] == T:
+            mask = mask[..., :n]
+    return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal)
+
+
 @torch.library.custom_op("mla::expanded", mutates_args=())
 def expanded(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
              w_uk: torch.Tensor, w_uv: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
-             is_causal: bool) -> torch.Tensor:
-    fn = implementation_for("expanded", q_nope.device)
-    return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal)
+             is_causal: bool, kv_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _dense("expanded", q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens)
 
 
 @torch.library.custom_op("mla::absorbed", mutates_args=())
 def absorbed(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
              w_uk: torch.Tensor, w_uv: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
-             is_causal: bool) -> torch.Tensor:
-    fn = implementation_for("absorbed", q_nope.device)
-    return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal)
+             is_causal: bool, kv_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _dense("absorbed", q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens)
 
 
 @torch.library.custom_op("mla::sparse_absorbed", mutates_args=())
@@ -77,12 +97,12 @@ def sparse_expanded(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Te
 
 
 @expanded.register_fake
-def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal):
+def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens=None):
     return _out_like(q_nope, w_uv)
 
 
 @absorbed.register_fake
-def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal):
+def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens=None):
     return _out_like(q_nope, w_uv)
 
 
