@@ -7,7 +7,7 @@
 from mla_compile import _layout  # noqa: F401  (maps passes/ and kernels/ in a source checkout)
 from mla_compile.rewrite_log import format_rewrite_log, reset, rewrite_log
 
-__all__ = ["format_rewrite_log", "plan", "reset", "rewrite_log"]
+__all__ = ["export_mlir", "format_rewrite_log", "plan", "reset", "rewrite_log"]
 __version__ = "0.1.0"
 
 
@@ -25,6 +25,17 @@ def _register_backend() -> None:
 
 
 _register_backend()
+
+from mla_compile import torch_logs as _torch_logs  # noqa: E402
+
+_torch_logs.register()      # TORCH_LOGS="+mla_compile" shows the mla_compile logger
+
+
+def export_mlir(model, *args, **kwargs):
+    """MLIR of model(*args) with the MLA regions rewritten: see mla_compile.mlir.export_mlir."""
+    from mla_compile.mlir import export_mlir as _export_mlir
+
+    return _export_mlir(model, *args, **kwargs)
 
 
 def plan(**kwargs):
