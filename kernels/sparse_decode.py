@@ -47,7 +47,7 @@ else:
 @triton.jit
 def _sparse_split_kernel(
     Q, QR, C, KR, IDX, MASK, O, OP, LSE,
-    sm_scale, H, S, K, R, DR, chunk,
+    sm_scale, H, S, K, R, DR, chunk, T,
     s_qb, s_qh, s_qs, s_qd,
     s_rb, s_rh, s_rs, s_rd,
     s_cb, s_ct, s_cd,
@@ -89,7 +89,9 @@ def _sparse_split_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < stop
         idx = tl.load(IDX + b * s_ib + s * s_is + offs_n * s_ik, mask=n_ok, other=-1).to(tl.int64)
-        ok = idx >= 0
+        # Outside [0, T) reads nothing: -1 means "no token"; a larger index can only reach here while a
+        # CUDA graph is captured, when the host-side range check cannot read the indices.
+        ok = (idx >= 0) & (idx < T)
         if IS_CAUSAL:
             ok = ok & (idx <= s)
         if MASK_KIND == 1:
@@ -168,7 +170,7 @@ def sparse_latent_attention(q_lat, q_rope, latent, k_rope, topk_indices, mask=No
         sp = (o_part.stride(0), o_part.stride(1))
     _sparse_split_kernel[(B * S, splits, tiles)](
         q_lat, q_rope, c, kr, topk_indices, m if m is not None else c, out, o_part, lse,
-        float(scale), H, S, k, r, dr, chunk,
+        float(scale), H, S, k, r, dr, chunk, T,
         *q_lat.stride(), *q_rope.stride(), *c.stride(), *kr.stride(), *topk_indices.stride(), *ms,
         out.stride(0), out.stride(1), out.stride(3), *sp,
         triton.next_power_of_2(H), work_bucket(B * S * k),

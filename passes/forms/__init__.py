@@ -4,3 +4,5 @@ reference: `expanded`, `absorbed`, `sparse_absorbed`, `sparse_expanded`."""
 from mla_compile.passes.forms.ops import DENSE_FORMS, FORMS, SPARSE_FORMS, op_for, reference_for
 
 __all__ = ["DENSE_FORMS", "FORMS", "SPARSE_FORMS", "op_for", "reference_for"]
+
+import mla_compile.passes.forms.autograd  # noqa: E402,F401  (registers the backward formulas)

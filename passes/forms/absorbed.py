@@ -24,14 +24,14 @@ def absorb_query(q_nope: torch.Tensor, w_uk: torch.Tensor, ct: torch.dtype) -> t
     """q_nope [B, H, S, dn] x W_UK [H, dn, r] -> [B, H, S, r], one batched product over heads."""
     B, H, S, dn = q_nope.shape
     q = q_nope.to(ct).permute(1, 0, 2, 3).reshape(H, B * S, dn)
-    return torch.bmm(q, w_uk.to(ct)).view(H, B, S, -1).permute(1, 0, 2, 3)
+    return torch.bmm(q, w_uk.to(ct)).view(H, B, S, w_uk.shape[2]).permute(1, 0, 2, 3)
 
 
 def project_output(o_lat: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
     """o_lat [B, H, S, r] x W_UV^T [H, r, dv] -> [B, H, S, dv]."""
     B, H, S, r = o_lat.shape
     o = o_lat.permute(1, 0, 2, 3).reshape(H, B * S, r)
-    return torch.bmm(o, w_uv.to(o.dtype).transpose(1, 2)).view(H, B, S, -1).permute(1, 0, 2, 3)
+    return torch.bmm(o, w_uv.to(o.dtype).transpose(1, 2)).view(H, B, S, w_uv.shape[1]).permute(1, 0, 2, 3)
 
 
 def masked_scores(scores: torch.Tensor, mask, is_causal: bool) -> torch.Tensor:
@@ -56,4 +56,5 @@ def absorbed_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, sc
     scores = masked_scores(scores.view(B, H, S, T) * scale, mask, is_causal)
     p = softmax_rows(scores).to(ct)
     o_lat = torch.bmm(p.reshape(B, H * S, T), c).view(B, H, S, d.rank)
-    return project_output(o_lat, w_uv).to(q_nope.dtype)
+    # contiguous, as the fake function promises (Inductor plans its reads from the fake strides)
+    return project_output(o_lat, w_uv).to(q_nope.dtype).contiguous()

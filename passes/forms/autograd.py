@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 
 from mla_compile.passes.forms.absorbed import masked_scores
-from mla_compile.passes.forms.common import additive_mask, compute_dtype, softmax_rows
-from mla_compile.passes.forms.sparse import GATHER_BUDGET, gather_rows, mask_outside_topk
+from mla_compile.passes.forms.common import compute_dtype, softmax_rows
+from mla_compile.passes.forms.sparse import GATHER_BUDGET, gather_rows, mask_outside_topk, selected_bias
 
 _DENSE_ARGS = ("q_nope", "q_rope", "latent", "k_rope", "w_uk", "w_uv", "mask")
 _REGISTERED = False
@@ -89,22 +89,6 @@ def dense_backward(grad_out, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, s
             d_kp.reshape(k_rope.shape).to(k_rope.dtype), d_wk.to(w_uk.dtype), d_wv.to(w_uv.dtype))
 
 
-def _selected_bias(mask, idx, valid, s0, S, T, is_causal, dtype):
-    """The additive mask at the selected positions [B, s, k] (as sparse.selected_bias, without Dims)."""
-    B, s, k = idx.shape
-    bias = torch.zeros(B, s, k, dtype=dtype, device=idx.device)
-    if mask is not None:
-        m = additive_mask(mask, dtype)
-        while m.dim() < 4:
-            m = m.unsqueeze(0)
-        m = m[:, 0].expand(B, S, T)[:, s0:s0 + s]
-        bias = bias + torch.gather(m, 2, idx)
-    if is_causal:
-        q_pos = torch.arange(s0, s0 + s, device=idx.device).view(1, s, 1)
-        bias = bias.masked_fill(idx > q_pos, float("-inf"))
-    return bias.masked_fill(~valid, float("-inf"))
-
-
 def sparse_backward(grad_out, q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal):
     """Gradients of the sparse (top-k gathered) MLA function; the row gradients are scatter-added."""
     B, H, S, dn = q_nope.shape
@@ -140,7 +124,7 @@ def sparse_backward(grad_out, q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_i
         q_lat = _from_head_rows(torch.bmm(_per_head_rows(qn), wk), B, s)        # [B, H, s, r]
         q_lat_r, qr_r = rows(q_lat), rows(qr)                                    # [B*s, H, .]
         scores = torch.bmm(q_lat_r, c_g.transpose(1, 2)) + torch.bmm(qr_r, kp_g.transpose(1, 2))
-        bias = _selected_bias(mask, idx, valid, s0, S, T, is_causal, ct).reshape(B * s, 1, k)
+        bias = selected_bias(mask, idx, valid, s0, S, T, is_causal, ct).reshape(B * s, 1, k)
         p = softmax_rows(scores * scale + bias).to(ct)                            # [B*s, H, k]
         o_lat = torch.bmm(p, c_g)                                                 # [B*s, H, r]
         d_o_lat_bhs = _from_head_rows(torch.bmm(_per_head_rows(dO), wv), B, s)  # [B, H, s, r]
@@ -169,16 +153,31 @@ def sparse_backward(grad_out, q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_i
 # --------------------------------------------------------------------------------------------- #
 # registration
 # --------------------------------------------------------------------------------------------- #
+def with_kv_lens(mask, kv_lens, T: int):
+    """Fold the dense ops' optional kv_lens (keys at or past it are not read) into the mask."""
+    if kv_lens is None:
+        return mask
+    lens = kv_lens.reshape(-1, 1, 1, 1) if kv_lens.dim() else kv_lens
+    keep = torch.arange(T, device=kv_lens.device).view(1, 1, 1, T) < lens        # [B or 1, 1, 1, T]
+    if mask is None:
+        return keep
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, float("-inf"))
+
+
 def _setup_dense(ctx, inputs, output):
-    q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal = inputs
-    ctx.save_for_backward(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask)
-    ctx.scale, ctx.is_causal = scale, is_causal
+    q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal = inputs[:9]
+    kv_lens = inputs[9] if len(inputs) > 9 else None
+    ctx.save_for_backward(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, kv_lens)
+    ctx.scale, ctx.is_causal, ctx.n_inputs = scale, is_causal, len(inputs)
 
 
 def _backward_dense(ctx, grad):
-    q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask = ctx.saved_tensors
+    q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, kv_lens = ctx.saved_tensors
+    mask = with_kv_lens(mask, kv_lens, latent.shape[-2])
     grads = dense_backward(grad, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, ctx.scale, ctx.is_causal)
-    return grads + (None, None, None)
+    return grads + (None,) * (ctx.n_inputs - 6)
 
 
 def _setup_sparse(ctx, inputs, output):

@@ -120,8 +120,11 @@ def check_indices(topk_indices, dims: Dims) -> int:
         raise ValueError(f"topk_indices: k = 0 selected keys (shape {tuple(topk_indices.shape)})")
     if dims.device is not None and topk_indices.device != dims.device:
         raise ValueError(f"topk_indices: on {topk_indices.device}, the other tensors on {dims.device}")
-    # Range check needs the values; skip it while tracing with fake tensors (no data to read).
-    if topk_indices.numel() and not _is_fake(topk_indices):
+    # The range check reads the values: not while tracing with fake tensors (no data), nor while a CUDA
+    # graph is captured (no host reads; the eager warm-up calls before capture ran this check, and the
+    # kernel reads nothing outside [0, T)).
+    capturing = topk_indices.is_cuda and torch.cuda.is_current_stream_capturing()
+    if topk_indices.numel() and not _is_fake(topk_indices) and not capturing:
         lo, hi = int(topk_indices.min()), int(topk_indices.max())
         if lo < -1 or hi >= dims.kv_len:
             raise ValueError(

@@ -21,7 +21,7 @@ import torch
 
 from mla_compile.passes.forms.absorbed import absorb_query, project_output
 from mla_compile.passes.forms.common import (
-    Dims, additive_mask, as_tokens, check_args, check_indices, compute_dtype, softmax_rows,
+    additive_mask, as_tokens, check_args, check_indices, compute_dtype, softmax_rows,
 )
 
 # Gathered latent elements held at once per chunk of query positions (bounds the reference's memory).
@@ -51,7 +51,7 @@ def mask_outside_topk(mask, topk_indices, q_len: int, kv_len: int) -> torch.Tens
     return mask.masked_fill(~selected, float("-inf"))
 
 
-def selected_bias(mask, idx, valid, s0: int, dims: Dims, is_causal: bool, dtype) -> torch.Tensor:
+def selected_bias(mask, idx, valid, s0: int, q_len: int, kv_len: int, is_causal: bool, dtype) -> torch.Tensor:
     """The additive mask at the selected positions only: [B, s, k] for queries s0 .. s0+s."""
     B, s, k = idx.shape
     bias = torch.zeros(B, s, k, dtype=dtype, device=idx.device)
@@ -59,7 +59,7 @@ def selected_bias(mask, idx, valid, s0: int, dims: Dims, is_causal: bool, dtype)
         m = additive_mask(mask, dtype)
         while m.dim() < 4:
             m = m.unsqueeze(0)
-        m = m[:, 0].expand(B, dims.q_len, dims.kv_len)[:, s0:s0 + s]   # a view: nothing is copied
+        m = m[:, 0].expand(B, q_len, kv_len)[:, s0:s0 + s]   # a view: nothing is copied
         bias = bias + torch.gather(m, 2, idx)
     if is_causal:
         q_pos = torch.arange(s0, s0 + s, device=idx.device).view(1, s, 1)
@@ -73,7 +73,7 @@ def _sparse(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scal
     B, H, S = d.batch, d.heads, d.q_len
     ct = compute_dtype(q_nope.dtype)
     out = q_nope.new_empty(B, H, S, d.v_dim)
-    if S == 0:
+    if S == 0 or B == 0:
         return out
     c = as_tokens(latent, "latent").to(ct)
     kp = as_tokens(k_rope, "k_rope").to(ct)
@@ -98,7 +98,7 @@ def _sparse(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scal
         if d.rope_dim:
             kp_g = gather_rows(kp, idx).reshape(B * s, k, d.rope_dim)
             scores = scores + torch.bmm(rows(qr), kp_g.transpose(1, 2))
-        bias = selected_bias(mask, idx, valid, s0, d, is_causal, scores.dtype).reshape(B * s, 1, k)
+        bias = selected_bias(mask, idx, valid, s0, d.q_len, d.kv_len, is_causal, scores.dtype).reshape(B * s, 1, k)
         p = softmax_rows(scores * scale + bias).to(ct)                            # [B*s, H, k]
         if absorbed:
             o_lat = torch.bmm(p, c_g).view(B, s, H, d.rank).permute(0, 2, 1, 3)
