@@ -10,9 +10,12 @@ if python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/sit
   export PYTHONPATH=$PWD:/tmp/site           # the checkout, then 5.23 ahead of the installed 5.17
 fi
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
-timeout -k 5 ${TEST_TIMEOUT:-230} python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/test_kernels.py tests/test_gpu.py ${GPU_FUZZ:-} 2>&1 | tee "$OUT/gpu-tests.log" | tail -n 25
+timeout -k 5 ${TEST_TIMEOUT:-170} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py tests/test_gpu.py tests/test_reliability.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -n 25
 echo "gpu tests rc=${PIPESTATUS[0]}"
-timeout -k 5 ${GEN_TIMEOUT:-250} python3 benchmarks/generate.py --budget ${GEN_BUDGET:-200} --no-prefill \
+MLA_COMPILE_FUZZ_DEVICE=cuda MLA_COMPILE_FUZZ_EXAMPLES=${FUZZ_EXAMPLES:-80} timeout -k 5 ${FUZZ_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider \
+  tests/test_fuzz.py::test_fuzz_compiled_matches_eager --hypothesis-show-statistics 2>&1 | tee "$OUT/gpu-fuzz.log" | grep -E "passed|failed|passing|failing|invalid|Error|assert" | head -20
+echo "gpu fuzz rc=${PIPESTATUS[0]}"
+timeout -k 5 ${GEN_TIMEOUT:-200} python3 benchmarks/generate.py --budget ${GEN_BUDGET:-160} --no-prefill \
   --points ${GEN_POINTS:-v32:1:65536,v3:8:4096,v32:1:16384} > "$OUT/generate.log" 2>&1
 echo "generate rc=$?"
 grep -v "^\[" "$OUT/generate.log" | grep -v "^ " | tail -n 30

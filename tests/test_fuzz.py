@@ -31,6 +31,8 @@ from tests.e2e import compiled_twin, rel_err, run_steps
 FAST_EXAMPLES = int(os.environ.get("MLA_COMPILE_FUZZ_EXAMPLES", "15"))
 LONG_EXAMPLES = max(500, int(os.environ.get("MLA_COMPILE_FUZZ_EXAMPLES", "500")))
 TOL = 1e-4
+# The long fuzz runs once on the CPU and once on a GPU (MLA_COMPILE_FUZZ_DEVICE=cuda: kernels on).
+DEVICE = os.environ.get("MLA_COMPILE_FUZZ_DEVICE", "cpu")
 
 # From tiny.py's measurements (transformers 5.23): which families build and run with NoPE
 # (qk_rope_head_dim = 0) and which accept q_lora_rank = None.
@@ -73,7 +75,7 @@ def check_case(case):
     mla_compile.reset()
     g = torch.Generator().manual_seed(case["seed"])
     try:
-        model = tiny_model(family, seed=case["seed"] % 1000, **case["cfg"])
+        model = tiny_model(family, seed=case["seed"] % 1000, **case["cfg"]).to(DEVICE)
     except Exception:
         reject()        # the family's config rejects these sizes
     vocab = model.config.vocab_size
@@ -82,6 +84,7 @@ def check_case(case):
     mask = torch.ones(B, L, dtype=torch.long)
     mask[0, :pad] = 0
     dec = torch.randint(3, vocab, (B, case["steps"]), generator=g)
+    ids, mask, dec = ids.to(DEVICE), mask.to(DEVICE), dec.to(DEVICE)
     try:
         want = run_steps(model, ids, mask, dec)
     except Exception:
