@@ -15,7 +15,7 @@ echo "gpu tests rc=${PIPESTATUS[0]}"
 MLA_COMPILE_FUZZ_DEVICE=cuda MLA_COMPILE_FUZZ_EXAMPLES=${FUZZ_EXAMPLES:-80} timeout -k 5 ${FUZZ_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider \
   tests/test_fuzz.py::test_fuzz_compiled_matches_eager --hypothesis-show-statistics 2>&1 | tee "$OUT/gpu-fuzz.log" | grep -E "passed|failed|passing|failing|invalid|Error|assert" | head -20
 echo "gpu fuzz rc=${PIPESTATUS[0]}"
-timeout -k 5 ${GEN_TIMEOUT:-200} python3 benchmarks/generate.py --budget ${GEN_BUDGET:-160} --no-prefill \
+[ -n "${SKIP_GENERATE:-}" ] || timeout -k 5 ${GEN_TIMEOUT:-200} python3 benchmarks/generate.py --budget ${GEN_BUDGET:-160} --no-prefill \
   --points ${GEN_POINTS:-v32:1:65536,v3:8:4096,v32:1:16384} > "$OUT/generate.log" 2>&1
 echo "generate rc=$?"
 grep -v "^\[" "$OUT/generate.log" | grep -v "^ " | tail -n 30

@@ -73,3 +73,12 @@ def auto(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rop
 def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, plan_id):
     B, H, S, _ = q_nope.shape
     return q_nope.new_empty(B, H, S, w_uv.shape[1])
+
+
+def _register_backward() -> None:
+    from mla_compile.passes.forms.autograd import register_auto
+
+    register_auto()
+
+
+_register_backward()

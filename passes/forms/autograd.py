@@ -225,19 +225,23 @@ def _backward_auto(ctx, grad):
 
 
 def register() -> None:
-    """Register the backward of every MLA op (idempotent)."""
+    """Register the backward of the four forms (idempotent). mla.auto's is registered by
+    passes/dispatch.py right after it defines the op (`register_auto`): importing dispatch from here
+    would be circular, since dispatch imports the forms."""
     global _REGISTERED
     if _REGISTERED:
         return
-    import mla_compile.passes.dispatch  # noqa: F401  (defines torch.ops.mla.auto)
     import mla_compile.passes.forms.ops  # noqa: F401  (defines the four forms)
 
     for form in ("expanded", "absorbed"):
         torch.library.register_autograd(f"mla::{form}", _backward_dense, setup_context=_setup_dense)
     for form in ("sparse_absorbed", "sparse_expanded"):
         torch.library.register_autograd(f"mla::{form}", _backward_sparse, setup_context=_setup_sparse)
-    torch.library.register_autograd("mla::auto", _backward_auto, setup_context=_setup_auto)
     _REGISTERED = True
+
+
+def register_auto() -> None:
+    torch.library.register_autograd("mla::auto", _backward_auto, setup_context=_setup_auto)
 
 
 register()
