@@ -32,11 +32,13 @@ def reference_for(form: str) -> Callable:
     return _REFERENCES[form]
 
 
-def implementation_for(form: str, device: torch.device) -> Callable:
-    """A fused kernel where one exists and applies, else the reference."""
+def implementation_for(form: str, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
+                       w_uv: torch.Tensor) -> Callable:
+    """A fused kernel where one exists and covers these head and rank sizes, else the reference."""
     from mla_compile.kernels import kernel_for
 
-    return kernel_for(form, device) or _REFERENCES[form]
+    dims = (latent.shape[-1], q_nope.shape[-1], q_rope.shape[-1], w_uv.shape[1])   # r, dn, dr, dv
+    return kernel_for(form, q_nope.device, dims) or _REFERENCES[form]
 
 
 def _out_like(q_nope: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
@@ -49,7 +51,7 @@ def _dense(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_cau
     cache is allocated at its maximum length and HF masks the unfilled tail; with kv_lens the filled
     part alone is read. Kernels take kv_lens on the device; elsewhere the inputs are cut to its
     maximum (a host read, skipped while a CUDA graph is being captured: the mask keeps it exact)."""
-    fn = implementation_for(form, q_nope.device)
+    fn = implementation_for(form, q_nope, q_rope, latent, w_uv)
     if kv_lens is None:
         return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal)
     if getattr(fn, "accepts_kv_lens", False):
@@ -84,7 +86,7 @@ def absorbed(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k
 def sparse_absorbed(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
                     w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: torch.Tensor,
                     mask: Optional[torch.Tensor], scale: float, is_causal: bool) -> torch.Tensor:
-    fn = implementation_for("sparse_absorbed", q_nope.device)
+    fn = implementation_for("sparse_absorbed", q_nope, q_rope, latent, w_uv)
     return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal)
 
 
@@ -92,7 +94,7 @@ def sparse_absorbed(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Te
 def sparse_expanded(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
                     w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: torch.Tensor,
                     mask: Optional[torch.Tensor], scale: float, is_causal: bool) -> torch.Tensor:
-    fn = implementation_for("sparse_expanded", q_nope.device)
+    fn = implementation_for("sparse_expanded", q_nope, q_rope, latent, w_uv)
     return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal)
 
 
