@@ -128,14 +128,6 @@ def _same(a: Any, b: Any) -> bool:
     return str(a) == str(b)
 
 
-def _dim_arg(d: Any) -> Any:
-    """A dim argument may be a node (a symbolic size Dynamo traced); return its example value."""
-    if isinstance(d, fx.Node):
-        v = d.meta.get("example_value")
-        return v if v is not None else d
-    return d
-
-
 def _only_users(n: fx.Node, allowed: set[fx.Node], what: str) -> None:
     extra = [u for u in n.users if u not in allowed]
     if extra:

@@ -162,3 +162,31 @@ def test_inductor_end_to_end_more_families(family):
     dec = torch.randint(3, model.config.vocab_size, (2, 3))
     for g, w in zip(run_steps(twin, ids, mask, dec), run_steps(model, ids, mask, dec)):
         assert rel_err(g, w) < 1e-4
+
+
+def test_static_cache_reads_only_the_filled_part(monkeypatch):
+    """generate(cache_implementation="static"): the dense op gets kv_lens = tokens written so far (the
+    buffer is allocated at its maximum length), and the tokens equal eager's."""
+    import mla_compile.passes.forms.ops as ops
+
+    seen = []
+    real = ops._dense
+
+    def spy(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens):
+        seen.append((q_nope.shape[2], None if kv_lens is None else int(kv_lens.max()), latent.shape[-2]))
+        return real(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens)
+
+    monkeypatch.setattr(ops, "_dense", spy)
+    model = tiny_model("deepseek_v3", seed=12)
+    twin = compiled_twin(model, form="absorbed")
+    ids = torch.randint(3, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
+        seen.clear()
+        got = twin.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(got, want)
+    layers = 2
+    # prefill of 5 tokens, then 3 decode steps (the 4th token needs no forward); per layer
+    fills = [kv for _, kv, _ in seen[::layers]]
+    assert fills == [5, 6, 7, 8], seen
+    assert all(T >= kv for _, kv, T in seen) and seen[0][2] > seen[0][1], "the buffer is allocated at full length"

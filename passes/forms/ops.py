@@ -118,10 +118,6 @@ def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_
     return _out_like(q_nope, w_uv)
 
 
-_OPS = {"expanded": expanded, "absorbed": absorbed, "sparse_absorbed": sparse_absorbed,
-        "sparse_expanded": sparse_expanded}
-
-
 def op_for(form: str):
     """The OpOverload the rewrite emits for a form."""
     return getattr(torch.ops.mla, form).default
