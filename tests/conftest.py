@@ -3,7 +3,12 @@ import os
 import pytest
 import torch
 
-# Keep the CPU suite deterministic and quiet; the Triton interpreter tests set their own variables.
+# Without a GPU the Triton kernels run under the interpreter. Triton decides between compiled and
+# interpreted functions when @triton.jit runs, i.e. when a kernel module is imported, so the mode is
+# set here, before any test module can import one (a module imported in the other mode cannot be
+# reliably reloaded: its @triton.jit helpers are shared across modules).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.manual_seed(0)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
