@@ -14,14 +14,15 @@ __version__ = "0.1.0"
 def _register_backend() -> None:
     """An installed copy is found through its entry point; a bare source checkout on PYTHONPATH has
     no distribution metadata, so importing the package registers the backend by hand."""
-    from torch._dynamo.backends.registry import lookup_backend, register_backend
+    from importlib.metadata import entry_points
 
-    try:
-        lookup_backend("mla")
-    except Exception:  # not installed: no entry point to find
-        from mla_compile.backend import mla_backend
+    if any(ep.name == "mla" for ep in entry_points(group="torch_dynamo_backends")):
+        return      # torch loads it (and may be loading it right now: registering here would clash)
+    from torch._dynamo.backends.registry import register_backend
 
-        register_backend(name="mla")(mla_backend)
+    from mla_compile.backend import mla_backend
+
+    register_backend(name="mla")(mla_backend)
 
 
 _register_backend()
