@@ -53,30 +53,20 @@ SLOW_LIMIT = 0.5
 
 
 # ---------------------------------------------------------------------------------------------------
-# patches and helpers shared with generate.py
+# helpers shared with generate.py
 
-def patch_index_check():
-    """Skip the top-k index range check (a device->host sync) while a CUDA graph is captured."""
-    import mla_compile.passes.forms.common as common
+def save_report(text: str, report: str, extra_files, out_dir) -> None:
+    """Print the report, write it to benchmarks/results/, and copy it and the extra result files
+    (those that exist) to out_dir ($OUT on the device machine)."""
+    print(text)
+    with open(os.path.join(RESULTS, report), "w") as f:
+        f.write(text)
+    if out_dir:
+        import shutil
 
-    if getattr(common.check_indices, "_mla_bench_patched", False):
-        return
-    orig = common.check_indices
-
-    def check_indices(topk_indices, dims):
-        if topk_indices.is_cuda and torch.cuda.is_current_stream_capturing():
-            return topk_indices.shape[2]
-        return orig(topk_indices, dims)
-
-    check_indices._mla_bench_patched = True
-    common.check_indices = check_indices
-    for mod in ("mla_compile.kernels.sparse_decode", "mla_compile.passes.forms.sparse"):
-        try:
-            m = __import__(mod, fromlist=["x"])
-            if hasattr(m, "check_indices"):
-                m.check_indices = check_indices
-        except Exception:  # noqa: BLE001
-            pass
+        for fn in (report, *extra_files):
+            if os.path.exists(os.path.join(RESULTS, fn)):
+                shutil.copy(os.path.join(RESULTS, fn), os.path.join(out_dir, fn))
 
 
 def device_name(dev) -> str:
@@ -485,8 +475,6 @@ def main():
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        patch_index_check()
     dt = torch.bfloat16
     if cuda:
         dm = calibrate("cuda")
@@ -620,15 +608,8 @@ def main():
                   + (f" (+{len(skips) - 60} more)" if len(skips) > 60 else "")]
         if skipped:
             lines += ["Skipped points: " + "; ".join(f"{p}: {why}" for p, why in skipped)]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(os.path.join(RESULTS, f"forms-{name}.md"), "w") as f:
-        f.write(text)
-    if out_dir:
-        import shutil
-
-        for fn in (f"forms-{name}.md", f"forms-{name}.csv", f"form-efficiency-{name}.json"):
-            shutil.copy(os.path.join(RESULTS, fn), os.path.join(out_dir, fn))
+    save_report("\n".join(lines) + "\n", f"forms-{name}.md",
+                (f"forms-{name}.csv", f"form-efficiency-{name}.json"), out_dir)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ Systems: HF eager (the model as is, sdpa attention); Inductor = torch.compile(mo
 prefill uses the same backends without CUDA graphs (mode default). Shapes are static (automatic
 dynamic shapes off; every point compiles afresh; compile time is reported separately and not in any
 timing). The sparse ops' index range check (a device->host sync, which CUDA-graph capture forbids) is
-skipped while capturing: benchmarks/bench_forms.patch_index_check.
+skipped by the op itself while a graph is captured (passes/forms/common.check_indices).
 
 Writes one markdown table to $OUT and benchmarks/results/generate-<device>.md, and a CSV for plotting
 (generate-<device>.csv); the rewrite log of the mla runs goes to generate-<device>-rewrites.jsonl.
@@ -180,19 +180,6 @@ def prefill_step(fn, ids):
     return step
 
 
-def ensure_mla_backend():
-    """backend="mla" comes from the package's entry point; in a bare source checkout (PYTHONPATH only,
-    no installed metadata) register it by hand."""
-    from torch._dynamo.backends.registry import lookup_backend, register_backend
-
-    try:
-        lookup_backend("mla")
-    except Exception:  # noqa: BLE001
-        from mla_compile.backend import mla_backend
-
-        register_backend(mla_backend, name="mla")
-
-
 def read_forms(log_path, start):
     forms = {}
     try:
@@ -224,14 +211,11 @@ def main():
     ap.add_argument("--no-prefill", action="store_true")
     args = ap.parse_args()
     t_start = time.time()
-    import mla_compile  # noqa: F401
-    from bench_forms import patch_index_check
+    import mla_compile  # noqa: F401  (registers backend="mla" in a bare checkout)
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = torch.bfloat16
     cuda = dev.type == "cuda"
-    patch_index_check()
-    ensure_mla_backend()
     dyn = torch._dynamo.config
     for k, v in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 512),
                  ("accumulated_cache_size_limit", 512), ("automatic_dynamic_shapes", False)):
@@ -387,16 +371,10 @@ def main():
                      + " |")
     if not_run:
         lines += ["", "not run (time budget): " + ", ".join(f"{m} B={b} T={t}" for m, b, t in not_run)]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(os.path.join(RESULTS, f"generate-{name}.md"), "w") as f:
-        f.write(text)
-    if out_dir:
-        import shutil
+    from bench_forms import save_report
 
-        for fn_ in (f"generate-{name}.md", f"generate-{name}.csv", f"generate-{name}-rewrites.jsonl"):
-            if os.path.exists(os.path.join(RESULTS, fn_)):
-                shutil.copy(os.path.join(RESULTS, fn_), os.path.join(out_dir, fn_))
+    save_report("\n".join(lines) + "\n", f"generate-{name}.md",
+                (f"generate-{name}.csv", f"generate-{name}-rewrites.jsonl"), out_dir)
 
 
 if __name__ == "__main__":

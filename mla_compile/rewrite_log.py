@@ -79,8 +79,9 @@ def reset() -> None:
         _RECORDS.clear()
 
 
-def _fmt_cost(seconds: float) -> str:
-    return f"{seconds * 1e6:.1f}us" if seconds < 1e-2 else f"{seconds * 1e3:.2f}ms"
+def format_seconds(seconds: float) -> str:
+    """A predicted time as the log shows it (in the costs column and in the reasons)."""
+    return f"{seconds * 1e6:.1f}us" if seconds < 1e-3 else f"{seconds * 1e3:.2f}ms"
 
 
 def format_rewrite_log(records: list[RewriteRecord] | None = None) -> str:
@@ -91,7 +92,7 @@ def format_rewrite_log(records: list[RewriteRecord] | None = None) -> str:
     rows = [("graph", "module", "family", "status", "form", "shapes", "costs", "reason")]
     for r in recs:
         shapes = " ".join(f"{k}={v}" for k, v in r.shapes.items() if v is not None)
-        costs = " ".join(f"{f}={_fmt_cost(c)}" for f, c in r.costs.items())
+        costs = " ".join(f"{f}={format_seconds(c)}" for f, c in r.costs.items())
         reason = r.reason + (f"; crossover: {r.crossover}" if r.crossover else "")
         reason = reason.replace("\n", "; ")
         rows.append((str(r.graph), r.module, r.family or "?", r.status, r.form or "-", shapes, costs or "-", reason))

@@ -20,6 +20,7 @@ import torch
 
 from mla_compile.passes.forms import DENSE_FORMS, FORMS, SPARSE_FORMS
 from mla_compile.passes.match import Region
+from mla_compile.rewrite_log import format_seconds
 
 FORCED_CHOICES = ("auto", "sparse") + FORMS
 
@@ -70,10 +71,6 @@ def _device_for(device_option: str | None, example_device: torch.device | None):
     return "cpu"
 
 
-def _fmt_s(t: float) -> str:
-    return f"{t * 1e6:.1f}us" if t < 1e-3 else f"{t * 1e3:.2f}ms"
-
-
 def decide(region: Region, forced: str = "auto", device: str | None = None,
            example_device: torch.device | None = None) -> Decision:
     from mla_compile.cost import plan
@@ -87,9 +84,9 @@ def decide(region: Region, forced: str = "auto", device: str | None = None,
     expressions = {f: str(e) for f, e in p.expressions.items()}
     if p.form is not None:        # every size static: decide now
         others = sorted((t, f) for f, t in p.costs.items() if f != p.form)
-        why = f"{p.form} {_fmt_s(p.costs[p.form])}"
+        why = f"{p.form} {format_seconds(p.costs[p.form])}"
         if others:
-            why += " vs " + ", ".join(f"{f} {_fmt_s(t)}" for t, f in others)
+            why += " vs " + ", ".join(f"{f} {format_seconds(t)}" for t, f in others)
         why += f" predicted on {p.device.get('name', '?')}"
         dense_mask = "full"
         if region.is_sparse and p.form in DENSE_FORMS and args["topk"] is not None \
