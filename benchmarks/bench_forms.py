@@ -16,11 +16,13 @@ dense forms also build HF's top-k selection mask from the indices inside the tim
 
 Timing: one warm call, then an eager estimate. Calls under 5 ms: a CUDA graph of n x (L2 flush + op)
 replayed, minus a graph of n x flush ("gr": GPU time, L2 cold, no Python launch cost). Where capture
-fails (a host sync inside the op, e.g. the expanded kernel's mask analysis) or calls take longer:
-CUDA events around back-to-back eager calls ("ev"). The sparse ops' index range check syncs; this
-benchmark skips it while a graph is being captured (same patch as benchmarks/generate.py; proposed as
-a fix for passes/forms/common.check_indices). Skipped: points whose inputs/intermediates exceed
-60 GB, and forms predicted (h200 table) to take > 0.5 s.
+fails (a host sync inside the op) or calls take longer:
+CUDA events around back-to-back eager calls ("ev"). The sparse ops' index range check (a host sync)
+is skipped by the op itself while a graph is captured (passes/forms/common.check_indices). Skipped:
+points whose inputs/intermediates exceed 60 GB, and forms predicted (h200 table) to take > 0.5 s.
+
+Several GPUs: `--shard i/n` measures every n-th point of the shuffled list from the i-th, so n
+processes on n GPUs cover the grid together; `--merge` joins their CSVs into one report (CPU).
 
 Outputs: benchmarks/results/forms-<device>.csv (one row per point and form: sizes, measured s,
 method, predicted s on the calibrated device and on the h200 table), form-efficiency-<device>.json
@@ -464,9 +466,15 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-first", action="store_true", help="do not put the target points first")
     ap.add_argument("--no-fit", action="store_true", help="skip the efficiency fit (do it offline with --reeval)")
+    ap.add_argument("--shard", default="0/1", help="i/n: measure every n-th point from the i-th (one GPU each)")
+    ap.add_argument("--merge", nargs="+", metavar="CSV", help="offline: join shard CSVs into one report")
+    ap.add_argument("--name", help="report name (default: the device name, or the merged shards' common name)")
     args = ap.parse_args()
     if args.reeval:
         reeval(args.reeval)
+        return
+    if args.merge:
+        merge(args)
         return
     t_start = time.time()
     import mla_compile.passes.forms  # noqa: F401  (registers torch.ops.mla.*)
@@ -485,7 +493,10 @@ def main():
     table_key = "h200" if not cuda else (os.environ.get("MLA_TABLE") or
                                          ("h100" if "H100" in torch.cuda.get_device_name() else "h200"))
     tm = table_entry(table_key if cuda else "cpu")
-    name = device_name(dev) + ("-smoke" if args.smoke else "") + (f"-seed{args.seed}" if args.seed else "")
+    name = args.name or (device_name(dev) + ("-smoke" if args.smoke else "") + (f"-seed{args.seed}" if args.seed else ""))
+    shard, nshards = (int(v) for v in args.shard.split("/"))
+    if nshards > 1:
+        name += f"-shard{shard}of{nshards}"
     os.makedirs(RESULTS, exist_ok=True)
     out_dir = os.environ.get("OUT")
     csv_path = os.path.join(RESULTS, f"forms-{name}.csv")
@@ -506,6 +517,7 @@ def main():
                  (1, 512, 1024, 128, None), (8, 16, 4096, 128, None), (8, 128, 16384, 16, None)]
         if not args.no_first:
             pts = first + [p for p in pts if p not in first]
+    pts = pts[shard::nshards]
     rows, skipped, not_run = [], [], []
     fcsv = open(csv_path, "w", newline="")
     w = csv.DictWriter(fcsv, CSV_FIELDS)
@@ -533,14 +545,12 @@ def main():
                        method="skip", pred_cal_s=p_cal.costs[form], pred_table_s=p_tab.costs[form], note="")
             if form not in fits:
                 row["note"] = f"memory > {MEM_LIMIT / 1e9:.0f} GB"
-            elif form == "sparse_absorbed" and B * S > 65535:
-                row["note"] = "B*S > 65535: the kernel's grid dim 2 limit (kernels/sparse_decode.py)"
             elif p_tab.costs[form] > SLOW_LIMIT and not args.smoke:
                 row["note"] = f"predicted {p_tab.costs[form]:.2f} s > {SLOW_LIMIT} s"
             else:
                 try:
                     fn = op_call(form, x, k)
-                    graph = form in ("absorbed", "sparse_absorbed") or (form == "expanded" and S == 1 and not k)
+                    graph = form != "sparse_expanded"      # its plain-torch reference may sync
                     t, how = measure(fn, dev, graph) if cuda else measure_cpu(fn)
                     row["measured_s"], row["method"] = t, how
                 except torch.OutOfMemoryError:
@@ -561,16 +571,21 @@ def main():
         if cuda:
             torch.cuda.empty_cache()
     fcsv.close()
+    meta = dict(command=f"python {' '.join(sys.argv)}", budget=args.budget, done=done, skipped=skipped,
+                not_run=len(not_run), total=len(pts), cal_src=cal_src)
+    write_report(rows, dm, tm, name, meta, fit=not args.no_fit, out_dir=out_dir)
 
-    # ---- summary
-    ev_cal = evaluate(rows, dm, f"calibrated device model ({cal_src}), default efficiency table")
-    ev_tab = evaluate(rows, tm, f"'{tm.name}' table entry, default efficiency table")
+
+def write_report(rows, dm, tm, name, meta, fit=True, out_dir=None):
+    """The markdown summary, the efficiency JSON (measured vs roofline, optional fit) for `rows`."""
+    ev_cal = evaluate(rows, dm, f"calibrated device model ({meta['cal_src']}), default efficiency table")
+    ev_tab = evaluate(rows, tm, f"'{tm.name}' table entry (what the backend uses without calibrate()), "
+                                f"its efficiency table")
     roof = roofline_stats(rows, dm)
-    fit = None if args.no_fit else fit_efficiency(rows, dm)
-    evs = [ev_cal, ev_tab]
+    fit = fit_efficiency(rows, dm) if fit else None
+    evs = [ev_tab, ev_cal]
     if fit:
-        evs.append(evaluate(rows, device_with(dm, fit), "calibrated device model + fitted efficiencies"))
-        evs.append(evaluate(rows, device_with(tm, fit), f"'{tm.name}' table entry + fitted efficiencies"))
+        evs.append(evaluate(rows, device_with(dm, fit), "calibrated device model + efficiencies fitted here"))
     eff_json = {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                 "torch": torch.__version__, "calibrated": dm.to_dict(),
                 "roofline_over_measured": roof, "fit": fit,
@@ -580,36 +595,63 @@ def main():
                         "efficiency 1 and no launch cost / measured time"}
     with open(os.path.join(RESULTS, f"form-efficiency-{name}.json"), "w") as f:
         json.dump(eff_json, f, indent=1)
-    import triton  # noqa: F401
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "?"
     lines = [f"# MLA forms vs the cost model: {name}", "",
              f"- date: {eff_json['date']}",
-             f"- torch {torch.__version__}, triton {getattr(sys.modules.get('triton'), '__version__', '?')}, "
-             f"CUDA {torch.version.cuda}",
-             f"- command: `python {' '.join(sys.argv)}`",
+             f"- torch {torch.__version__}, triton {tv}, CUDA {torch.version.cuda}",
+             f"- command: `{meta['command']}`",
              f"- calibrated: {dm.source}",
-             f"- points measured: {done}; skipped (memory): {len(skipped)}; not run (time budget "
-             f"{args.budget:.0f} s): {len(not_run)} of {len(pts)}",
+             f"- points measured: {meta['done']}; skipped (memory): {len(meta['skipped'])}; not run (time budget "
+             f"{meta['budget']:.0f} s): {meta['not_run']} of {meta['total']}",
              "- times in microseconds; 'gr' = CUDA-graph GPU time (L2 flushed), 'ev' = CUDA events around "
              "eager calls (capture impossible: host sync in the op, or call > 5 ms)", ""]
     for ev in evs:
         lines += summary_lines(ev)
     lines += ["", "Roofline time / measured time per form (eff = 1): " + json.dumps(roof), "",
-              "Fitted: " + json.dumps(fit), "", "## Per point (calibrated model, default efficiencies)", ""]
-    lines += point_table(ev_cal)
+              "Fitted: " + json.dumps(fit), "", f"## Per point ('{tm.name}' table entry)", ""]
+    lines += point_table(ev_tab)
     methods = {}
     for r in rows:
         methods[(r["form"], r["method"])] = methods.get((r["form"], r["method"]), 0) + 1
     lines += ["", "timing methods (form, method): count: " + ", ".join(f"{a}/{b}: {c}" for (a, b), c in
                                                                          sorted(methods.items()))]
     skips = [r for r in rows if r["note"]]
-    if skips or skipped:
+    if skips or meta["skipped"]:
         lines += ["", "Skipped forms: " + "; ".join(f"B={r['B']} S={r['S']} T={r['T']} H={r['H']} k={r['k']} "
                                                      f"{r['form']}: {r['note']}" for r in skips[:60])
                   + (f" (+{len(skips) - 60} more)" if len(skips) > 60 else "")]
-        if skipped:
-            lines += ["Skipped points: " + "; ".join(f"{p}: {why}" for p, why in skipped)]
+        if meta["skipped"]:
+            lines += ["Skipped points: " + "; ".join(f"{p}: {why}" for p, why in meta["skipped"])]
     save_report("\n".join(lines) + "\n", f"forms-{name}.md",
                 (f"forms-{name}.csv", f"form-efficiency-{name}.json"), out_dir)
+
+
+def merge(args):
+    """Join shard CSVs (same device) into forms-<name>.csv and its report."""
+    from mla_compile.cost.devices import DeviceModel, table_entry
+
+    rows, names = [], []
+    for path in args.merge:
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
+        names.append(os.path.splitext(os.path.basename(path))[0].removeprefix("forms-"))
+    name = args.name or names[0].split("-shard")[0]
+    dj = os.path.join(os.path.dirname(args.merge[0]), f"device-{names[0]}.json")
+    dm = DeviceModel.from_dict(json.load(open(dj)))
+    tm = table_entry(os.environ.get("MLA_TABLE") or ("h100" if "H100" in name else "h200"))
+    with open(os.path.join(RESULTS, f"forms-{name}.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, CSV_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    pts = {(r["B"], r["S"], r["T"], r["H"], r["k"]) for r in rows}
+    meta = dict(command=" + ".join(os.path.basename(p) for p in args.merge) + " (shards, merged with --merge)",
+                budget=float("nan"), done=len(pts), skipped=[], not_run=0, total=len(pts),
+                cal_src="calibrate() on the GPU of shard 0")
+    write_report(rows, dm, tm, name, meta, fit=not args.no_fit, out_dir=None)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ shared by every head (never broadcast into a [B, H, T, dr] copy); the dot produc
 K_nope and V are the two halves of the expansion's rows, read in place through their strides.
 
 Skipping work: with is_causal and no mask, a query tile stops at its diagonal (the upper triangle
-is never loaded). A mask found to be causal-shaped (allowed exactly on j <= i with zero bias there,
-HF's prefill mask; checked with torch, one host sync) takes that same path. Any other mask: a block map is built first in torch ([B, S/BM, T/BN]: which key
-blocks hold any allowed entry, and which are entirely allowed with zero bias): the kernel visits
-only live blocks (so a causal-shaped mask skips its triangle too) and reads the mask tile only in
-partially masked blocks. Float entries <= finfo.min / 2 count as masked when building the map;
-query tiles with a row masked everywhere keep every block (the reference's uniform-row semantics).
+is never loaded). With a mask, `_block_map_kernel` (grid (query tiles, B), one read of the mask, no
+host sync, so CUDA graphs can capture it) first lists, per query tile, the key blocks that hold any
+allowed entry, each flagged "entirely allowed with zero bias"; the attention kernel visits only those
+blocks (so HF's causal-shaped masks skip their dead triangle) and reads the mask tile only in
+partially masked blocks. Float entries <= finfo.min / 2 count as masked; a query tile with a row
+masked everywhere keeps every block (the reference's uniform-row semantics for float masks).
 """
 
 from __future__ import annotations
@@ -167,39 +167,73 @@ def blocks_for(S: int, T: int) -> tuple[int, int]:
     return (128 if S > 64 else 64), 64
 
 
-def block_map(mask, B, S, T, is_causal, BM, BN):
-    """Live key blocks per query tile: (list [B, nM, nN] int32 of entries 2*nblock + fully_allowed, live
-    first; counts [B, nM] int32). Built with torch ops on the device, no host sync."""
-    dev = mask.device
-    m = mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    m = m.expand(B, 1, S, T)[:, 0]
-    if m.dtype == torch.bool:
-        allowed, free = m, m
+@triton.jit
+def _mask_tile(MASK, b, offs_m, m_ok, nb, T, s_mb, s_ms, s_mt, min_half,
+               BLOCK_N: tl.constexpr, IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """(allowed, free) of one [BLOCK_M, BLOCK_N] mask tile; out-of-range entries are not allowed but
+    count as free (the attention kernel masks them by bounds)."""
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    inb = m_ok[:, None] & (offs_n[None, :] < T)
+    ptr = MASK + b * s_mb + offs_m[:, None] * s_ms + offs_n[None, :] * s_mt
+    if IS_BOOL:
+        allowed = tl.load(ptr, mask=inb, other=0) != 0
+        free = allowed
     else:
-        allowed = m > torch.finfo(m.dtype).min / 2
-        free = m == 0
-    tri = torch.ones(S, T, dtype=torch.bool, device=dev).tril()
-    if is_causal:
+        mv = tl.load(ptr, mask=inb, other=0.0).to(tl.float32)
+        allowed = mv > min_half
+        free = mv == 0.0
+    allowed = allowed & inb
+    if IS_CAUSAL:
+        tri = offs_n[None, :] <= offs_m[:, None]
         allowed = allowed & tri
         free = free & tri
-    # A causal-shaped mask (HF's prefill mask when S == T): the kernel's is_causal path is exact for it
-    # (every row keeps key 0, so masked entries contribute exactly zero) and needs no map: one host sync.
-    if S <= T and torch.equal(allowed, tri.expand_as(allowed)) and torch.equal(free, allowed):
-        return None, None
+    return allowed, free | ~inb
+
+
+@triton.jit
+def _block_map_kernel(
+    MASK, LIST, CNT, S, T, n_mblocks, n_nblocks, s_mb, s_ms, s_mt, min_half,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < S
+    base = (b * n_mblocks + pid_m) * n_nblocks
+    # Float masks: a query row masked everywhere makes its tile keep every block (pass 1, a first
+    # read of the mask rows). Nothing written here is read back, so no barrier is needed.
+    keep_all = 0
+    if not IS_BOOL:
+        row_any = tl.zeros([BLOCK_M], tl.int32)
+        for nb in range(0, n_nblocks):
+            allowed, free = _mask_tile(MASK, b, offs_m, m_ok, nb, T, s_mb, s_ms, s_mt, min_half,
+                                       BLOCK_N, IS_BOOL, IS_CAUSAL)
+            row_any = tl.maximum(row_any, tl.max(allowed.to(tl.int32), 1))
+        keep_all = tl.max((m_ok & (row_any == 0)).to(tl.int32), 0)
+    # pass 2: the live blocks, in order, each 2 * block + (entirely allowed with zero bias)
+    cnt = 0
+    for nb in range(0, n_nblocks):
+        allowed, free = _mask_tile(MASK, b, offs_m, m_ok, nb, T, s_mb, s_ms, s_mt, min_half,
+                                   BLOCK_N, IS_BOOL, IS_CAUSAL)
+        live = tl.max(tl.max(allowed.to(tl.int32), 1), 0) | keep_all
+        all_free = tl.min(tl.min(free.to(tl.int32), 1), 0)
+        tl.store(LIST + base + cnt, nb * 2 + all_free, mask=live != 0)
+        cnt += live
+    tl.store(CNT + b * n_mblocks + pid_m, cnt)
+
+
+def block_map(mask, B, S, T, is_causal, BM, BN):
+    """Live key blocks per query tile: (entries [B, nM, nN] int32, the first counts[b, m] of them
+    live, each 2*block + entirely_allowed; counts [B, nM] int32), built on the device in one launch."""
+    kind, m, (s_mb, s_ms, s_mt) = mask_view(mask, B, S, T)
     nM, nN = triton.cdiv(S, BM), triton.cdiv(T, BN)
-    pad = (0, nN * BN - T, 0, nM * BM - S)
-    a = torch.nn.functional.pad(allowed, pad, value=False).view(B, nM, BM, nN, BN)
-    live = a.any(4).any(2)                                                       # [B, nM, nN]
-    # Out-of-range keys/queries are masked by bounds inside the kernel, so padding counts as free.
-    f = torch.nn.functional.pad(free, pad, value=True).view(B, nM, BM, nN, BN).all(4).all(2)
-    if m.dtype != torch.bool:
-        row_dead = ~torch.nn.functional.pad(allowed.any(2), (0, nM * BM - S), value=True).view(B, nM, BM)
-        live = live | row_dead.any(2, keepdim=True)
-    order = torch.argsort((~live).to(torch.int8), dim=-1, stable=True)
-    entries = (order * 2 + torch.gather(f, 2, order).to(order.dtype)).to(torch.int32).contiguous()
-    counts = live.sum(-1).to(torch.int32).contiguous()
+    entries = torch.empty(B, nM, nN, dtype=torch.int32, device=m.device)
+    counts = torch.empty(B, nM, dtype=torch.int32, device=m.device)
+    min_half = float(torch.finfo(m.dtype).min / 2) if kind == 2 else 0.0
+    _block_map_kernel[(nM, B)](
+        m, entries, counts, S, T, nM, nN, s_mb, s_ms, s_mt, min_half,
+        BLOCK_M=BM, BLOCK_N=BN, IS_BOOL=kind == 1, IS_CAUSAL=bool(is_causal), num_warps=4,
+    )
     return entries, counts
 
 
@@ -229,12 +263,9 @@ def expanded_attention(q_nope, q_rope, k_nope, v, k_rope, mask=None, scale=1.0, 
     BM, BN = blocks_for(S, T)
     nM, nN = triton.cdiv(S, BM), triton.cdiv(T, BN)
     kind, m, ms = mask_view(mask, B, S, T)
-    entries = None
     if kind:
         entries, counts = block_map(mask, B, S, T, is_causal, BM, BN)
-        if entries is None:                        # causal-shaped: skip the triangle, read no mask
-            kind, m, ms, is_causal = 0, None, (0, 0, 0), True
-    if entries is None:
+    else:
         entries = counts = q_nope
     _expanded_fwd_kernel[(nM, B * H)](
         q_nope, q_rope, k_nope, v, k_rope, m if m is not None else q_nope, entries, counts, out,

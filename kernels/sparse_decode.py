@@ -158,7 +158,7 @@ def sparse_latent_attention(q_lat, q_rope, latent, k_rope, topk_indices, mask=No
     chunk = max(64, triton.cdiv(triton.cdiv(k, want), 64) * 64)
     splits = triton.cdiv(k, chunk)
     kind, m, ms = mask_view(mask, B, S, T)
-    R_PAD = triton.next_power_of_2(r)
+    R_PAD = max(16, triton.next_power_of_2(r))   # tl.dot needs K >= 16 on the GPU
     DR_PAD = max(16, triton.next_power_of_2(dr)) if dr else 16
     one = splits == 1
     if one:

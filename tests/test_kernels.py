@@ -216,14 +216,24 @@ def test_expanded(B, H, S, T, dr, mask, causal, dtype):
 
 def test_expanded_causal_mask_skips_triangle():
     from mla_compile.kernels.expanded_prefill import blocks_for, block_map
-    S = 256
+    S = 64
     BM, BN = blocks_for(S, S)
-    m = torch.full((S, S), torch.finfo(torch.float32).min, device=DEV).triu(1)[None, None]
-    assert block_map(m, 1, S, S, False, BM, BN) == (None, None)   # causal-shaped: the is_causal path
-    m[..., 3] = torch.finfo(torch.float32).min                       # a masked key: no longer causal-shaped
-    entries, counts = block_map(m, 1, S, S, False, BM, BN)
     nM, nN = triton.cdiv(S, BM), triton.cdiv(S, BN)
-    assert counts.sum().item() < nM * nN                       # the upper triangle is skipped
+    m = torch.full((S, S), torch.finfo(torch.float32).min, device=DEV).triu(1)[None, None]
+    entries, counts = block_map(m, 1, S, S, False, BM, BN)
+    # HF's causal mask: query tile i keeps key blocks 0..i, the diagonal one partial, the rest free
+    assert counts.cpu().tolist() == [[min(i * BM // BN + BM // BN, nN) for i in range(nM)]]
+    for i in range(nM):
+        got = entries[0, i, :counts[0, i]].cpu().tolist()
+        assert [e // 2 for e in got] == list(range(len(got)))
+        assert [e % 2 for e in got][:-BM // BN] == [1] * (len(got) - BM // BN)   # below the diagonal: free
+        assert got[-1] % 2 == 0                                                  # the diagonal: partial
+    m[..., 3] = torch.finfo(torch.float32).min                  # key 3 masked: its block is partial
+    entries, counts = block_map(m, 1, S, S, False, BM, BN)
+    assert entries[0, nM - 1, 0].item() == 0
+    m[..., 5, :] = torch.finfo(torch.float32).min               # a fully masked row keeps every block
+    entries, counts = block_map(m, 1, S, S, False, BM, BN)
+    assert counts[0, 5 // BM].item() == nN
 
 
 def test_unsplit_weights():
@@ -232,6 +242,27 @@ def test_unsplit_weights():
     out = expanded_prefill(*args, None, 0.2, True)
     ref = expanded_reference(*map(f64, args), None, 0.2, True)
     assert rel_err(out, ref) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# head and rank sizes below 16 or off the multiples of 16 (tiny test configs): the pads must hold
+
+
+@pytest.mark.parametrize("r,dn,dr,dv", [(8, 4, 2, 4), (24, 12, 0, 20), (40, 8, 6, 16), (16, 16, 8, 8)])
+def test_odd_and_tiny_dims(r, dn, dr, dv):
+    B, H, S, T = 2, 3, 3, 29
+    args = make(B, H, S, T, r=r, dr=dr, dn=dn, dv=dv)
+    m = masks("float2d", B, S, T)
+    ref_args = [f64(a) for a in args]
+    out = absorbed_decode(*args, m, 0.3, False)
+    assert rel_err(out, absorbed_reference(*ref_args, f64(m), 0.3, False)) < tol(torch.float32)
+    out = expanded_prefill(*args, m, 0.3, False)
+    assert rel_err(out, expanded_reference(*ref_args, f64(m), 0.3, False)) < tol(torch.float32)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(-1, T, (B, S, 7), generator=g, dtype=torch.int32)
+    idx[..., 0] = 0
+    out = sparse_absorbed_decode(*args, idx.to(DEV), m, 0.3, False)
+    assert rel_err(out, sparse_absorbed_reference(*ref_args, idx, f64(m), 0.3, False)) < tol(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ Counting rules (decisions, written down so benchmarks can contest them):
   the dead triangle in both dense forms (both attention kernels are tile loops over keys that can
   stop at the diagonal); the unfused reference path (CPU) computes and masks all S*T.
   For S == T (prefill, SDPA's top-left `is_causal`) the two alignments coincide.
-* Dense attention (both forms) reads a user mask tensor [B,1,S,T] once when `mask=True`; the
-  sparse forms read it only at the selected positions.
+* Dense attention reads a user mask tensor [B,1,S,T] once when `mask=True` (absorbed: inside the
+  attention kernel; expanded: in its block-map kernel, up to twice, after which attention reads only
+  the partially masked tiles); the sparse forms read it only at the selected positions.
 * DSA models run densely (`dsa_mask=True`) keep HF's top-k mask: built from the indices
   (new_ones bool + scatter + masked_fill into the float mask: B*S*T*(2+e) bytes, kernel "dsa_mask",
   3 launches) and read by attention (B*S*T*e).  The sparse forms drop it.
@@ -54,7 +55,7 @@ SOFTMAX_PASSES_UNFUSED = 12     # fp32 score-matrix reads+writes of the referenc
 # launches per kernel, fused (GPU kernels) vs unfused (one per torch op in passes/forms references)
 LAUNCHES = {
     True: {
-        "expanded": {"expand": 1, "attention": 1, "dsa_mask": 3},
+        "expanded": {"expand": 1, "attention": 1, "block_map": 1, "dsa_mask": 3},
         "absorbed": {"absorb": 1, "attention": 1, "output": 1, "dsa_mask": 3},
         "sparse_absorbed": {"absorb": 1, "attention": 1, "output": 1},
         "sparse_expanded": {"expand": 1, "attention": 1},
@@ -128,7 +129,12 @@ def form_steps(form: str, *, causal: bool = True, fused: bool = True, mask: bool
         steps.append(Step("value", u("value"), v_flops, 0, v_bytes))
         if form == "absorbed":
             steps.append(Step("output", "output", 2 * B * H * S * r * dv, 0, q_lat + w_uv + out))
-        if mask or dsa_mask:
+        if (mask or dsa_mask) and form == "expanded" and fused:
+            # the block map reads the mask (twice at most: float masks first look for dead rows); the
+            # attention kernel then reads only the partially masked (diagonal) tiles, counted as none
+            steps.append(Step("block_map", "block_map", 0, 2 * B * S * T, 2 * B * S * T * e))
+            steps.append(Step("mask", u("softmax"), 0, B * H * L, 0))
+        elif mask or dsa_mask:
             steps.append(Step("mask", u("softmax"), 0, B * H * L, B * S * T * e))
         if dsa_mask:
             steps.append(Step("dsa_mask", "dsa_mask", 0, 0, B * S * T * (2 + e) + B * S * k * INDEX_BYTES))
