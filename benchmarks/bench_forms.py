@@ -258,7 +258,7 @@ def measure_cpu(fn):
 def kernel_terms(form, B, S, T, H, k, dev_model, dtype=torch.bfloat16):
     """[(kernel, flops, vector, bytes, launches)] of `form` at these sizes, as the cost model counts them."""
     from mla_compile.cost import symbols as sy
-    from mla_compile.cost.forms import form_kernels
+    from mla_compile.cost.forms import form_kernels, occupancy
 
     dsa = bool(k) and form in ("expanded", "absorbed") and T > k
     ks = form_kernels(form, causal=True, fused=dev_model.fused_attention, mask=S > 1,
@@ -268,24 +268,31 @@ def kernel_terms(form, B, S, T, H, k, dev_model, dtype=torch.bfloat16):
     out = []
     for kn in ks.values():
         out.append((kn.name, float(kn.flops.subs(sub)), float(kn.vector.subs(sub)), float(kn.bytes.subs(sub)),
-                    kn.launches))
+                    kn.launches, float(occupancy(kn, dev_model.sm_count).subs(sub))))
     return out
 
 
-def model_time(terms, form, dm, eff=None, meff=None, launch=None):
+FITTED_KERNELS = ("attention",)   # ours; the cuBLAS GEMMs (absorb, output, expand) keep the table's
+
+
+def model_time(terms, form, dm, eff=None, meff=None, launch=None, only=None):
+    """Predicted seconds; eff/meff (when given) replace the table's efficiencies of the kernels in
+    `only` (all kernels when only is None)."""
     rate = dm.matmul_rate(torch.bfloat16)
     lo = dm.launch_overhead if launch is None else launch
     t = 0.0
-    for name, fl, vec, by, n in terms:
-        ec = eff if eff is not None else dm.eff(form, name)
-        em = meff if meff is not None else dm.mem_eff(form, name)
-        t += max(fl / (rate * ec) + vec / dm.vector_flops, by / (dm.mem_bw * em)) + n * lo
+    for name, fl, vec, by, n, occ in terms:
+        mine = only is None or name in only
+        ec = eff if eff is not None and mine else dm.eff(form, name)
+        em = meff if meff is not None and mine else dm.mem_eff(form, name)
+        t += max(fl / (rate * ec) + vec / dm.vector_flops, by / (dm.mem_bw * em)) / occ + n * lo
     return t
 
 
 def fit_efficiency(rows, dm):
-    """Per form: one compute efficiency and one memory efficiency (applied to all its kernels) and one
-    device-wide launch overhead, minimising the mean |log(predicted / measured)| over the points."""
+    """Per form: the compute and memory efficiency of its attention kernel (our Triton kernel; the
+    cuBLAS GEMMs keep the table's figures) and one device-wide launch overhead, minimising the mean
+    |log(predicted / measured)| over the points."""
     by_form = {}
     for r in rows:
         if r["measured_s"] in ("", None) or r["method"] == "skip":
@@ -303,7 +310,8 @@ def fit_efficiency(rows, dm):
             bf = None
             for ec in effs:
                 for em in effs:
-                    err = sum(abs(math.log(model_time(t, form, dm, ec, em, lo) / m)) for t, m in pts) / len(pts)
+                    err = sum(abs(math.log(model_time(t, form, dm, ec, em, lo, FITTED_KERNELS) / m))
+                              for t, m in pts) / len(pts)
                     if bf is None or err < bf[0]:
                         bf = (err, ec, em)
             table[form] = bf
@@ -314,6 +322,63 @@ def fit_efficiency(rows, dm):
     return {"launch_overhead": lo,
             "forms": {f: {"efficiency": ec, "mem_efficiency": em, "mean_abs_log_err": round(err, 4),
                           "points": len(by_form[f])} for f, (err, ec, em) in table.items()}}
+
+
+def fit_decisions(rows, dm, start, passes=3):
+    """Refine a log-error fit (`start`, from fit_efficiency) for the decision it drives: coordinate
+    descent over each form's attention (efficiency, mem_efficiency) and the launch overhead,
+    minimising sum over points of log(time of the chosen form / time of the fastest) plus 0.1 x the
+    mean |log(predicted / measured)|, so the figures stay physical while the ranking is what counts."""
+    pts = {}
+    for r in rows:
+        if r["measured_s"] in ("", None) or r["method"] == "skip":
+            continue
+        k = int(r["k"]) if r["k"] not in ("", None, "0") else None
+        key = (int(r["B"]), int(r["S"]), int(r["T"]), int(r["H"]), k)
+        pts.setdefault(key, {})[r["form"]] = (kernel_terms(r["form"], *key, dm), float(r["measured_s"]))
+    pts = {p: f for p, f in pts.items() if len(f) >= 2}
+    params = {f: [v["efficiency"], v["mem_efficiency"]] for f, v in start["forms"].items()}
+    launch = [start["launch_overhead"]]
+
+    def objective():
+        regret, err, n = 0.0, 0.0, 0
+        for (B, S, T, H, k), forms in pts.items():
+            pred = {}
+            for f, (terms, meas) in forms.items():
+                ec, em = params.get(f, (None, None))
+                pred[f] = model_time(terms, f, dm, ec, em, launch[0], FITTED_KERNELS)
+                err += abs(math.log(pred[f] / meas))
+                n += 1
+            ok = [f for f in pred if f in ("expanded", "absorbed") or (k and T > k)]
+            chosen = min(ok, key=pred.__getitem__)
+            best = min(m for _, m in forms.values())
+            regret += math.log(forms[chosen][1] / best)
+        return regret + 0.1 * err / max(n, 1)
+
+    grid = [round(0.02 * 1.2 ** i, 4) for i in range(22)] + [1.0]
+    best = objective()
+    for _ in range(passes):
+        for f in params:
+            for j in (0, 1):
+                for v in grid:
+                    old = params[f][j]
+                    params[f][j] = v
+                    o = objective()
+                    if o < best - 1e-12:
+                        best = o
+                    else:
+                        params[f][j] = old
+        for lo in (1e-6, 2e-6, 3e-6, 4e-6, 6e-6, 8e-6, 10e-6, 15e-6):
+            old = launch[0]
+            launch[0] = lo
+            o = objective()
+            if o < best - 1e-12:
+                best = o
+            else:
+                launch[0] = old
+    return {"launch_overhead": launch[0], "objective": round(best, 4),
+            "forms": {f: {"efficiency": ec, "mem_efficiency": em, "points": start["forms"][f]["points"]}
+                      for f, (ec, em) in params.items()}}
 
 
 def roofline_stats(rows, dm):
@@ -337,15 +402,11 @@ def roofline_stats(rows, dm):
 
 def device_with(dm, fit):
     """A copy of the device model with the fitted efficiency table (per form.kernel keys)."""
-    from mla_compile.cost.forms import LAUNCHES
-
     eff, meff = dict(dm.efficiency), dict(dm.mem_efficiency)
     for form, f in fit["forms"].items():
-        for kn in list(LAUNCHES[True].get(form, {})) + ["gather", "score", "softmax", "value", "mask"]:
+        for kn in FITTED_KERNELS:
             eff[f"{form}.{kn}"] = f["efficiency"]
             meff[f"{form}.{kn}"] = f["mem_efficiency"]
-        eff[form] = f["efficiency"]
-        meff[form] = f["mem_efficiency"]
     return dm.copy(efficiency=eff, mem_efficiency=meff, launch_overhead=fit["launch_overhead"])
 
 
@@ -585,7 +646,11 @@ def write_report(rows, dm, tm, name, meta, fit=True, out_dir=None):
     fit = fit_efficiency(rows, dm) if fit else None
     evs = [ev_tab, ev_cal]
     if fit:
-        evs.append(evaluate(rows, device_with(dm, fit), "calibrated device model + efficiencies fitted here"))
+        evs.append(evaluate(rows, device_with(dm, fit), "calibrated device model + efficiencies fitted here "
+                                                        "(log error)"))
+        fit = {"log_error": fit, "decisions": fit_decisions(rows, dm, fit)}
+        evs.append(evaluate(rows, device_with(dm, fit["decisions"]), "calibrated device model + efficiencies "
+                                                                     "fitted here (decisions)"))
     eff_json = {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                 "torch": torch.__version__, "calibrated": dm.to_dict(),
                 "roofline_over_measured": roof, "fit": fit,

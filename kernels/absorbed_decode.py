@@ -71,8 +71,8 @@ def _absorbed_split_kernel(
     b = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    h = rows // S
-    s = rows % S
+    h = (rows // S).to(tl.int64)    # h x head stride passes 2**31 when q_lat is an [H, B*S, r] view
+    s = (rows % S).to(tl.int64)
     offs_r = tl.arange(0, R_PAD)
     r_ok = offs_r < R
 

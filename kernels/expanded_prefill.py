@@ -52,6 +52,7 @@ def _attend_block(acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_ba
                   LOAD_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < T
+    offs_n = offs_n.to(tl.int64)      # key x token stride (H*(dn+dv) in the expansion) passes 2**31 at long T
     offs_dn = tl.arange(0, DN_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     kn = tl.load(kn_base + offs_n[None, :] * s_kt + offs_dn[:, None] * s_kd,
@@ -109,17 +110,17 @@ def _expanded_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < S
     offs_dn = tl.arange(0, DN_PAD)
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_dn[None, :] * s_qd,
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m.to(tl.int64)[:, None] * s_qs + offs_dn[None, :] * s_qd,
                 mask=m_ok[:, None] & (offs_dn[None, :] < DN), other=0.0)
     qr = q
     if HAS_ROPE:
         offs_dr = tl.arange(0, DR_PAD)
-        qr = tl.load(QR + b * s_rb + h * s_rh + offs_m[:, None] * s_rs + offs_dr[None, :] * s_rd,
+        qr = tl.load(QR + b * s_rb + h * s_rh + offs_m.to(tl.int64)[:, None] * s_rs + offs_dr[None, :] * s_rd,
                      mask=m_ok[:, None] & (offs_dr[None, :] < DR), other=0.0)
     kn_base = KN + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     kr_base = KR + b * s_krb
-    mask_base = MASK + b * s_mb + offs_m[:, None] * s_ms
+    mask_base = MASK + b * s_mb + offs_m.to(tl.int64)[:, None] * s_ms     # S x T can pass 2**31
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -153,7 +154,7 @@ def _expanded_fwd_kernel(
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
     offs_dv = tl.arange(0, DV_PAD)
-    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_dv[None, :] * s_od,
+    tl.store(O + b * s_ob + h * s_oh + offs_m.to(tl.int64)[:, None] * s_os + offs_dv[None, :] * s_od,
              o.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV))
 
 
@@ -174,7 +175,7 @@ def _mask_tile(MASK, b, offs_m, m_ok, nb, T, s_mb, s_ms, s_mt, min_half,
     count as free (the attention kernel masks them by bounds)."""
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     inb = m_ok[:, None] & (offs_n[None, :] < T)
-    ptr = MASK + b * s_mb + offs_m[:, None] * s_ms + offs_n[None, :] * s_mt
+    ptr = MASK + b * s_mb + offs_m.to(tl.int64)[:, None] * s_ms + offs_n[None, :] * s_mt
     if IS_BOOL:
         allowed = tl.load(ptr, mask=inb, other=0) != 0
         free = allowed

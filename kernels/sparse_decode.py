@@ -69,6 +69,7 @@ def _sparse_split_kernel(
     s = bs % S
     h = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     h_ok = h < H
+    h = h.to(tl.int64)          # h x head stride passes 2**31 when q_lat is an [H, B*S, r] view (prefill)
     offs_r = tl.arange(0, R_PAD)
     r_ok = offs_r < R
 

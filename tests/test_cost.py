@@ -45,8 +45,9 @@ def test_counts_match_the_brief():
     # sparse: T replaced by min(k, T), plus gather and int32 index bytes, never the whole latent
     sp = form_steps("sparse_absorbed")
     assert sp["score"].flops.has(sympy.Min(sy.k, T))
+    # (a sequence's queries share its latent rows through L2: at most T rows per sequence from DRAM)
     assert sympy.expand(sp["gather"].bytes.subs(sympy.Min(sy.k, T), sy.k)
-                        - (B * S * sy.k * (r + dr) * e + B * S * sy.k * 4)) == 0
+                        - (B * sympy.Min(S * sy.k, T) * (r + dr) * e + B * S * sy.k * 4)) == 0
     for f in FORMS:
         t = totals(f)
         assert set(t) == {"flops", "vector", "bytes", "launches"} and t["launches"] >= 2

@@ -26,8 +26,8 @@ CASES = [(f, form, torch.bfloat16, "eager") for f in GPU_FAMILIES for form in _f
 
 @pytest.mark.parametrize("family,form,dtype,remainder", CASES)
 def test_family_on_cuda_matches_eager(family, form, dtype, remainder):
-    # Head and rank sizes that are multiples of 16, as in released models, so the Triton kernels run
-    # (smaller sizes take the reference: kernels.dims_supported).
+    # Head and rank sizes that are multiples of 16, as in released models (tiny and odd sizes: the
+    # kernel tests and the GPU fuzz).
     base = tiny_model(family, seed=21, kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32,
                       v_head_dim=32).cuda()
     ids, mask = padded_batch(base.config.vocab_size, batch=3, length=9, pad=0, seed=22)

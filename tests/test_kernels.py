@@ -332,3 +332,33 @@ def test_gpu_expanded(mask):
     out = expanded_prefill(*args, m, 0.07, m is None)
     ref = expanded_reference(*[a.float() for a in args], None if m is None else m.float(), 0.07, m is None)
     assert rel_err(out, ref.double().cpu()) < tol(torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["sparse", "absorbed"])
+def test_gpu_offsets_past_int32(form):
+    """q_lat is an [H, B*S, r] view: head x stride passes 2**31 elements at B*S = 2**18, H = 32, r = 512
+    (a DSA prefill chunk); the kernels must address it in 64 bits (this crashed the GPU before)."""
+    from mla_compile.kernels.absorbed_decode import absorb, absorbed_latent_attention
+    from mla_compile.kernels.sparse_decode import sparse_latent_attention
+    B, H, S, T, k, r, dr = 32, 32, 8192, 64, 16, 512, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rn = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    q_lat = torch.empty(H, B * S, r, device="cuda", dtype=torch.bfloat16).view(H, B, S, r).permute(1, 0, 2, 3)
+    q_lat.copy_(rn(B, H, S, r))
+    assert q_lat.stride(1) * (H - 1) > 2**31
+    qr, c, kr = rn(B, H, S, dr), rn(B, T, r), rn(B, T, dr)
+    if form == "sparse":
+        idx = torch.randint(0, T, (B, S, k), device="cuda", dtype=torch.int32, generator=g)
+        o = sparse_latent_attention(q_lat, qr, c, kr, idx, None, 0.05, False).view(B, S, H, r)
+        for b, s in ((0, 0), (B - 1, S - 1), (7, 4321)):
+            sel = idx[b, s].long()
+            sc = (q_lat[b, :, s].float() @ c[b, sel].float().T + qr[b, :, s].float() @ kr[b, sel].float().T) * 0.05
+            ref = torch.softmax(sc, -1) @ c[b, sel].float()
+            assert rel_err(o[b, s], ref.double().cpu()) < 2e-2
+    else:
+        o = absorbed_latent_attention(q_lat, qr, c, kr, None, 0.05, False)
+        for b, s in ((0, 0), (B - 1, S - 1), (7, 4321)):
+            sc = (q_lat[b, :, s].float() @ c[b].float().T + qr[b, :, s].float() @ kr[b].float().T) * 0.05
+            ref = torch.softmax(sc, -1) @ c[b].float()
+            assert rel_err(o[b, :, s], ref.double().cpu()) < 2e-2

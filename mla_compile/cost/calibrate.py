@@ -205,8 +205,13 @@ def calibrate(device: DeviceLike = None, *, save: bool = True) -> DeviceModel:
         what = "fp32 matmul"
     else:
         raise ValueError(f"calibrate: cannot measure device type {tdev.type!r}")
+    if tdev.type == "cuda":
+        model.sm_count = torch.cuda.get_device_properties(tdev).multi_processor_count
     model.mem_bw = got["mem_bw"]
-    model.launch_overhead = got["launch"]
+    if tdev.type != "cuda":
+        # GPU: the table's per-kernel fixed cost (fitted with the efficiencies) stays; the bare launch
+        # measured under CUDA graphs (~1 us) is only reported. CPU: per-op dispatch is the fixed cost.
+        model.launch_overhead = got["launch"]
     model.measured = True
     name = torch.cuda.get_device_name(tdev) if tdev.type == "cuda" else "cpu"
     model.source = (f"calibrated {time.strftime('%Y-%m-%d %H:%M')} on {name} (torch {torch.__version__}): "

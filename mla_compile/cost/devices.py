@@ -21,15 +21,15 @@ Figures and where they come from
 * float32 on a GPU uses the TF32 rate when torch.get_float32_matmul_precision() is not "highest"
   (Triton's tl.dot and cuBLAS then use TF32), else the plain FP32 rate.
 * vector_flops: the non-tensor FP32 rate used for the softmax's element-wise work (nominal x 0.694).
-* launch_overhead: 4 us per GPU kernel launch (eager launch + tail; less under CUDA graphs).
+* launch_overhead: 8 us fixed cost per GPU kernel (launch, ramp-up, tail), fitted on the H200 grid.
+* sm_count: SMs, for kernels that can launch fewer programs than that (expanded attention).
 
-Efficiency factors (the part that benchmarks should update: `benchmarks/bench_forms.py` can write a
-calibrated JSON with its own `efficiency` table): fraction of the matmul ceiling a kernel reaches,
-looked up as "form.kernel", then "form", then "default".  Starting values: absorbed attention 0.70
-(FlashMLA ran ~480 of 687 TFLOP/s at B=32 decode on the H200), sparse absorbed attention 0.60
-(FlashMLA sparse decode 410 of 660), expansion GEMM 0.85 (one large cuBLAS GEMM), expanded flash
-attention 0.60 (head dims 192/128), the small per-head GEMMs of absorption/output 0.60.
-`mem_efficiency` likewise scales the copy bandwidth (default 0.85: kernels stream a little below copy).
+Efficiency factors: fraction of the matmul ceiling a kernel reaches, looked up as "form.kernel",
+then "form", then "default"; `mem_efficiency` likewise scales the copy bandwidth.  The attention
+kernels' values are fitted from measurement (`benchmarks/bench_forms.py`; see DEFAULT_EFFICIENCY):
+our Triton kernels reach 0.21-0.31 of the matmul ceiling where compute-bound (FlashMLA reaches ~0.7)
+and 0.53-0.77 of the copy rate where memory-bound.  The cuBLAS GEMMs keep 0.85 (expansion) and 0.60
+(the small per-head GEMMs of absorption and output), and the default 0.85 of the copy rate.
 """
 
 from __future__ import annotations
@@ -44,20 +44,33 @@ import torch
 H200_MATMUL_RATIO = 687e12 / 989.4e12
 H200_MEMORY_RATIO = 4.27e12 / 4.8e12
 
+# The attention kernels' figures are *fitted* (benchmarks/bench_forms.py, log-error fit of each
+# kernel's compute and memory efficiency, 83 grid points on an H200, 2026-11-21, seed 0; checked on a
+# fresh grid, seed 1: benchmarks/results/forms-NVIDIA-H200*.md). They describe our Triton kernels and
+# the plain-torch sparse_expanded reference, so every GPU entry uses them. The GEMMs are cuBLAS's.
 DEFAULT_EFFICIENCY = {
     "default": 0.70,
     "expanded.expand": 0.85,
-    "expanded.attention": 0.60,
+    "expanded.attention": 0.26,
     "absorbed.absorb": 0.60,
-    "absorbed.attention": 0.70,
+    "absorbed.attention": 0.31,
     "absorbed.output": 0.60,
     "sparse_absorbed.absorb": 0.60,
-    "sparse_absorbed.attention": 0.60,
+    "sparse_absorbed.attention": 0.21,
     "sparse_absorbed.output": 0.60,
     "sparse_expanded.expand": 0.60,
-    "sparse_expanded.attention": 0.50,
+    "sparse_expanded.attention": 0.02,
 }
-DEFAULT_MEM_EFFICIENCY = {"default": 0.85}
+DEFAULT_MEM_EFFICIENCY = {
+    "default": 0.85,
+    "expanded.attention": 0.53,
+    "absorbed.attention": 0.77,
+    "sparse_absorbed.attention": 0.64,
+    "sparse_expanded.attention": 0.02,
+}
+# Fixed cost per GPU kernel (launch, ramp-up and tail), fitted with the efficiencies above; a bare
+# launch under CUDA graphs is ~1 us (calibrate() reports it), eager launches from Python ~5-20 us.
+GPU_KERNEL_OVERHEAD = 8e-6
 
 # the plain-torch references on a CPU: bmm reaches most of the measured matmul rate; the unfused
 # element-wise passes are already counted as bytes
@@ -74,6 +87,7 @@ class DeviceModel:
     vector_flops: float           # non-tensor FP32 FLOP/s (softmax element-wise work)
     mem_bw: float                 # bytes/s, read + written
     launch_overhead: float        # seconds per launch
+    sm_count: int = 132           # streaming multiprocessors (occupancy of kernels with few programs)
     efficiency: dict = field(default_factory=lambda: dict(DEFAULT_EFFICIENCY))
     mem_efficiency: dict = field(default_factory=lambda: dict(DEFAULT_MEM_EFFICIENCY))
     fused_attention: bool = True  # the forms run as fused kernels (False: unfused torch references)
@@ -121,7 +135,7 @@ class DeviceModel:
         return m
 
 
-def _gpu(name, bf16, tf32, fp32, bw, *, measured=None, source=""):
+def _gpu(name, bf16, tf32, fp32, bw, *, sms=132, measured=None, source=""):
     """A GPU entry from nominal dense figures (TFLOP/s, TB/s), derated by the H200 measured ratios
     unless measured figures are given."""
     nominal = {"bf16": bf16 * 1e12, "fp16": bf16 * 1e12, "tf32": tf32 * 1e12, "fp32": fp32 * 1e12, "mem_bw": bw * 1e12}
@@ -131,7 +145,7 @@ def _gpu(name, bf16, tf32, fp32, bw, *, measured=None, source=""):
         mm["bf16"] = mm["fp16"] = measured["bf16"]
         mem = measured["mem_bw"]
     return DeviceModel(name=name, matmul_flops=mm, vector_flops=fp32 * 1e12 * H200_MATMUL_RATIO, mem_bw=mem,
-                       launch_overhead=4e-6, nominal=nominal,
+                       launch_overhead=GPU_KERNEL_OVERHEAD, sm_count=sms, nominal=nominal,
                        source=source or "nominal dense figures x H200 measured/nominal ratio")
 
 
@@ -140,9 +154,9 @@ DEVICES: dict[str, DeviceModel] = {
     "h200": _gpu("h200", 989.4, 494.7, 66.9, 4.8, measured={"bf16": 687e12, "mem_bw": 4.27e12},
                  source="measured on a lent H200 (MLA-NOTES): bf16 matmul 687 TFLOP/s, copy 4.27 TB/s; "
                         "tf32/fp32 nominal x 0.694"),
-    "a100": _gpu("a100", 312.0, 156.0, 19.5, 2.039),
-    "l40s": _gpu("l40s", 362.05, 183.0, 91.6, 0.864),
-    "b200": _gpu("b200", 2250.0, 1125.0, 80.0, 8.0),
+    "a100": _gpu("a100", 312.0, 156.0, 19.5, 2.039, sms=108),
+    "l40s": _gpu("l40s", 362.05, 183.0, 91.6, 0.864, sms=142),
+    "b200": _gpu("b200", 2250.0, 1125.0, 80.0, 8.0, sms=148),
     "cpu": DeviceModel(
         name="cpu", matmul_flops={"bf16": 1e12, "fp16": 1e12, "tf32": 1e12, "fp32": 1e12},
         vector_flops=0.2e12, mem_bw=50e9, launch_overhead=10e-6,

@@ -26,8 +26,16 @@ Counting rules (decisions, written down so benchmarks can contest them):
   3 launches) and read by attention (B*S*T*e).  The sparse forms drop it.
 * Sparse (DSA) forms: the indexer's own work exists with or without us and is not counted.  The
   selection has kk = min(k, T) positions per query; attention terms use kk instead of T.  Each query
-  gathers its kk latent rows (B*S*kk*(r+dr)*e bytes, no reuse across queries assumed) and reads its
-  int32 indices (B*S*kk*4).  The whole latent is never read.
+  gathers its kk latent rows and reads its int32 indices (B*S*kk*4); the queries of one sequence run
+  side by side and share its rows through L2, so DRAM sees B*min(S*kk, T)*(r+dr)*e bytes (a
+  sequence's latent is read at most once).  At decode (S = 1) the whole latent is never read.
+* Occupancy: the expanded attention kernel runs B*H*ceil(S/EXPANDED_TILE) programs, each over all
+  its keys; when that is fewer than the device's SMs its time is divided by programs / SMs.  The
+  latent kernels split the keys until the device is full and the GEMMs are cuBLAS's.
+* Mask re-reads: the absorbed kernel folds (head, query) into tiles of ROW_TILE rows, so each tile
+  reads its queries' mask rows: min(H, max(1, H*S/ROW_TILE)) reads of the mask.  The expanded kernel
+  runs one head per program and reads the mask only in partially masked tiles (its block map says
+  which): none but the diagonal for a causal mask, every tile, once per head, for a top-k mask.
 * Expanded form includes the expansion GEMM over all T cached tokens (2*B*T*r*H*(dn+dv) FLOPs),
   writing K_nope and V (B*H*T*(dn+dv)*e) and reading them back in attention.
 * Absorbed form reads the latent once per batch row (B*T*(r+dr)*e), not once per head.
@@ -39,6 +47,7 @@ Counting rules (decisions, written down so benchmarks can contest them):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import sympy
 
@@ -48,6 +57,8 @@ FORMS = ("expanded", "absorbed", "sparse_absorbed", "sparse_expanded")
 DENSE_FORMS = FORMS[:2]
 SPARSE_FORMS = FORMS[2:]
 
+EXPANDED_TILE = 128             # queries per program of the expanded attention kernel (S > 64)
+ROW_TILE = 64                   # rows (head, query) per program of the absorbed attention kernel
 SOFTMAX_OPS = 8                 # element-wise ops per live score in the softmax step
 SOFTMAX_PASSES_UNFUSED = 12     # fp32 score-matrix reads+writes of the reference: scale, mask, amax,
                                 # exp(x-m), sum, divide, cast, P read by the value product, ...
@@ -77,6 +88,8 @@ class Step:
     flops: sympy.Expr = sympy.Integer(0)
     vector: sympy.Expr = sympy.Integer(0)
     bytes: sympy.Expr = sympy.Integer(0)
+    programs: Optional[sympy.Expr] = None     # independent programs (CTAs) the kernel launches, when
+                                              # that can be fewer than the device's SMs
 
 
 @dataclass
@@ -87,6 +100,14 @@ class Kernel:
     vector: sympy.Expr = sympy.Integer(0)
     bytes: sympy.Expr = sympy.Integer(0)
     steps: list = field(default_factory=list)
+    programs: Optional[sympy.Expr] = None
+
+
+def occupancy(kn: Kernel, sm_count: int):
+    """Fraction of the device a kernel can keep busy: min(1, programs / SMs) (1 when not bounded)."""
+    if kn.programs is None:
+        return sympy.Integer(1)
+    return sympy.Min(1, kn.programs / sm_count)
 
 
 def live_pairs(causal: bool, skip: bool):
@@ -115,8 +136,11 @@ def form_steps(form: str, *, causal: bool = True, fused: bool = True, mask: bool
         if form == "expanded":
             steps.append(Step("expand", "expand", 2 * B * T * r * H * (dn + dv), 0,
                               B * T * r * e + w_uk + w_uv + B * H * T * (dn + dv) * e))
+            # one program per (batch, head, tile of EXPANDED_TILE queries), each walking all its keys
+            # (no split over keys): at small B*H*S fewer programs than SMs
+            programs = B * H * sympy.ceiling(S / EXPANDED_TILE) if fused else None
             steps.append(Step("score", u("score"), 2 * B * H * L * (dn + dr), 0,
-                              q_nope + q_rope + B * H * T * dn * e + B * T * dr * e))
+                              q_nope + q_rope + B * H * T * dn * e + B * T * dr * e, programs))
             v_bytes = B * H * T * dv * e + out
             v_flops = 2 * B * H * L * dv
         else:
@@ -131,9 +155,16 @@ def form_steps(form: str, *, causal: bool = True, fused: bool = True, mask: bool
             steps.append(Step("output", "output", 2 * B * H * S * r * dv, 0, q_lat + w_uv + out))
         if (mask or dsa_mask) and form == "expanded" and fused:
             # the block map reads the mask (twice at most: float masks first look for dead rows); the
-            # attention kernel then reads only the partially masked (diagonal) tiles, counted as none
+            # attention kernel then reads only partially masked tiles, once per head (its programs
+            # run head by head): a causal mask's diagonal (counted as none), but every tile of a
+            # top-k mask, whose allowed keys are scattered
             steps.append(Step("block_map", "block_map", 0, 2 * B * S * T, 2 * B * S * T * e))
-            steps.append(Step("mask", u("softmax"), 0, B * H * L, 0))
+            steps.append(Step("mask", u("softmax"), 0, B * H * L, H * B * S * T * e if dsa_mask else 0))
+        elif (mask or dsa_mask) and fused:
+            # absorbed: a tile of ROW_TILE rows (head, query) reads the mask rows of its queries, so
+            # the mask is read min(H, H*S/ROW_TILE) times over (once per head when S >= ROW_TILE)
+            reads = sympy.Min(H, sympy.Max(1, H * S / ROW_TILE))
+            steps.append(Step("mask", u("softmax"), 0, B * H * L, reads * B * S * T * e))
         elif mask or dsa_mask:
             steps.append(Step("mask", u("softmax"), 0, B * H * L, B * S * T * e))
         if dsa_mask:
@@ -144,7 +175,9 @@ def form_steps(form: str, *, causal: bool = True, fused: bool = True, mask: bool
 
     # sparse forms
     L = S * kk
-    gather = B * S * kk * (r + dr) * e
+    # DRAM traffic of the gather: a sequence's queries run side by side and share its latent rows
+    # through L2, so a sequence reads at most its T rows (and S*kk when that is fewer)
+    gather = B * sympy.Min(S * kk, T) * (r + dr) * e
     index = B * S * kk * INDEX_BYTES
     if form == "sparse_absorbed":
         steps.append(Step("absorb", "absorb", 2 * B * H * S * dn * r, 0, q_nope + w_uk + q_lat))
@@ -182,6 +215,8 @@ def form_kernels(form: str, *, causal: bool = True, fused: bool = True, mask: bo
         kn.vector += st.vector
         kn.bytes += st.bytes
         kn.steps.append(st.name)
+        if st.programs is not None:
+            kn.programs = st.programs
     return kernels
 
 

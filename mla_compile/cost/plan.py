@@ -38,7 +38,7 @@ import torch
 from mla_compile.cost import symbols as sy
 from mla_compile.cost.calibrate import load_device
 from mla_compile.cost.devices import DEVICES, DeviceModel, table_entry
-from mla_compile.cost.forms import DENSE_FORMS, FORMS, SPARSE_FORMS, form_kernels
+from mla_compile.cost.forms import DENSE_FORMS, FORMS, SPARSE_FORMS, form_kernels, occupancy
 
 # where other sizes are symbolic, branch choices and root picking are made at these values
 DEFAULT_HINTS = {"B": 8, "S": 1, "T": 4096, "H": 128, "r": 512, "dr": 64, "dn": 128, "dv": 128, "k": 2048}
@@ -64,8 +64,9 @@ def _kernel_exprs(form: str, dev_json: str, dtype_name: str, causal: bool, mask:
                            selected=sy.k if sparse_k else None, dsa_mask=dsa and form in DENSE_FORMS)
     for kn in kernels.values():
         fl, vec, by = (sympy.expand(x.subs(sy.e, esz)) for x in (kn.flops, kn.vector, kn.bytes))
-        comp = fl / sympy.Float(rate * dev.eff(form, kn.name)) + vec / sympy.Float(dev.vector_flops)
-        mem = by / sympy.Float(dev.mem_bw * dev.mem_eff(form, kn.name))
+        occ = occupancy(kn, dev.sm_count)
+        comp = (fl / sympy.Float(rate * dev.eff(form, kn.name)) + vec / sympy.Float(dev.vector_flops)) / occ
+        mem = by / sympy.Float(dev.mem_bw * dev.mem_eff(form, kn.name)) / occ
         out.append((kn.name, comp, mem, sympy.Float(kn.launches * dev.launch_overhead), fl, vec, by))
     return tuple(out)
 

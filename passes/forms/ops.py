@@ -34,11 +34,10 @@ def reference_for(form: str) -> Callable:
 
 def implementation_for(form: str, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
                        w_uv: torch.Tensor) -> Callable:
-    """A fused kernel where one exists and covers these head and rank sizes, else the reference."""
+    """The fused kernel of `form` for these tensors' device where one exists, else the reference."""
     from mla_compile.kernels import kernel_for
 
-    dims = (latent.shape[-1], q_nope.shape[-1], q_rope.shape[-1], w_uv.shape[1])   # r, dn, dr, dv
-    return kernel_for(form, q_nope.device, dims) or _REFERENCES[form]
+    return kernel_for(form, q_nope.device) or _REFERENCES[form]
 
 
 def _out_like(q_nope: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:

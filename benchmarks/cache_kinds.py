@@ -1,0 +1,121 @@
+"""StaticCache against DynamicCache in `model.generate`, HF eager and backend="mla" (issue 7, item 1).
+
+    python benchmarks/cache_kinds.py [--points v3:8:4096,v3:1:16384] [--new 32] [--smoke]
+
+For each point (model, batch B, prompt P) and system, `generate` runs twice after a warm-up call
+(which compiles): with max_new_tokens=N and with max_new_tokens=1 (the prefill alone); the decode
+time per step is (t_N - t_1) / (N - 1), so prefill is not in it. Static cache: cache_implementation=
+"static" (max length P + N), with HF's own auto-compile turned off (disable_compile=True) so that the
+HF eager row is eager and the mla rows are ours. Systems: HF eager (sdpa); mla = model.compile(
+backend="mla"); mla + CUDA graphs = model.compile(backend="mla", mode="reduce-overhead") (static
+cache only: a growing dynamic cache changes shapes every step). Models as in generate.py (random
+bf16 weights, 2 layers). Greedy decoding; the tokens of every system are compared with HF eager's.
+
+Writes benchmarks/results/cache-kinds-<device>.md (and copies it to $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from bench_forms import device_name, save_report  # noqa: E402
+from generate import build, sync  # noqa: E402
+
+
+def run_generate(model, ids, new, static, dev):
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, attention_mask=torch.ones_like(ids))
+    if static:
+        kw.update(cache_implementation="static", disable_compile=True)
+    sync(dev)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, **kw)
+    sync(dev)
+    return time.perf_counter() - t0, out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--points", default="v3:8:4096,v3:1:16384")
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    import mla_compile
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    points = [(m, int(b), int(p)) for m, b, p in (x.split(":") for x in args.points.split(","))]
+    if args.smoke:
+        points = [("v3", 2, 64)]
+    N = args.new
+    rows = []
+    for name, B, P in points:
+        fam, cfg, base = build(name, dev, dt, args.smoke)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, cfg.vocab_size, (B, P), generator=g).to(dev)
+        want = {}
+        systems = [("HF eager (sdpa)", None), ("mla", "default"), ("mla + CUDA graphs", "reduce-overhead")]
+        for label, mode in systems:
+            for static in (False, True):
+                if mode == "reduce-overhead" and (not static or dev.type != "cuda"):
+                    continue
+                torch._dynamo.reset()
+                mla_compile.reset()
+                model = base
+                if mode is not None:
+                    model = copy.deepcopy(base)
+                    model.compile(backend="mla", mode=None if mode == "default" else mode)
+                try:
+                    t_c0 = time.perf_counter()
+                    run_generate(model, ids, N, static, dev)          # warm-up: compiles
+                    compile_s = time.perf_counter() - t_c0
+                    t1, _ = run_generate(model, ids, 1, static, dev)
+                    tn, out = run_generate(model, ids, N, static, dev)
+                    step = (tn - t1) / (N - 1)
+                    key = static
+                    if mode is None:
+                        want[key] = out
+                    same = bool(torch.equal(out, want[key])) if key in want else None
+                    forms = sorted({r.form for r in mla_compile.rewrite_log() if r.status == "rewritten"})
+                    rows.append(dict(model=name, B=B, P=P, system=label, cache="static" if static else "dynamic",
+                                     step_ms=step * 1e3, prefill_ms=t1 * 1e3, tok_s=B / step, compile_s=compile_s,
+                                     same=same, forms=",".join(forms) if mode else "", note=""))
+                except Exception as e:  # noqa: BLE001
+                    rows.append(dict(model=name, B=B, P=P, system=label, cache="static" if static else "dynamic",
+                                     step_ms=float("nan"), prefill_ms=float("nan"), tok_s=float("nan"),
+                                     compile_s=float("nan"), same=None, forms="",
+                                     note=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+                print(rows[-1], flush=True)
+                del model
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+        del base
+
+    lines = [f"# StaticCache vs DynamicCache in generate: {device_name(dev)}", "",
+             f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+             f"- torch {torch.__version__}, transformers {__import__('transformers').__version__}",
+             f"- command: `python {' '.join(sys.argv)}`",
+             f"- decode step = (generate N={N} tokens - generate 1 token) / (N - 1); prefill = generate 1 token; "
+             "greedy; 'same tokens' compares with HF eager on the same cache kind", "",
+             "| model | B | prompt | system | cache | decode step ms | tokens/s | prefill ms | compile s | "
+             "same tokens | mla forms | note |", "|" + "---|" * 12]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['B']} | {r['P']} | {r['system']} | {r['cache']} | {r['step_ms']:.3f} | "
+                     f"{r['tok_s']:.0f} | {r['prefill_ms']:.1f} | {r['compile_s']:.1f} | {r['same']} | {r['forms']} | "
+                     f"{r['note']} |")
+    save_report("\n".join(lines) + "\n", f"cache-kinds-{device_name(dev)}{'-smoke' if args.smoke else ''}.md", (),
+                os.environ.get("OUT"))
+
+
+if __name__ == "__main__":
+    main()
