@@ -30,7 +30,8 @@ Counting rules (decisions, written down so benchmarks can contest them):
   side by side and share its rows through L2, so DRAM sees B*min(S*kk, T)*(r+dr)*e bytes (a
   sequence's latent is read at most once).  At decode (S = 1) the whole latent is never read.
 * Occupancy: the expanded attention kernel runs B*H*ceil(S/EXPANDED_TILE) programs, each over all
-  its keys; when that is fewer than the device's SMs its time is divided by programs / SMs.  The
+  its keys; when that is fewer than PROGRAMS_PER_SM per SM, its time is divided by
+  programs / (PROGRAMS_PER_SM x SMs).  The
   latent kernels split the keys until the device is full and the GEMMs are cuBLAS's.
 * Mask re-reads: the absorbed kernel folds (head, query) into tiles of ROW_TILE rows, so each tile
   reads its queries' mask rows: min(H, max(1, H*S/ROW_TILE)) reads of the mask.  The expanded kernel
@@ -57,6 +58,7 @@ FORMS = ("expanded", "absorbed", "sparse_absorbed", "sparse_expanded")
 DENSE_FORMS = FORMS[:2]
 SPARSE_FORMS = FORMS[2:]
 
+PROGRAMS_PER_SM = 2             # programs per SM for a flash-attention kernel's full speed
 EXPANDED_TILE = 128             # queries per program of the expanded attention kernel (S > 64)
 ROW_TILE = 64                   # rows (head, query) per program of the absorbed attention kernel
 SOFTMAX_OPS = 8                 # element-wise ops per live score in the softmax step
@@ -67,8 +69,10 @@ SOFTMAX_PASSES_UNFUSED = 12     # fp32 score-matrix reads+writes of the referenc
 LAUNCHES = {
     True: {
         "expanded": {"expand": 1, "attention": 1, "block_map": 1, "dsa_mask": 3},
-        "absorbed": {"absorb": 1, "attention": 1, "output": 1, "dsa_mask": 3},
-        "sparse_absorbed": {"absorb": 1, "attention": 1, "output": 1},
+        # absorb: the [H, B*S, dn] copy of q_nope + the bmm; attention: split kernel + log-sum-exp
+        # merge; output: the bmm + the [B, H, S, dv] contiguous copy (kernels/absorbed_decode.py)
+        "absorbed": {"absorb": 2, "attention": 2, "output": 2, "dsa_mask": 3},
+        "sparse_absorbed": {"absorb": 2, "attention": 2, "output": 2},
         "sparse_expanded": {"expand": 1, "attention": 1},
     },
     False: {
@@ -103,11 +107,13 @@ class Kernel:
     programs: Optional[sympy.Expr] = None
 
 
-def occupancy(kn: Kernel, sm_count: int):
-    """Fraction of the device a kernel can keep busy: min(1, programs / SMs) (1 when not bounded)."""
+def occupancy(kn: Kernel, sm_count: int, per_sm: int = None):
+    """Fraction of its full speed a kernel reaches: min(1, programs / (per_sm x SMs)), 1 when not
+    bounded. A flash-attention program alone on an SM stalls on its own loads; PROGRAMS_PER_SM of them
+    side by side hide that latency (the efficiencies were fitted at that occupancy)."""
     if kn.programs is None:
         return sympy.Integer(1)
-    return sympy.Min(1, kn.programs / sm_count)
+    return sympy.Min(1, kn.programs / ((per_sm or PROGRAMS_PER_SM) * sm_count))
 
 
 def live_pairs(causal: bool, skip: bool):
