@@ -136,8 +136,16 @@ def _expanded_fwd_kernel(
                 BLOCK_N, DN_PAD, DV_PAD, DR_PAD, HAS_ROPE, MASK_KIND, False, IS_CAUSAL, DOT_PREC)
     else:
         lbase = (b * n_mblocks + pid_m)
-        cnt = tl.load(CNT + lbase)
-        for i in range(0, cnt):
+        cnt = tl.load(CNT + lbase * 2)
+        pre = tl.load(CNT + lbase * 2 + 1)
+        # the leading run of entirely allowed blocks (all of a causal mask's tile but its diagonal): a
+        # plain loop, which Triton software-pipelines; then the listed blocks, reading the mask
+        for n0 in range(0, pre * BLOCK_N, BLOCK_N):
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base,
+                sm_scale, T, DN, DV, DR, s_kt, s_kd, s_vt, s_vd, s_krt, s_krd, s_mt,
+                BLOCK_N, DN_PAD, DV_PAD, DR_PAD, HAS_ROPE, MASK_KIND, False, IS_CAUSAL, DOT_PREC)
+        for i in range(pre, cnt):
             e = tl.load(LIST + lbase * n_nblocks + i)
             n0 = (e // 2) * BLOCK_N
             if e % 2 == 1:          # entirely allowed, zero bias: no mask tile to read
@@ -213,6 +221,8 @@ def _block_map_kernel(
         keep_all = tl.max((m_ok & (row_any == 0)).to(tl.int32), 0)
     # pass 2: the live blocks, in order, each 2 * block + (entirely allowed with zero bias)
     cnt = 0
+    prefix = 0          # leading blocks 0, 1, ... that are all live and entirely allowed
+    run = 1
     for nb in range(0, n_nblocks):
         allowed, free = _mask_tile(MASK, b, offs_m, m_ok, nb, T, s_mb, s_ms, s_mt, min_half,
                                    BLOCK_N, IS_BOOL, IS_CAUSAL)
@@ -220,16 +230,20 @@ def _block_map_kernel(
         all_free = tl.min(tl.min(free.to(tl.int32), 1), 0)
         tl.store(LIST + base + cnt, nb * 2 + all_free, mask=live != 0)
         cnt += live
-    tl.store(CNT + b * n_mblocks + pid_m, cnt)
+        run = run & live & all_free
+        prefix += run
+    tl.store(CNT + (b * n_mblocks + pid_m) * 2, cnt)
+    tl.store(CNT + (b * n_mblocks + pid_m) * 2 + 1, prefix)
 
 
 def block_map(mask, B, S, T, is_causal, BM, BN):
-    """Live key blocks per query tile: (entries [B, nM, nN] int32, the first counts[b, m] of them
-    live, each 2*block + entirely_allowed; counts [B, nM] int32), built on the device in one launch."""
+    """Live key blocks per query tile: (entries [B, nM, nN] int32, the first counts[b, m, 0] of them
+    live, each 2*block + entirely_allowed; counts [B, nM, 2] int32: the live count, and how many
+    leading blocks 0, 1, ... are live and entirely allowed), built on the device in one launch."""
     kind, m, (s_mb, s_ms, s_mt) = mask_view(mask, B, S, T)
     nM, nN = triton.cdiv(S, BM), triton.cdiv(T, BN)
     entries = torch.empty(B, nM, nN, dtype=torch.int32, device=m.device)
-    counts = torch.empty(B, nM, dtype=torch.int32, device=m.device)
+    counts = torch.empty(B, nM, 2, dtype=torch.int32, device=m.device)
     min_half = float(torch.finfo(m.dtype).min / 2) if kind == 2 else 0.0
     _block_map_kernel[(nM, B)](
         m, entries, counts, S, T, nM, nN, s_mb, s_ms, s_mt, min_half,

@@ -222,9 +222,10 @@ def test_expanded_causal_mask_skips_triangle():
     m = torch.full((S, S), torch.finfo(torch.float32).min, device=DEV).triu(1)[None, None]
     entries, counts = block_map(m, 1, S, S, False, BM, BN)
     # HF's causal mask: query tile i keeps key blocks 0..i, the diagonal one partial, the rest free
-    assert counts.cpu().tolist() == [[min(i * BM // BN + BM // BN, nN) for i in range(nM)]]
+    assert counts[..., 0].cpu().tolist() == [[min(i * BM // BN + BM // BN, nN) for i in range(nM)]]
+    assert counts[..., 1].cpu().tolist() == [[i * BM // BN for i in range(nM)]]     # the free prefix
     for i in range(nM):
-        got = entries[0, i, :counts[0, i]].cpu().tolist()
+        got = entries[0, i, :counts[0, i, 0]].cpu().tolist()
         assert [e // 2 for e in got] == list(range(len(got)))
         assert [e % 2 for e in got][:-BM // BN] == [1] * (len(got) - BM // BN)   # below the diagonal: free
         assert got[-1] % 2 == 0                                                  # the diagonal: partial
@@ -233,7 +234,7 @@ def test_expanded_causal_mask_skips_triangle():
     assert entries[0, nM - 1, 0].item() == 0
     m[..., 5, :] = torch.finfo(torch.float32).min               # a fully masked row keeps every block
     entries, counts = block_map(m, 1, S, S, False, BM, BN)
-    assert counts[0, 5 // BM].item() == nN
+    assert counts[0, 5 // BM, 0].item() == nN
 
 
 def test_unsplit_weights():
