@@ -311,6 +311,21 @@ def test_calibrate_cpu_writes_and_reloads(tmp_path, monkeypatch):
     assert not plan(batch=1, q_len=1, kv_len=8192, device="cpu", **V3).device["measured"]
 
 
+def test_gpu_cache_keeps_its_rates_but_not_stale_kernel_figures(tmp_path, monkeypatch):
+    """A calibration written by an older version (other efficiencies, an eager launch cost) gives its
+    measured rates; the kernels' efficiencies and fixed cost come from this version's table."""
+    monkeypatch.setenv("MLA_COMPILE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "NVIDIA H200")
+    old = DEVICES["h200"].copy(matmul_flops={**DEVICES["h200"].matmul_flops, "bf16": 777e12}, mem_bw=4.1e12,
+                               efficiency={"default": 0.7}, mem_efficiency={"default": 0.85},
+                               launch_overhead=89e-6, measured=True)
+    (tmp_path / "device-h200.json").write_text(old.to_json())
+    m = load_device(torch.device("cuda", 0))
+    assert m.measured and m.matmul_flops["bf16"] == 777e12 and m.mem_bw == 4.1e12
+    assert m.efficiency == DEVICES["h200"].efficiency and m.mem_efficiency == DEVICES["h200"].mem_efficiency
+    assert m.launch_overhead == DEVICES["h200"].launch_overhead
+
+
 def test_symbolic_plan_choose_matches_numeric_with_topk():
     T = sympy.Symbol("T", positive=True, integer=True)
     p = plan(batch=4, q_len=1, kv_len=T, topk=2048, **V3)

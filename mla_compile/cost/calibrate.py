@@ -95,7 +95,14 @@ def load_device(device: DeviceLike = None) -> DeviceModel:
     path = cache_path(key)
     if path.is_file():
         try:
-            return DeviceModel.from_dict(json.loads(path.read_text()))
+            cached = DeviceModel.from_dict(json.loads(path.read_text()))
+            if cached.fused_attention:
+                # a calibration measures the device's rates; the kernels' efficiencies and fixed cost
+                # belong to this version of the kernels, so an older cache does not keep stale ones
+                cached.efficiency = dict(model.efficiency)
+                cached.mem_efficiency = dict(model.mem_efficiency)
+                cached.launch_overhead = model.launch_overhead
+            return cached
         except (ValueError, TypeError, OSError) as exc:
             warnings.warn(f"mla_compile: ignoring unreadable device cache {path}: {exc}")
     if model.warning:
