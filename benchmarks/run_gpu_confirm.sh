@@ -4,19 +4,8 @@
 #   GPU 2     the 64-bit offsets test, StaticCache vs DynamicCache (eager, mla), then mla + CUDA graphs
 #             with a static cache in its own process (it crashed once: faulthandler prints the stack)
 #   GPU 3     generate.py: decode and prefill, HF eager vs Inductor vs mla
-set -u
-ROOT=$PWD
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/logs"
-export PYTHONUNBUFFERED=1 MLA_COMPILE_CACHE_DIR=/tmp/mla-cache TRITON_CACHE_DIR=/tmp/triton-cache
-export PYTHONPATH=$ROOT
-if ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl; then
-  export PYTHONPATH=$ROOT:/tmp/site
-fi
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name(), torch.cuda.device_count())" | tee "$OUT/logs/versions.txt"
-for i in 0 1; do
-  CUDA_VISIBLE_DEVICES=$i timeout -k 5 ${FORMS_TIMEOUT:-470} python3 benchmarks/bench_forms.py \
-    --budget ${FORMS_BUDGET:-370} --no-fit --no-first --seed ${SEED:-2} --shard $i/2 > "$OUT/logs/forms-shard$i.log" 2>&1 &
-done
+source benchmarks/gpu_env.sh
+forms_shards "${SEED:-2}" "${FORMS_BUDGET:-370}" "${FORMS_TIMEOUT:-470}" --no-first 0 1
 (
   export CUDA_VISIBLE_DEVICES=2
   timeout -k 5 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k offsets > "$OUT/logs/gpu-offsets.log" 2>&1
@@ -37,5 +26,4 @@ wait
   for f in "$OUT"/logs/forms-*.log; do echo "== $f"; grep -c "^\[" "$f"; done
 } > "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
-tar czf "$OUT/results.tgz" -C "$ROOT" benchmarks/results -C "$OUT" logs
-rm -rf "$OUT/logs"
+pack

@@ -4,19 +4,8 @@
 #   GPU 2     the kernel tests on CUDA, then StaticCache vs DynamicCache in generate (cache_kinds.py)
 #   GPU 3     the kernel table against FlashMLA, HF eager, Inductor and the roofline (bench_kernels.py)
 # Results: $OUT/results.tgz (benchmarks/results/* and the logs) and $OUT/summary.txt.
-set -u
-ROOT=$PWD
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/logs"
-export PYTHONUNBUFFERED=1 MLA_COMPILE_CACHE_DIR=/tmp/mla-cache TRITON_CACHE_DIR=/tmp/triton-cache
-export PYTHONPATH=$ROOT
-if ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl; then
-  export PYTHONPATH=$ROOT:/tmp/site
-fi
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name(), torch.cuda.device_count())" | tee "$OUT/logs/versions.txt"
-for i in 0 1; do
-  CUDA_VISIBLE_DEVICES=$i timeout -k 5 ${FORMS_TIMEOUT:-520} python3 benchmarks/bench_forms.py \
-    --budget ${FORMS_BUDGET:-400} --no-fit --no-first --seed ${SEED:-1} --shard $i/2 > "$OUT/logs/forms-shard$i.log" 2>&1 &
-done
+source benchmarks/gpu_env.sh
+forms_shards "${SEED:-1}" "${FORMS_BUDGET:-400}" "${FORMS_TIMEOUT:-520}" --no-first 0 1
 (
   export CUDA_VISIBLE_DEVICES=2
   timeout -k 5 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py > "$OUT/logs/gpu-kernel-tests.log" 2>&1
@@ -34,5 +23,4 @@ wait
   for f in "$OUT"/logs/forms-*.log; do echo "== $f"; grep -E "^\[|Error" "$f" | tail -n 2; grep -c "^\[" "$f"; done
 } > "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
-tar czf "$OUT/results.tgz" -C "$ROOT" benchmarks/results -C "$OUT" logs
-rm -rf "$OUT/logs"
+pack

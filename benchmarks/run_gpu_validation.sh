@@ -6,25 +6,11 @@
 #             at every size (MLA_COMPILE_KERNELS=triton), half as the backend chooses
 # Results come back as $OUT/results.tgz (benchmarks/results/* and every log) and $OUT/summary.txt.
 #   SEED=0 FORMS_BUDGET=400 FUZZ_EACH=70 bash benchmarks/run_gpu_validation.sh
-set -u
-ROOT=$PWD
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/logs"
-export PYTHONUNBUFFERED=1 MLA_COMPILE_CACHE_DIR=/tmp/mla-cache TRITON_CACHE_DIR=/tmp/triton-cache
-export PYTHONPATH=$ROOT
-# transformers 5.23 ahead of the machine's 5.17 (5.17's DSA models cache expanded K/V, not the latent)
-if ls .whl/transformers-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
-     --target /tmp/site .whl/transformers-*.whl .whl/huggingface_hub-*.whl; then
-  export PYTHONPATH=$ROOT:/tmp/site
-fi
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name(), torch.cuda.device_count())" | tee "$OUT/logs/versions.txt"
+source benchmarks/gpu_env.sh
 NG=$(python3 -c "import torch; print(torch.cuda.device_count())")
 g_forms=(0 1); g_tests=2; g_fuzz=3
 if [ "$NG" -lt 4 ]; then g_forms=(0); g_tests=$((NG - 1)); g_fuzz=$((NG - 1)); fi
-nf=${#g_forms[@]}
-for i in "${!g_forms[@]}"; do
-  CUDA_VISIBLE_DEVICES=${g_forms[$i]} timeout -k 5 ${FORMS_TIMEOUT:-530} python3 benchmarks/bench_forms.py \
-    --budget ${FORMS_BUDGET:-400} --no-fit --seed ${SEED:-0} --shard $i/$nf > "$OUT/logs/forms-shard$i.log" 2>&1 &
-done
+forms_shards "${SEED:-0}" "${FORMS_BUDGET:-400}" "${FORMS_TIMEOUT:-530}" "" "${g_forms[@]}"
 (
   export CUDA_VISIBLE_DEVICES=$g_tests
   timeout -k 5 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu.py > "$OUT/logs/gpu-tests.log" 2>&1
@@ -47,6 +33,5 @@ wait
   for f in "$OUT"/logs/forms-*.log; do echo "== $f"; grep -E "^\[|Error" "$f" | tail -n 4; grep -c "^\[" "$f"; done
 } > "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
-tar czf "$OUT/results.tgz" -C "$ROOT" benchmarks/results -C "$OUT" logs
-rm -rf "$OUT/logs"
+pack
 ls -la "$OUT"
