@@ -149,13 +149,9 @@ def timed_loop(step, dev, budget=0.5, min_n=3, max_n=50):
     est = time.perf_counter() - t0
     n = int(max(min_n, min(max_n, budget / max(est, 1e-6))))
     if dev.type == "cuda":
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(n):
-            step()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) / 1e3 / n
+        from bench_forms import time_events
+
+        return time_events(step, n)
     t0 = time.perf_counter()
     for _ in range(n):
         step()

@@ -59,7 +59,7 @@ def auto(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rop
     T = latent.shape[-2]
     k = topk_indices.shape[-1] if topk_indices is not None else None
     form = _CHOOSERS[plan_id]({"B": B, "S": S, "T": T, "k": k})
-    fn = implementation_for(form, q_nope, q_rope, latent, w_uv)
+    fn = implementation_for(form, q_nope)
     if form in SPARSE_FORMS:
         return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal)
     if topk_indices is not None and k < T:

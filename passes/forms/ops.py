@@ -32,8 +32,7 @@ def reference_for(form: str) -> Callable:
     return _REFERENCES[form]
 
 
-def implementation_for(form: str, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
-                       w_uv: torch.Tensor) -> Callable:
+def implementation_for(form: str, q_nope: torch.Tensor) -> Callable:
     """The fused kernel of `form` for these tensors' device where one exists, else the reference."""
     from mla_compile.kernels import kernel_for
 
@@ -50,7 +49,7 @@ def _dense(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_cau
     cache is allocated at its maximum length and HF masks the unfilled tail; with kv_lens the filled
     part alone is read. Kernels take kv_lens on the device; elsewhere the inputs are cut to its
     maximum (a host read, skipped while a CUDA graph is being captured: the mask keeps it exact)."""
-    fn = implementation_for(form, q_nope, q_rope, latent, w_uv)
+    fn = implementation_for(form, q_nope)
     if kv_lens is None:
         return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal)
     if getattr(fn, "accepts_kv_lens", False):
@@ -85,7 +84,7 @@ def absorbed(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k
 def sparse_absorbed(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
                     w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: torch.Tensor,
                     mask: Optional[torch.Tensor], scale: float, is_causal: bool) -> torch.Tensor:
-    fn = implementation_for("sparse_absorbed", q_nope, q_rope, latent, w_uv)
+    fn = implementation_for("sparse_absorbed", q_nope)
     return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal)
 
 
@@ -93,7 +92,7 @@ def sparse_absorbed(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Te
 def sparse_expanded(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
                     w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: torch.Tensor,
                     mask: Optional[torch.Tensor], scale: float, is_causal: bool) -> torch.Tensor:
-    fn = implementation_for("sparse_expanded", q_nope, q_rope, latent, w_uv)
+    fn = implementation_for("sparse_expanded", q_nope)
     return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal)
 
 
