@@ -9,6 +9,8 @@ both with the dense MLP (first_k_dense_replace = layers), vocab 1024, attn_imple
   v2lite  DeepSeek-V2-Lite shapes: hidden 2048, 16 heads, q_lora None, kv_lora 512, dr 64, dn = dv = 128,
           dense MLP intermediate 10944
   v32     DeepSeek-V3.2 (DSA) shapes: as v3 plus the indexer (64 heads x 128, index_topk 2048)
+  v3attn  one V3 attention layer with its MLP shrunk to 64: the step is the attention module's (issue 4's
+          "whole attention module step"), plus embedding, norms and a 7168 x 1024 lm_head (~15 MB, ~4 us)
 
 Decode at context T: the DynamicCache is filled directly with random latents (and random indexer keys
 for v32) of length T-1 (one 1-token forward initialises every cache layer, then each cached tensor is
@@ -72,6 +74,9 @@ def model_config(name, smoke=False):
     if name == "v3":
         return "deepseek_v3", tiny_config("deepseek_v3", heads=128, q_lora_rank=1536, hidden_size=7168,
                                           intermediate_size=18432, **common)
+    if name == "v3attn":
+        return "deepseek_v3", tiny_config("deepseek_v3", heads=128, q_lora_rank=1536, hidden_size=7168,
+                                          intermediate_size=64, **{**common, "layers": 1, "first_k_dense_replace": 1})
     if name == "v32":
         return "deepseek_v32", tiny_config("deepseek_v32", heads=128, q_lora_rank=1536, hidden_size=7168,
                                            intermediate_size=18432, index_topk=2048, index_n_heads=64,

@@ -164,6 +164,30 @@ def test_inductor_end_to_end_more_families(family):
         assert rel_err(g, w) < 1e-4
 
 
+def test_generate_compile_config_names_the_backend():
+    """The path CUDA graphs take with a StaticCache: generate compiles the decode steps itself
+    (CompileConfig(backend="mla", ...)), prefill stays eager, so the cache tensors are created outside
+    tracing and HF marks them static addresses. The decode graphs are rewritten; tokens equal eager's."""
+    from transformers import CompileConfig
+
+    model = tiny_model("deepseek_v3", seed=14)
+    ids = torch.randint(3, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(15))
+    cc = CompileConfig(backend="mla", mode=None, options={"remainder": "eager", "form": "absorbed"})
+    cc._compile_all_devices = True          # HF compiles only on accelerators unless told (this is CPU)
+    torch._dynamo.reset()
+    mla_compile.reset()
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static",
+                              disable_compile=True)
+        assert not mla_compile.rewrite_log()
+        got = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static",
+                             compile_config=cc)
+    assert torch.equal(got, want)
+    rewritten = [r for r in mla_compile.rewrite_log() if r.status == "rewritten"]
+    assert rewritten and {r.form for r in rewritten} == {"absorbed"}
+    assert all(r.shapes["S"] == 1 for r in rewritten), "only decode steps are compiled"
+
+
 def test_static_cache_reads_only_the_filled_part(monkeypatch):
     """generate(cache_implementation="static"): the dense op gets kv_lens = tokens written so far (the
     buffer is allocated at its maximum length), and the tokens equal eager's."""
