@@ -210,6 +210,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny models, any device")
     ap.add_argument("--points", help="model:B:T,... (default: the built-in priority list)")
     ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix of the report's names (a run of a few points beside the main one)")
     args = ap.parse_args()
     t_start = time.time()
     import mla_compile  # noqa: F401  (registers backend="mla" in a bare checkout)
@@ -222,7 +223,7 @@ def main():
                  ("accumulated_cache_size_limit", 512), ("automatic_dynamic_shapes", False)):
         if hasattr(dyn, k):
             setattr(dyn, k, v)
-    name = (torch.cuda.get_device_name().replace(" ", "-") if cuda else "cpu") + ("-smoke" if args.smoke else "")
+    name = (torch.cuda.get_device_name().replace(" ", "-") if cuda else "cpu") + ("-smoke" if args.smoke else "") + args.tag
     os.makedirs(RESULTS, exist_ok=True)
     out_dir = os.environ.get("OUT")
     log_path = os.path.join(RESULTS, f"generate-{name}-rewrites.jsonl")
