@@ -15,7 +15,7 @@ Not part of the backend. One candidate kernel beside the production one
 
 Each variant is checked against the production kernel's output, then timed (CUDA-graph replay, the
 same way bench_kernels.py times the 'gr' columns) beside FlashMLA where it is installed. Prints one
-table; writes it to $OUT/absorbed-experiments.md if OUT is set.
+table; writes it to benchmarks/results/absorbed-experiments-<device>.md (and to $OUT if set).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from triton.testing import do_bench_cudagraph
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from bench_forms import device_name, save_report  # noqa: E402
 from mla_compile.kernels.absorbed_decode import (  # noqa: E402
     absorbed_latent_attention, block_m_for, choose_splits, merge_splits)
 
@@ -160,10 +161,8 @@ def main():
                     lines.append(f"| {B} | {T} | {name} | failed: {type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:100] if str(e) else ''} | | | |")
                 print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "absorbed-experiments.md"), "w") as f:
-            f.write(text)
+    save_report("\n".join(lines) + "\n", f"absorbed-experiments-{device_name(torch.device('cuda'))}.md", (),
+                os.environ.get("OUT"))
 
 
 if __name__ == "__main__":

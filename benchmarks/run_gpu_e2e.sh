@@ -4,7 +4,10 @@
 #                       production kernel and FlashMLA (absorbed_experiments.py)
 #          module       the attention-module step, HF eager / Inductor / mla (generate.py v3attn:8:4096)
 #          profile      that step's GPU time by kernel, and its bytes floor (profile_module_step.py)
+#          profile-prefill  V2-Lite B=1 prefill of 512: GPU kernels, wall time, host ops
 #   GPU 1  generate     decode and prefill over the default points (generate.py; the plots' data)
+#          readme       the README's GPU reproduction, verbatim: install, then its generate.py command,
+#                       from another directory with no PYTHONPATH (a new user's path)
 #   GPU 2  tests        the GPU test tier (kernels at real sizes, HF families end to end on CUDA)
 #          cache        StaticCache / DynamicCache in generate, CUDA graphs via CompileConfig (cache_kinds.py)
 #   GPU 3  probes       model.compile(mode="reduce-overhead") with a StaticCache, mla then inductor, each in
@@ -12,11 +15,11 @@
 #          cache-long   cache_kinds.py at B=1, 16K
 # Results: $OUT/results.tgz (benchmarks/results/* and the logs) and $OUT/summary.txt.
 source benchmarks/gpu_env.sh
-JOBS=" ${JOBS:-experiments module profile generate tests cache probes cache-long} "
+JOBS=" ${JOBS:-experiments module profile profile-prefill generate readme tests cache probes cache-long} "
 want() { [[ "$JOBS" == *" $1 "* ]]; }
 run_logged() {   # run_logged NAME TIMEOUT CMD...: the command's output in logs/NAME.log, its rc at the end
-  local name=$1 limit=$2; shift 2
-  timeout -k 5 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
+  local name=$1 limit=$2; shift 2     # (OUT unset for it: its reports travel in results.tgz; 8 files come back)
+  env -u OUT timeout -k 5 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
   echo "$name rc=$?" >> "$OUT/logs/$name.log"
 }
 (
@@ -25,10 +28,16 @@ run_logged() {   # run_logged NAME TIMEOUT CMD...: the command's output in logs/
   want module && run_logged module-step 200 python3 benchmarks/generate.py --no-prefill --tag=-module \
     --points ${MODULE_POINTS:-v3attn:8:4096}
   want profile && run_logged profile 150 python3 benchmarks/profile_module_step.py
+  want profile-prefill && run_logged profile-prefill 150 python3 benchmarks/profile_module_step.py \
+    --point v2lite:1:512 --prefill
 ) &
 (
   export CUDA_VISIBLE_DEVICES=1
   want generate && run_logged generate 540 python3 benchmarks/generate.py --budget ${GEN_BUDGET:-420}
+  # the README's commands; no network here, so pip takes the carried wheels and the installed setuptools
+  want readme && run_logged readme 400 env -u PYTHONPATH bash -c "
+    python3 -m pip install -q --no-deps --no-build-isolation -e . && python3 -m pip install -q --no-deps .whl/transformers-*.whl .whl/huggingface_hub-*.whl &&
+    cd /tmp && python3 $ROOT/benchmarks/generate.py --no-prefill --tag=-readme --points v3:8:4096,v32:1:65536,v3:32:4096"
 ) &
 (
   export CUDA_VISIBLE_DEVICES=2
