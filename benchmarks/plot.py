@@ -27,6 +27,15 @@ COLORS = {"HF eager (sdpa)": "tab:red", "Inductor": "tab:orange", "mla": "tab:bl
           "expanded": "tab:red", "absorbed": "tab:blue", "sparse_absorbed": "tab:green", "sparse_expanded": "tab:purple"}
 
 
+def _run_line(csv_path):
+    """'\n<device, date, command>' from the markdown report written beside the CSV, if there is one."""
+    md = csv_path[:-4] + ".md"
+    if not os.path.exists(md):
+        return ""
+    keep = [ln[2:].strip() for ln in open(md) if ln.startswith(("- date:", "- device:", "- command:"))]
+    return "\n" + "; ".join(k.split(";")[0] for k in keep)
+
+
 def decode_plot(path, out):
     rows = [r for r in csv.DictReader(open(path)) if r["phase"] == "decode" and r["ms"]]
     panels = defaultdict(lambda: defaultdict(list))
@@ -52,7 +61,9 @@ def decode_plot(path, out):
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle("Decode step latency vs context (2-layer models, bf16; Inductor and mla with CUDA graphs; v32 mla = Inductor: its DSA regions were not matched on transformers 5.17)", fontsize=10)
+    meta = _run_line(path)
+    fig.suptitle("Decode step latency vs context (2-layer models, bf16, random weights; Inductor and mla with CUDA "
+                 f"graphs; v32 = DSA, mla sparse_absorbed){meta}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

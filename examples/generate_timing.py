@@ -7,6 +7,11 @@ The tiny run hands the rewritten graph to eager execution (MLA_COMPILE_REMAINDER
 --inductor to use Inductor); the cache grows by one token per step, so after the first recompile
 Dynamo makes the key length dynamic and the backend emits `torch.ops.mla.auto`, which picks the form
 on the real sizes at every call (see the crossover printed at the end).
+
+A third run uses a StaticCache the way CUDA graphs need it: `generate` compiles the decode steps
+itself with CompileConfig(backend="mla", mode="reduce-overhead") (on the CPU: no CUDA graphs), and the
+prefill stays eager, so HF marks the cache's buffers as static addresses and the kernels read only
+the filled part of the cache.
 """
 
 import argparse
@@ -31,14 +36,14 @@ def build(real: bool, dev):
         return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16).eval()
 
 
-def timed_generate(model, ids, new_tokens):
+def timed_generate(model, ids, new_tokens, **kw):
     def sync():
         if ids.is_cuda:
             torch.cuda.synchronize()
     with torch.no_grad():
         sync()
         t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kw)
         sync()
     return out, time.perf_counter() - t0
 
@@ -67,6 +72,7 @@ def main():
     ref, t_eager = timed_generate(model, ids, N)
     print(f"eager:     {N} tokens x {B} sequences in {t_eager:.2f} s ({B * N / t_eager:.1f} tokens/s)")
 
+    eager_forward = model.forward
     model.forward = torch.compile(model.forward, backend="mla")
     t0 = time.perf_counter()
     out, _ = timed_generate(model, ids, N)                 # first call: compiles (prefill, then decode)
@@ -76,6 +82,17 @@ def main():
           f"{t_eager / t_mla:.2f}x eager")
     same = (out == ref).float().mean().item()
     print(f"greedy tokens equal to eager's: {100 * same:.1f}%  (random weights: near-ties may flip)")
+
+    from transformers import CompileConfig
+
+    model.forward = eager_forward             # generate compiles the decode steps itself below
+    cc = CompileConfig(backend="mla", mode="reduce-overhead" if a.real else None)
+    cc._compile_all_devices = not a.real      # HF compiles on accelerators only, unless told
+    static = dict(cache_implementation="static", compile_config=cc)
+    timed_generate(model, ids, N, **static)   # compiles the decode step (and records its CUDA graph)
+    out, t_static = timed_generate(model, ids, N, **static)
+    print(f"mla, static cache{' + CUDA graphs' if a.real else ''}: {B * N / t_static:.1f} tokens/s, "
+          f"{t_eager / t_static:.2f}x eager; tokens equal to eager's: {100 * (out == ref).float().mean().item():.1f}%")
     print()
     print(mla_compile.format_rewrite_log())
 

@@ -134,6 +134,22 @@ def _only_users(n: fx.Node, allowed: set[fx.Node], what: str) -> None:
         raise NoMatch(f"{what} is also used by {', '.join(u.name for u in extra)} outside the attention core")
 
 
+def _shape_reads(x: fx.Node, consumers: set[fx.Node]) -> list[fx.Node]:
+    """The `x.size()` / `x.size(d)` nodes (with the items taken of them) whose values feed only
+    `consumers`. With a symbolic length HF sizes K as new_empty(B, H, x.size()[2], dn+dr): a read of
+    the expansion's shape, not of its values, which goes away with the K it sizes."""
+    reads = []
+    for u in x.users:
+        if not _is_method(u, "size"):
+            continue
+        leaves = [u] if len(u.args) > 1 else list(u.users)
+        if len(u.args) == 1 and not all(_is_fn(g, operator.getitem) for g in leaves):
+            continue
+        if all(set(g.users) <= consumers for g in leaves):
+            reads += [g for g in leaves if g is not u] + [u]
+    return reads
+
+
 def _getitem_of(n: Any, index: int) -> fx.Node:
     if not _is_fn(n, operator.getitem) or n.args[1] != index:
         raise NoMatch("expected an item of a split")
@@ -403,7 +419,8 @@ def _match_core(core: _Core) -> Region:
 
     # What the core reads must be used only by it (else it cannot be removed); Q may be read elsewhere.
     _only_users(core.v, set(core.nodes), "V")
-    _only_users(exp.x, {exp.split, core.k}, "the expansion")
+    shape_reads = _shape_reads(exp.x, {core.k})
+    _only_users(exp.x, {exp.split, core.k, *shape_reads}, "the expansion")
 
     scale = core.scale
     if scale is None:   # SDPA's default scale
@@ -415,7 +432,7 @@ def _match_core(core: _Core) -> Region:
         base_mask, idx, dead_mask = dsa
         topk = _shape(idx, "top-k indices")[2]
     module, family = module_of(core.output)
-    dead = core.nodes + key_nodes + [core.v] + exp.nodes[::-1] + (dead_mask if dsa else [])
+    dead = core.nodes + key_nodes + shape_reads + [core.v] + exp.nodes[::-1] + (dead_mask if dsa else [])
     if q_nope is not None:
         dead.append(core.q)
     return Region(

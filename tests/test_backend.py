@@ -188,6 +188,34 @@ def test_generate_compile_config_names_the_backend():
     assert all(r.shapes["S"] == 1 for r in rewritten), "only decode steps are compiled"
 
 
+def test_symbolic_static_cache_length_is_rewritten():
+    """After a growing DynamicCache, Dynamo's automatic dynamic compiles the static-cache decode step
+    with a symbolic length, and HF sizes K as new_empty(B, H, x.size()[2], dn+dr): a read of the
+    expansion's shape only, which goes with K. The decode regions are rewritten, not left alone for
+    it, and tokens equal eager's. (The static prefill at a symbolic prompt length, where HF's sdpa path
+    slices K and V to [:, :, :S], is still a logged near-miss: see the log's reason.)"""
+    import copy
+
+    model = tiny_model("deepseek_v3", seed=16, attn_implementation="sdpa")
+    ids = torch.randint(3, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(17))
+    twin = copy.deepcopy(model)
+    twin.forward = torch.compile(twin.forward, backend="mla", options={"remainder": "eager"})
+    torch._dynamo.reset()
+    with torch.no_grad():
+        twin.generate(ids, max_new_tokens=4, do_sample=False)          # dynamic cache: T becomes symbolic
+        mla_compile.reset()
+        want = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static",
+                              disable_compile=True)
+        got = twin.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static",
+                            disable_compile=True)
+    assert torch.equal(got, want)
+    log = mla_compile.rewrite_log()
+    assert not any("also used by" in (r.reason or "") for r in log), mla_compile.format_rewrite_log()
+    decode = [r for r in log if r.status == "rewritten" and r.shapes["S"] == 1]
+    assert len(decode) == 2 and all(not isinstance(r.shapes["T"], int) or r.form == "auto" for r in decode), \
+        mla_compile.format_rewrite_log()
+
+
 def test_static_cache_reads_only_the_filled_part(monkeypatch):
     """generate(cache_implementation="static"): the dense op gets kv_lens = tokens written so far (the
     buffer is allocated at its maximum length), and the tokens equal eager's."""
