@@ -40,7 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from bench_forms import device_name, save_report  # noqa: E402
-from generate import build, sync  # noqa: E402
+from generate import build, cudagraph_note, sync  # noqa: E402
 
 
 def run_generate(model, ids, new, static, dev, compile_config=None):
@@ -57,14 +57,6 @@ def run_generate(model, ids, new, static, dev, compile_config=None):
         out = model.generate(ids, **kw)
     sync(dev)
     return time.perf_counter() - t0, out
-
-
-def cudagraph_note():
-    """Inductor's count of graphs it ran without CUDA graphs (mutated inputs, CPU ops...), if any."""
-    from torch._dynamo.utils import counters
-
-    skips = dict(counters.get("inductor", {})).get("cudagraph_skips", 0)
-    return f"cudagraph_skips={skips}" if skips else ""
 
 
 def main():

@@ -181,6 +181,14 @@ def prefill_step(fn, ids):
     return step
 
 
+def cudagraph_note():
+    """Inductor's count of graphs it ran without CUDA graphs (mutated inputs, CPU ops...), if any."""
+    from torch._dynamo.utils import counters
+
+    skips = dict(counters.get("inductor", {})).get("cudagraph_skips", 0)
+    return f"cudagraph_skips={skips}" if skips else ""
+
+
 def read_forms(log_path, start):
     forms = {}
     try:
@@ -322,12 +330,8 @@ def main():
                         row["speedup_vs_eager"] = round(base["HF eager (sdpa)"] / t, 2)
                     if "Inductor" in base and sysname == "mla":
                         row["speedup_vs_inductor"] = round(base["Inductor"] / t, 2)
-                    if backend and cuda:
-                        from torch._dynamo.utils import counters
-
-                        skips = dict(counters.get("inductor", {})).get("cudagraph_skips", 0)
-                        if skips and m:
-                            row["note"] = f"cudagraph_skips={skips}"
+                    if backend and cuda and m:
+                        row["note"] = cudagraph_note()
                 except torch.OutOfMemoryError as e:
                     row["note"] = f"OOM: {str(e)[:80]}"
                 except Exception as e:  # noqa: BLE001
