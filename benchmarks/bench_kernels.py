@@ -69,13 +69,19 @@ def ceilings():
     b = torch.randn(8192, 8192, device=DEV, dtype=DT)
     t = do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median") * 1e-3
     flops = 2 * 8192 ** 3 / t
+    del a, b
+    return flops, copy_rate()
+
+
+def copy_rate() -> float:
+    """bytes/s of a 1 GiB device copy, bytes read + written."""
     x = torch.randn(1 << 29, device=DEV, dtype=DT)        # 1 GiB
     y = torch.empty_like(x)
     t = do_bench(lambda: y.copy_(x), warmup=10, rep=200, return_mode="median") * 1e-3
     bw = 2 * x.numel() * x.element_size() / t
-    del a, b, x, y
+    del x, y
     torch.cuda.empty_cache()
-    return flops, bw
+    return bw
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -26,18 +26,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from bench_forms import device_name, save_report  # noqa: E402
+from bench_kernels import copy_rate  # noqa: E402
 from generate import build, decode_step, fill_cache, prefill_step  # noqa: E402
 
 STEPS = 5
-
-
-def copy_rate(dev) -> float:
-    """bytes/s of a large device copy (read + write), as bench_kernels.py measures it."""
-    from triton.testing import do_bench
-
-    x = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
-    y = torch.empty_like(x)
-    return 2 * x.numel() / (do_bench(lambda: y.copy_(x), rep=50, return_mode="median") * 1e-3)
 
 
 def main():
@@ -93,7 +85,7 @@ def main():
         attn = model.model.layers[0].self_attn
         w_bytes = sum(p.numel() * p.element_size() for p in attn.parameters())
         latent = B * (T - 1) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
-        rate = copy_rate(dev)
+        rate = copy_rate()
         floor = (w_bytes + latent + 2 * latent) / rate
         lines.append(f"- bytes floor of one attention layer at the measured copy rate {rate / 1e12:.2f} TB/s: weights "
                      f"{w_bytes / 1e6:.1f} MB + latent read {latent / 1e6:.1f} MB + DynamicCache cat (read + write) "
