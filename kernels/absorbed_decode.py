@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mla_compile.passes.forms.common import as_tokens, check_args
+from mla_compile.kernels.launch import launcher
+from mla_compile.passes.forms.common import as_tokens, check_args, is_traced
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
@@ -105,7 +106,7 @@ def _absorbed_split_kernel(
             kr = tl.load(KR + b * s_kb + offs_n[:, None] * s_kt + offs_d[None, :] * s_kd,
                          mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             qk += tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC)
-        qk = qk * sm_scale
+        qk = (qk * sm_scale).to(tl.float32)    # fp32 even when the launcher (Inductor) passes an fp64 scale
         valid = n_ok[None, :] & row_ok[:, None]
         if IS_CAUSAL:
             valid = valid & (offs_n[None, :] <= s[:, None])
@@ -223,7 +224,9 @@ def mask_view(mask, B: int, S: int, T: int):
         m = m.unsqueeze(0)
     m = m.expand(B, 1, S, T)[:, 0]
     if m.dtype == torch.bool:
-        m = m.view(torch.uint8)
+        # Eager launches read it as bytes (a free view); a traced launch passes the bool tensor as is
+        # (Triton loads *i1), since Inductor cannot lower a dtype view of a bool tensor.
+        m = m if is_traced(m) else m.view(torch.uint8)
         kind = 1
     else:
         kind = 2
@@ -246,7 +249,7 @@ def merge_splits(o_part, lse, out_view, S: int, R: int, splits: int):
     # splits): split r across programs too, so the merge is not a handful of long serial loops.
     RB = R_PAD if B * M >= 1024 else min(R_PAD, 128)
     PB = max(2, min(16, triton.next_power_of_2(P)))
-    _merge_splits_kernel[(B * M, R_PAD // RB)](
+    launcher(_merge_splits_kernel, o_part)[(B * M, R_PAD // RB)](
         o_part, lse, out_view, S, R, splits, M,
         o_part.stride(0), o_part.stride(1),
         *out_view.stride(),
@@ -297,7 +300,7 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
         lse = torch.empty(B, splits, M, dtype=torch.float32, device=q_lat.device)
         sp = (o_part.stride(0), o_part.stride(1), o_part.stride(2))
     kvl = kv_lens if kv_lens is not None else c
-    _absorbed_split_kernel[(row_tiles, splits, B)](
+    launcher(_absorbed_split_kernel, q_lat)[(row_tiles, splits, B)](
         q_lat, q_rope, c, kr, m if m is not None else c, kvl, out, o_part, lse,
         float(scale), M, S, T, r, dr, chunk,
         *q_lat.stride(), *q_rope.stride(), *c.stride(), *kr.stride(), *ms, *out.stride(), *sp,

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from mla_compile.kernels.absorbed_decode import dot_precision, kernel_dtype, mask_view
+from mla_compile.kernels.launch import launcher
 from mla_compile.passes.forms.common import as_tokens, check_args
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -63,7 +64,7 @@ def _attend_block(acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_ba
         kr = tl.load(kr_base + offs_n[None, :] * s_krt + offs_dr[:, None] * s_krd,
                      mask=n_ok[None, :] & (offs_dr[:, None] < DR), other=0.0)
         qk += tl.dot(qr, kr, input_precision=DOT_PREC)
-    qk = qk * sm_scale
+    qk = (qk * sm_scale).to(tl.float32)    # fp32 even when the launcher (Inductor) passes an fp64 scale
     valid = n_ok[None, :] & m_ok[:, None]
     if IS_CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
@@ -245,7 +246,7 @@ def block_map(mask, B, S, T, is_causal, BM, BN):
     entries = torch.empty(B, nM, nN, dtype=torch.int32, device=m.device)
     counts = torch.empty(B, nM, 2, dtype=torch.int32, device=m.device)
     min_half = float(torch.finfo(m.dtype).min / 2) if kind == 2 else 0.0
-    _block_map_kernel[(nM, B)](
+    launcher(_block_map_kernel, m)[(nM, B)](
         m, entries, counts, S, T, nM, nN, s_mb, s_ms, s_mt, min_half,
         BLOCK_M=BM, BLOCK_N=BN, IS_BOOL=kind == 1, IS_CAUSAL=bool(is_causal), num_warps=4,
     )
@@ -257,10 +258,9 @@ def expansion_weight(w_uk, w_uv):
     they are the halves of one tensor; else one concatenated copy."""
     H, dn, r = w_uk.shape
     dv = w_uv.shape[1]
-    es = w_uk.element_size()
+    # _is_alias_of and storage offsets, not data pointers: they also answer on a tracer's stand-ins.
     if (w_uk.dtype == w_uv.dtype and w_uk.stride() == ((dn + dv) * r, r, 1) and w_uv.stride() == w_uk.stride()
-            and w_uv.untyped_storage().data_ptr() == w_uk.untyped_storage().data_ptr()
-            and w_uv.data_ptr() == w_uk.data_ptr() + dn * r * es):
+            and torch._C._is_alias_of(w_uv, w_uk) and w_uv.storage_offset() == w_uk.storage_offset() + dn * r):
         return torch.as_strided(w_uk, (H * (dn + dv), r), (r, 1))
     return torch.cat([w_uk, w_uv], 1).reshape(H * (dn + dv), r)
 
@@ -282,7 +282,7 @@ def expanded_attention(q_nope, q_rope, k_nope, v, k_rope, mask=None, scale=1.0, 
         entries, counts = block_map(mask, B, S, T, is_causal, BM, BN)
     else:
         entries = counts = q_nope
-    _expanded_fwd_kernel[(nM, B * H)](
+    launcher(_expanded_fwd_kernel, q_nope)[(nM, B * H)](
         q_nope, q_rope, k_nope, v, k_rope, m if m is not None else q_nope, entries, counts, out,
         float(scale), H, S, T, dn, dv, dr, nM, nN,
         *q_nope.stride(), *q_rope.stride(), *k_nope.stride(), *v.stride(), *k_rope.stride(), *ms,

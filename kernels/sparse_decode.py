@@ -26,6 +26,7 @@ import triton.language as tl
 from mla_compile.kernels.absorbed_decode import (
     absorb, block_m_for, work_bucket, dot_precision, kernel_dtype, mask_view, merge_splits, num_sms, project,
 )
+from mla_compile.kernels.launch import launcher
 from mla_compile.passes.forms.common import as_tokens, check_args, check_indices
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -106,7 +107,7 @@ def _sparse_split_kernel(
             kr = tl.load(KR + b * s_kb + idx[:, None] * s_kt + offs_d[None, :] * s_kd,
                          mask=ok[:, None] & d_ok[None, :], other=0.0)
             qk += tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC)
-        qk = qk * sm_scale
+        qk = (qk * sm_scale).to(tl.float32)    # fp32 even when the launcher (Inductor) passes an fp64 scale
         if MASK_KIND == 2:
             mv = tl.load(MASK + b * s_mb + s * s_ms + idx * s_mt, mask=ok, other=0.0)
             qk += mv.to(tl.float32)[None, :]
@@ -169,7 +170,7 @@ def sparse_latent_attention(q_lat, q_rope, latent, k_rope, topk_indices, mask=No
         o_part = torch.empty(B * S, splits, H, R_PAD, dtype=torch.float32, device=q_lat.device)
         lse = torch.empty(B * S, splits, H, dtype=torch.float32, device=q_lat.device)
         sp = (o_part.stride(0), o_part.stride(1))
-    _sparse_split_kernel[(B * S, splits, tiles)](
+    launcher(_sparse_split_kernel, q_lat)[(B * S, splits, tiles)](
         q_lat, q_rope, c, kr, topk_indices, m if m is not None else c, out, o_part, lse,
         float(scale), H, S, k, r, dr, chunk, T,
         *q_lat.stride(), *q_rope.stride(), *c.stride(), *kr.stride(), *topk_indices.stride(), *ms,

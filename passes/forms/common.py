@@ -120,22 +120,28 @@ def check_indices(topk_indices, dims: Dims) -> int:
         raise ValueError(f"topk_indices: k = 0 selected keys (shape {tuple(topk_indices.shape)})")
     if dims.device is not None and topk_indices.device != dims.device:
         raise ValueError(f"topk_indices: on {topk_indices.device}, the other tensors on {dims.device}")
-    # The range check reads the values: not while tracing with fake tensors (no data), nor while a CUDA
-    # graph is captured (no host reads; the eager warm-up calls before capture ran this check, and the
-    # kernel reads nothing outside [0, T)).
-    capturing = topk_indices.is_cuda and torch.cuda.is_current_stream_capturing()
-    if topk_indices.numel() and not _is_fake(topk_indices) and not capturing:
-        lo, hi = int(topk_indices.min()), int(topk_indices.max())
-        if lo < -1 or hi >= dims.kv_len:
-            raise ValueError(
-                f"topk_indices: values must lie in [-1, T={dims.kv_len}), got min {lo}, max {hi}")
+    check_topk_range(topk_indices, dims.kv_len)
     return topk_indices.shape[2]
 
 
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
+def check_topk_range(topk_indices: torch.Tensor, kv_len: int) -> None:
+    """Every index in [-1, kv_len), else ValueError. The check reads the values: not while tracing
+    (fake or functional tensors hold no data; a traced sparse op runs it through mla.checked_topk),
+    nor while a CUDA graph is captured (no host reads; the eager warm-up calls before capture ran this
+    check, and the kernel reads nothing outside [0, T))."""
+    capturing = topk_indices.is_cuda and torch.cuda.is_current_stream_capturing()
+    if topk_indices.numel() and not is_traced(topk_indices) and not capturing:
+        lo, hi = int(topk_indices.min()), int(topk_indices.max())
+        if lo < -1 or hi >= kv_len:
+            raise ValueError(f"topk_indices: values must lie in [-1, T={kv_len}), got min {lo}, max {hi}")
 
-    return isinstance(t, FakeTensor) or t.device.type == "meta"
+
+def is_traced(t: torch.Tensor) -> bool:
+    """True for the stand-ins a tracer passes (fake, functional or meta tensors: no data to read)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(t, (FakeTensor, FunctionalTensor)) or t.device.type == "meta"
 
 
 def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -1,9 +1,10 @@
 """The forms as torch.library ops: `torch.ops.mla.<form>`.
 
-Each op has a fake function (for Dynamo, AOTAutograd and Inductor, which treat it as one opaque
-call) and an implementation that takes a fused Triton kernel where `mla_compile.kernels` offers one
-for the device (CUDA, or any device with MLA_COMPILE_KERNELS=triton), else the plain-torch
-reference, which runs on any device.
+Each form is a `torch.library.triton_op` whose implementation takes a fused Triton kernel where
+`mla_compile.kernels` offers one for the device (CUDA, or any device with MLA_COMPILE_KERNELS=triton),
+else the plain-torch reference, which runs on any device. Under torch.compile, Inductor traces a
+CUDA call with static sizes down to its Triton launches; other calls go to the form's opaque twin
+`mla.<form>_opaque` (see "The ops" below).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from mla_compile.passes.forms.absorbed import absorbed_reference
+from mla_compile.passes.forms.common import check_topk_range, is_traced
 from mla_compile.passes.forms.expanded import expanded_reference
 from mla_compile.passes.forms.sparse import sparse_absorbed_reference, sparse_expanded_reference
 
@@ -66,54 +68,115 @@ def _dense(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_cau
     return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal)
 
 
-@torch.library.custom_op("mla::expanded", mutates_args=())
-def expanded(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+# --------------------------------------------------------------------------------------------
+# The ops. Each form is a `torch.library.triton_op`: called on real tensors it runs the kernel (or the
+# reference) directly; when AOTAutograd traces it for Inductor, the body is traced too, so Inductor
+# sees the Triton launches as its own user-defined kernels (no custom-op dispatch, no Python per call,
+# the surrounding GEMMs and allocations planned with the rest of the graph). A call whose kernels cannot
+# be traced exactly is handed to the same form's opaque twin, `mla::<form>_opaque` (a custom_op that
+# Inductor calls as one black box, as every form was before):
+#   - no Triton kernel for the device (CPU references; interpreted Triton under TRITON_INTERPRET=1);
+#   - a symbolic size: the launchers pick grids, splits and autotuning keys from the sizes, which on
+#     a symbolic key length would specialise it and recompile at every length;
+#   - a static cache's fill length for a form whose kernel does not take it (the input is cut on the
+#     host).
+
+
+def traceable(form: str, q_nope: torch.Tensor, tensors, kv_lens=None) -> bool:
+    """Whether this traced call may be inlined as Triton launches (see above)."""
+    from mla_compile.kernels import kernel_for
+
+    if q_nope.device.type != "cuda" or is_interpreted():
+        return False
+    fn = kernel_for(form, q_nope.device)
+    if fn is None or (kv_lens is not None and not getattr(fn, "accepts_kv_lens", False)):
+        return False
+    return all(has_static_sizes(t) for t in tensors if t is not None)
+
+
+def is_interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def has_static_sizes(t: torch.Tensor) -> bool:
+    return all(isinstance(n, int) for n in (*t.shape, *t.stride()))
+
+
+_DENSE_SCHEMA_DOC = ("(q_nope [B,H,S,dn], q_rope [B,H,S,dr], latent [B,(1,)T,r], k_rope [B,(1,)T,dr], "
+                     "W_UK [H,dn,r], W_UV [H,dv,r], mask, scale, is_causal, kv_lens) -> [B,H,S,dv]")
+
+
+def _dense_op(form: str):
+    def body(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
              w_uk: torch.Tensor, w_uv: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
              is_causal: bool, kv_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _dense("expanded", q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens)
+        args = (q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens)
+        if is_traced(q_nope) and not traceable(form, q_nope, (q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask),
+                                               kv_lens):
+            return getattr(torch.ops.mla, f"{form}_opaque")(*args)
+        return _dense(form, *args)
+
+    def opaque(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+               w_uk: torch.Tensor, w_uv: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+               is_causal: bool, kv_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _dense(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens)
+
+    body.__doc__ = opaque.__doc__ = f"mla.{form} {_DENSE_SCHEMA_DOC}"
+    body.__name__, opaque.__name__ = form, f"{form}_opaque"
+    op = torch.library.triton_op(f"mla::{form}", body, mutates_args=())
+    twin = torch.library.custom_op(f"mla::{form}_opaque", opaque, mutates_args=())
+    twin.register_fake(lambda q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens=None:
+                       _out_like(q_nope, w_uv))
+    return op
 
 
-@torch.library.custom_op("mla::absorbed", mutates_args=())
-def absorbed(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
-             w_uk: torch.Tensor, w_uv: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
-             is_causal: bool, kv_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _dense("absorbed", q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens)
+def _sparse_op(form: str):
+    def body(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+             w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: torch.Tensor,
+             mask: Optional[torch.Tensor], scale: float, is_causal: bool) -> torch.Tensor:
+        if is_traced(q_nope):
+            if not traceable(form, q_nope, (q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask)):
+                return getattr(torch.ops.mla, f"{form}_opaque")(q_nope, q_rope, latent, k_rope, w_uk, w_uv,
+                                                                topk_indices, mask, scale, is_causal)
+            # The index range check reads values, which a traced kernel cannot: one opaque op does it
+            # at run time and hands the kernel its int32 copy of the indices.
+            topk_indices = torch.ops.mla.checked_topk(topk_indices, latent.shape[-2])
+        fn = implementation_for(form, q_nope)
+        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal)
+
+    def opaque(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+               w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: torch.Tensor,
+               mask: Optional[torch.Tensor], scale: float, is_causal: bool) -> torch.Tensor:
+        fn = implementation_for(form, q_nope)
+        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal)
+
+    body.__name__, opaque.__name__ = form, f"{form}_opaque"
+    op = torch.library.triton_op(f"mla::{form}", body, mutates_args=())
+    twin = torch.library.custom_op(f"mla::{form}_opaque", opaque, mutates_args=())
+    twin.register_fake(lambda q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal:
+                       _out_like(q_nope, w_uv))
+    return op
 
 
-@torch.library.custom_op("mla::sparse_absorbed", mutates_args=())
-def sparse_absorbed(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
-                    w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: torch.Tensor,
-                    mask: Optional[torch.Tensor], scale: float, is_causal: bool) -> torch.Tensor:
-    fn = implementation_for("sparse_absorbed", q_nope)
-    return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal)
+@torch.library.custom_op("mla::checked_topk", mutates_args=())
+def checked_topk(topk_indices: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """topk_indices [B, S, k] with every value in [-1, kv_len), as a fresh int32 tensor; else ValueError
+    naming the range (not read while a CUDA graph is captured: the warm-up calls before capture were)."""
+    check_topk_range(topk_indices, kv_len)
+    return topk_indices.to(torch.int32, memory_format=torch.contiguous_format, copy=True)
 
 
-@torch.library.custom_op("mla::sparse_expanded", mutates_args=())
-def sparse_expanded(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
-                    w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: torch.Tensor,
-                    mask: Optional[torch.Tensor], scale: float, is_causal: bool) -> torch.Tensor:
-    fn = implementation_for("sparse_expanded", q_nope)
-    return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal)
+@checked_topk.register_fake
+def _(topk_indices, kv_len):
+    return topk_indices.new_empty(topk_indices.shape, dtype=torch.int32)
 
 
-@expanded.register_fake
-def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens=None):
-    return _out_like(q_nope, w_uv)
-
-
-@absorbed.register_fake
-def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens=None):
-    return _out_like(q_nope, w_uv)
-
-
-@sparse_absorbed.register_fake
-def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal):
-    return _out_like(q_nope, w_uv)
-
-
-@sparse_expanded.register_fake
-def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal):
-    return _out_like(q_nope, w_uv)
+expanded = _dense_op("expanded")
+absorbed = _dense_op("absorbed")
+sparse_absorbed = _sparse_op("sparse_absorbed")
+sparse_expanded = _sparse_op("sparse_expanded")
 
 
 def op_for(form: str):
