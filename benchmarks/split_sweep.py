@@ -45,7 +45,7 @@ def main():
     dev = torch.cuda.get_device_name()
     out(f"# Absorbed decode: split count against time, {dev}")
     out()
-    out(f"- date: {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC; torch {torch.__version__}")
+    out(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}")
     out(f"- command: `python benchmarks/split_sweep.py {' '.join(sys.argv[1:])}`")
     out(f"- bf16, S=1, r={R}, dr={DR}; floor = bytes read / copy rate ({bw / 1e12:.2f} TB/s, read + written); "
         "times: CUDA-graph replay medians (us), kernel and split merge")
