@@ -1,6 +1,9 @@
 """The absorbed op inlined into Inductor's code (triton_op, Inductor's autotuner) against the same
 op called as one opaque custom op (mla.absorbed_opaque, our autotuner), V3 shapes, bf16, CUDA-graph
-replay medians (us). GPU only.    python benchmarks/inline_vs_opaque.py"""
+replay medians (us). GPU only.    python benchmarks/inline_vs_opaque.py [--explain]
+
+--explain: for H=128, B=32, T=4096, print Inductor's generated code (the launch lines) and the GPU
+kernels of both paths (torch.profiler), to see where the inlined op's time goes."""
 
 from __future__ import annotations
 
@@ -17,7 +20,45 @@ from bench_kernels import DN, DR, inputs  # noqa: E402
 import mla_compile.passes.forms  # noqa: E402,F401
 
 
+def kernel_table(fn, steps=5):
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.count / steps, e.device_time_total / steps) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    for name, calls, us in sorted(rows, key=lambda r: -r[2])[:12]:
+        print(f"| {name[:90]} | {calls:g} | {us:.1f} |")
+
+
+def explain():
+    from torch._inductor.utils import run_and_get_code
+
+    H, B, T = 128, 32, 4096
+    x = inputs(B, H, 1, T)
+    args = (x["q_nope"], x["q_rope"], x["latent"], x["k_rope"], x["w_uk"], x["w_uv"], None,
+            1 / math.sqrt(DN + DR), False)
+    torch._dynamo.reset()
+    inl = torch.compile(lambda *a: torch.ops.mla.absorbed(*a), backend="inductor", fullgraph=True)
+    _, code = run_and_get_code(inl, *args)
+    for src in code:
+        for line in src.splitlines():
+            if any(k in line for k in ("extern_kernels", ".run(", "empty_strided", "configs=", "Config(",
+                                        "triton_meta", "reinterpret_tensor", "def call")):
+                print(line.strip()[:240])
+    print("\ninlined, GPU kernels per call (us):")
+    kernel_table(lambda: inl(*args))
+    print("\nopaque, GPU kernels per call (us):")
+    kernel_table(lambda: torch.ops.mla.absorbed_opaque(*args))
+
+
 def main():
+    if "--explain" in sys.argv:
+        return explain()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("| H | B | T | inlined (Inductor) us | opaque (custom op) us |")
     print("|---|---|---|---|---|")

@@ -67,6 +67,7 @@ def _absorbed_split_kernel(
     HAS_ROPE: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr,
     ONE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    sm_scale = tl.cast(sm_scale, tl.float32)   # Inductor passes a Python float as an fp64 scalar: keep the tiles' math fp32
     pid_m = tl.program_id(0)
     pid_p = tl.program_id(1).to(tl.int64)     # split index x split stride can pass 2**31 (large B*H*S)
     b = tl.program_id(2).to(tl.int64)
@@ -106,7 +107,7 @@ def _absorbed_split_kernel(
             kr = tl.load(KR + b * s_kb + offs_n[:, None] * s_kt + offs_d[None, :] * s_kd,
                          mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             qk += tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC)
-        qk = (qk * sm_scale).to(tl.float32)    # fp32 even when the launcher (Inductor) passes an fp64 scale
+        qk = qk * sm_scale
         valid = n_ok[None, :] & row_ok[:, None]
         if IS_CAUSAL:
             valid = valid & (offs_n[None, :] <= s[:, None])

@@ -63,6 +63,7 @@ def _sparse_split_kernel(
     ONE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # B*S on grid axis 0 (up to 2**31 programs; axes 1 and 2 stop at 65535, too few for prefill).
+    sm_scale = tl.cast(sm_scale, tl.float32)   # Inductor passes a Python float as an fp64 scalar: keep the tiles' math fp32
     bs = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(1).to(tl.int64)
     pid_m = tl.program_id(2)
@@ -107,7 +108,7 @@ def _sparse_split_kernel(
             kr = tl.load(KR + b * s_kb + idx[:, None] * s_kt + offs_d[None, :] * s_kd,
                          mask=ok[:, None] & d_ok[None, :], other=0.0)
             qk += tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC)
-        qk = (qk * sm_scale).to(tl.float32)    # fp32 even when the launcher (Inductor) passes an fp64 scale
+        qk = qk * sm_scale
         if MASK_KIND == 2:
             mv = tl.load(MASK + b * s_mb + s * s_ms + idx * s_mt, mask=ok, other=0.0)
             qk += mv.to(tl.float32)[None, :]
