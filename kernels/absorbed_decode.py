@@ -237,7 +237,7 @@ def mask_view(mask, B: int, S: int, T: int):
 def choose_splits(device, B: int, row_tiles: int, T: int, block_m: int = 64, floor: int = 256) -> tuple[int, int]:
     """(splits, chunk): enough programs to fill the GPU (one 64-row program per SM, two smaller ones,
     which are memory-bound and need more loads in flight); chunk a multiple of 256 keys. Two per SM,
-    not four, for 16-row programs: 8-19% faster at H=16 (B=32 T=4K, B=8 T=16K, B=64 T=4K)
+    not four, for 16-row programs: 8-16% faster at H=16 (B=32 T=4K, B=8 T=16K, B=64 T=4K)
     and the same elsewhere (benchmarks/split_sweep.py on an H200, split-sweep-NVIDIA-H200*.md)."""
     target = num_sms(device) * (1 if block_m >= 64 else 2)
     splits = max(1, round(target / max(1, B * row_tiles)))
