@@ -51,6 +51,8 @@ def chooser(plan_id: int) -> Chooser:
     return _CHOOSERS[plan_id]
 
 
+# A custom_op, opaque to Inductor (not a triton_op like the forms): the form, and with it the kernels
+# and their launch parameters, is known only per call, on sizes that are symbolic at compile time.
 @torch.library.custom_op("mla::auto", mutates_args=())
 def auto(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
          w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: Optional[torch.Tensor],

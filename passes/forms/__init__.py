@@ -1,5 +1,6 @@
-"""The MLA forms, each a torch.library op (namespace `mla`) with a fake function and a plain-torch
-reference: `expanded`, `absorbed`, `sparse_absorbed`, `sparse_expanded`."""
+"""The MLA forms, each a `torch.library.triton_op` (namespace `mla`) with a plain-torch reference and an
+opaque twin (`mla.<form>_opaque`, for calls Inductor cannot inline): `expanded`, `absorbed`,
+`sparse_absorbed`, `sparse_expanded`."""
 
 from mla_compile.passes.forms.ops import DENSE_FORMS, FORMS, SPARSE_FORMS, op_for, reference_for
 
