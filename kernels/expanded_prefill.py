@@ -238,11 +238,13 @@ def _block_map_kernel(
     tl.store(CNT + (b * n_mblocks + pid_m) * 2 + 1, prefix)
 
 
-def block_map(mask, B, S, T, is_causal, BM, BN):
-    """Live key blocks per query tile: (entries [B, nM, nN] int32, the first counts[b, m, 0] of them
-    live, each 2*block + entirely_allowed; counts [B, nM, 2] int32: the live count, and how many
-    leading blocks 0, 1, ... are live and entirely allowed), built on the device in one launch."""
-    kind, m, (s_mb, s_ms, s_mt) = mask_view(mask, B, S, T)
+def block_map(view, S, T, is_causal, BM, BN):
+    """Live key blocks per query tile of a mask, given as `mask_view`'s (kind, [B, S, T] view, strides):
+    (entries [B, nM, nN] int32, the first counts[b, m, 0] of them live, each 2*block + entirely_allowed;
+    counts [B, nM, 2] int32: the live count, and how many leading blocks 0, 1, ... are live and
+    entirely allowed), built on the device in one launch."""
+    kind, m, (s_mb, s_ms, s_mt) = view
+    B = m.shape[0]
     nM, nN = triton.cdiv(S, BM), triton.cdiv(T, BN)
     entries = torch.empty(B, nM, nN, dtype=torch.int32, device=m.device)
     counts = torch.empty(B, nM, 2, dtype=torch.int32, device=m.device)
@@ -280,7 +282,7 @@ def expanded_attention(q_nope, q_rope, k_nope, v, k_rope, mask=None, scale=1.0, 
     nM, nN = triton.cdiv(S, BM), triton.cdiv(T, BN)
     kind, m, ms = mask_view(mask, B, S, T)
     if kind:
-        entries, counts = block_map(mask, B, S, T, is_causal, BM, BN)
+        entries, counts = block_map((kind, m, ms), S, T, is_causal, BM, BN)
     else:
         entries = counts = q_nope
     launcher(_expanded_fwd_kernel, q_nope)[(nM, B * H)](

@@ -215,12 +215,13 @@ def test_expanded(B, H, S, T, dr, mask, causal, dtype):
 
 
 def test_expanded_causal_mask_skips_triangle():
+    from mla_compile.kernels.absorbed_decode import mask_view
     from mla_compile.kernels.expanded_prefill import blocks_for, block_map
     S = 64
     BM, BN = blocks_for(S, S)
     nM, nN = triton.cdiv(S, BM), triton.cdiv(S, BN)
     m = torch.full((S, S), torch.finfo(torch.float32).min, device=DEV).triu(1)[None, None]
-    entries, counts = block_map(m, 1, S, S, False, BM, BN)
+    entries, counts = block_map(mask_view(m, 1, S, S), S, S, False, BM, BN)
     # HF's causal mask: query tile i keeps key blocks 0..i, the diagonal one partial, the rest free
     assert counts[..., 0].cpu().tolist() == [[min(i * BM // BN + BM // BN, nN) for i in range(nM)]]
     assert counts[..., 1].cpu().tolist() == [[i * BM // BN for i in range(nM)]]     # the free prefix
@@ -230,10 +231,10 @@ def test_expanded_causal_mask_skips_triangle():
         assert [e % 2 for e in got][:-BM // BN] == [1] * (len(got) - BM // BN)   # below the diagonal: free
         assert got[-1] % 2 == 0                                                  # the diagonal: partial
     m[..., 3] = torch.finfo(torch.float32).min                  # key 3 masked: its block is partial
-    entries, counts = block_map(m, 1, S, S, False, BM, BN)
+    entries, counts = block_map(mask_view(m, 1, S, S), S, S, False, BM, BN)
     assert entries[0, nM - 1, 0].item() == 0
     m[..., 5, :] = torch.finfo(torch.float32).min               # a fully masked row keeps every block
-    entries, counts = block_map(m, 1, S, S, False, BM, BN)
+    entries, counts = block_map(mask_view(m, 1, S, S), S, S, False, BM, BN)
     assert counts[0, 5 // BM, 0].item() == nN
 
 
