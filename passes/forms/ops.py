@@ -108,56 +108,59 @@ _DENSE_SCHEMA_DOC = ("(q_nope [B,H,S,dn], q_rope [B,H,S,dr], latent [B,(1,)T,r],
                      "W_UK [H,dn,r], W_UV [H,dv,r], mask, scale, is_causal, kv_lens) -> [B,H,S,dv]")
 
 
+def _register(form: str, body: Callable, run: Callable):
+    """mla::<form> as a triton_op of `body`, and its opaque twin mla::<form>_opaque running `run` (the
+    implementation on real tensors, which `body` also calls when it is not traced)."""
+    body.__name__, run.__name__ = form, f"{form}_opaque"
+    op = torch.library.triton_op(f"mla::{form}", body, mutates_args=())
+    twin = torch.library.custom_op(f"mla::{form}_opaque", run, mutates_args=())
+    twin.register_fake(_fake_out)
+    return op
+
+
+def _fake_out(q_nope, q_rope, latent, k_rope, w_uk, w_uv, *rest, **kwargs):
+    """The twins' fake: every form's output is [B, H, S, dv]; the arguments after W_UV differ by form."""
+    return _out_like(q_nope, w_uv)
+
+
 def _dense_op(form: str):
+    def run(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+            w_uk: torch.Tensor, w_uv: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+            is_causal: bool, kv_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _dense(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens)
+
     def body(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
              w_uk: torch.Tensor, w_uv: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
              is_causal: bool, kv_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
         args = (q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens)
-        if is_traced(q_nope) and not traceable(form, q_nope, (q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask),
-                                               kv_lens):
+        if is_traced(q_nope) and not traceable(form, q_nope, args[:7], kv_lens):
             return getattr(torch.ops.mla, f"{form}_opaque")(*args)
-        return _dense(form, *args)
+        return run(*args)
 
-    def opaque(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
-               w_uk: torch.Tensor, w_uv: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
-               is_causal: bool, kv_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return _dense(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens)
-
-    body.__doc__ = opaque.__doc__ = f"mla.{form} {_DENSE_SCHEMA_DOC}"
-    body.__name__, opaque.__name__ = form, f"{form}_opaque"
-    op = torch.library.triton_op(f"mla::{form}", body, mutates_args=())
-    twin = torch.library.custom_op(f"mla::{form}_opaque", opaque, mutates_args=())
-    twin.register_fake(lambda q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens=None:
-                       _out_like(q_nope, w_uv))
-    return op
+    body.__doc__ = run.__doc__ = f"mla.{form} {_DENSE_SCHEMA_DOC}"
+    return _register(form, body, run)
 
 
 def _sparse_op(form: str):
+    def run(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+            w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: torch.Tensor,
+            mask: Optional[torch.Tensor], scale: float, is_causal: bool) -> torch.Tensor:
+        fn = implementation_for(form, q_nope)
+        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal)
+
     def body(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
              w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: torch.Tensor,
              mask: Optional[torch.Tensor], scale: float, is_causal: bool) -> torch.Tensor:
+        args = [q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal]
         if is_traced(q_nope):
-            if not traceable(form, q_nope, (q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask)):
-                return getattr(torch.ops.mla, f"{form}_opaque")(q_nope, q_rope, latent, k_rope, w_uk, w_uv,
-                                                                topk_indices, mask, scale, is_causal)
+            if not traceable(form, q_nope, args[:8]):
+                return getattr(torch.ops.mla, f"{form}_opaque")(*args)
             # The index range check reads values, which a traced kernel cannot: one opaque op does it
             # at run time and hands the kernel its int32 copy of the indices.
-            topk_indices = torch.ops.mla.checked_topk(topk_indices, latent.shape[-2])
-        fn = implementation_for(form, q_nope)
-        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal)
+            args[6] = torch.ops.mla.checked_topk(topk_indices, latent.shape[-2])
+        return run(*args)
 
-    def opaque(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
-               w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: torch.Tensor,
-               mask: Optional[torch.Tensor], scale: float, is_causal: bool) -> torch.Tensor:
-        fn = implementation_for(form, q_nope)
-        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal)
-
-    body.__name__, opaque.__name__ = form, f"{form}_opaque"
-    op = torch.library.triton_op(f"mla::{form}", body, mutates_args=())
-    twin = torch.library.custom_op(f"mla::{form}_opaque", opaque, mutates_args=())
-    twin.register_fake(lambda q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal:
-                       _out_like(q_nope, w_uv))
-    return op
+    return _register(form, body, run)
 
 
 @torch.library.custom_op("mla::checked_topk", mutates_args=())
