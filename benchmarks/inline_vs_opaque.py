@@ -21,17 +21,11 @@ import mla_compile.passes.forms  # noqa: E402,F401
 
 
 def kernel_table(fn, steps=5):
-    from torch.profiler import ProfilerActivity, profile
+    from profile_module_step import profile_steps
 
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    rows = [(e.key, e.count / steps, e.device_time_total / steps) for e in prof.key_averages()
-            if e.device_time_total > 0]
-    for name, calls, us in sorted(rows, key=lambda r: -r[2])[:12]:
+    kernels, _ = profile_steps(fn, steps)
+    for name, (calls, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:12]:
         print(f"| {name[:90]} | {calls:g} | {us:.1f} |")
 
 

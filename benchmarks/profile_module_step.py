@@ -32,6 +32,26 @@ from generate import build, decode_step, fill_cache, prefill_step  # noqa: E402
 STEPS = 5
 
 
+def profile_steps(step, steps: int, host: bool = False):
+    """torch.profiler over `steps` calls of step: ({kernel: (calls, GPU us)}, {host op: (calls, self CPU
+    us)}), both per step; host ops only with host=True."""
+    acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if host else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels, ops = {}, {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        if t is None:
+            t = ev.cuda_time_total
+        if t > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[ev.key] = (ev.count / steps, t / steps)
+        elif ev.self_cpu_time_total > 0:
+            ops[ev.key] = (ev.count / steps, ev.self_cpu_time_total / steps)
+    return kernels, ops
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--point", default="v3attn:8:4096")
@@ -57,20 +77,7 @@ def main():
         step()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / 20 * 1e6
-    acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if args.prefill else [])
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(STEPS):
-            step()
-        torch.cuda.synchronize()
-    kernels, host = {}, {}
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None)
-        if t is None:
-            t = ev.cuda_time_total
-        if t > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[ev.key] = (ev.count / STEPS, t / STEPS)
-        elif ev.self_cpu_time_total > 0:
-            host[ev.key] = (ev.count / STEPS, ev.self_cpu_time_total / STEPS)
+    kernels, host = profile_steps(step, STEPS, host=args.prefill)
     total = sum(t for _, t in kernels.values())
 
     phase = f"prefill of {T} tokens, empty cache" if args.prefill else f"decode, context T={T}, DynamicCache"
