@@ -16,20 +16,23 @@ import mla_compile.passes.forms  # noqa: F401  (registers torch.ops.mla)
 from mla_compile.passes.forms.absorbed import absorbed_reference
 from mla_compile.passes.forms.expanded import expanded_reference
 from mla_compile.passes.forms.sparse import sparse_absorbed_reference
+from tests.reference import random_inputs
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 
 
 def inputs(B, H, S, T, r, dr, dn, dv, dtype, device, seed, k=None):
-    g = torch.Generator().manual_seed(seed)
-    rn = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-    w = (rn(H * (dn + dv), r) / r ** 0.5).view(H, dn + dv, r)          # kv_b_proj.weight, per head
-    args = [rn(B, H, S, dn), rn(B, H, S, dr), rn(B, 1, T, r), rn(B, 1, T, dr), w[:, :dn], w[:, dn:]]
+    """tests.reference.random_inputs on `device`, as the ops' positional tensors; with k, top-k indices
+    whose last column is -1 ("no token") in every row."""
+    a = random_inputs(B, H, S, T, r, dr, dn, dv, dtype=dtype, topk=k, seed=seed)
+    args = [a[n].to(device) for n in ("q_nope", "q_rope", "latent", "k_rope")]
+    w = torch.cat([a["w_uk"], a["w_uv"]], 1).to(device)          # one tensor: W_UK and W_UV its halves
+    args += [w[:, :dn], w[:, dn:]]
     if k is not None:
-        idx = torch.stack([torch.randperm(T, generator=g)[:k] for _ in range(B * S)]).view(B, S, k)
-        idx[..., -1] = -1                                               # "no token" in every row
-        args.append(idx.to(device=device, dtype=torch.int32))
+        idx = a["topk_indices"].clone()
+        idx[..., -1] = -1
+        args.append(idx.to(device))
     return args
 
 
