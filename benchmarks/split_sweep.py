@@ -48,13 +48,10 @@ def main():
     out(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}")
     out(f"- command: `python benchmarks/split_sweep.py {' '.join(sys.argv[1:])}`")
     out(f"- bf16, S=1, r={R}, dr={DR}; floor = bytes read / copy rate ({bw / 1e12:.2f} TB/s, read + written); "
-        "times: CUDA-graph replay medians (us), kernel and split merge; "
-        "chosen = the kernel `absorbed_latent_attention` picks (keys-major for H <= 32), rows-major = the "
-        "row-major kernel forced, at the chosen split count")
+        "times: CUDA-graph replay medians (us), kernel and split merge")
     out()
-    out("| H | B | T | floor | chosen splits | chosen us | floor/chosen | rows-major kernel us | best splits | best us "
-        "| floor/best | all (splits: us) |")
-    out("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    out("| H | B | T | floor | chosen splits | chosen us | floor/chosen | best splits | best us | floor/best | all (splits: us) |")
+    out("|---|---|---|---|---|---|---|---|---|---|---|")
     scale = 1 / math.sqrt(DN + DR)
     points = [(8, 4096), (32, 4096), (8, 16384), (1, 65536), (32, 16384), (64, 4096)]
     if a.quick:
@@ -79,10 +76,7 @@ def main():
             # the kernel rounds a requested count to whole chunks of 64 keys; report the request
             t0 = bench(lambda: absorbed_latent_attention(q_lat, x["q_rope"], x["latent"], x["k_rope"], None,  # noqa
                                                          scale, False), graph=True)
-            t_rows = bench(lambda: absorbed_latent_attention(q_lat, x["q_rope"], x["latent"], x["k_rope"], None,  # noqa
-                                                             scale, False, keys_major=False), graph=True)
-            out(f"| {H} | {B} | {T} | {fmt(floor)} | {chosen} | {fmt(t0)} | {100 * floor / t0:.0f}% | "
-                f"{fmt(t_rows)} | {best} | "
+            out(f"| {H} | {B} | {T} | {fmt(floor)} | {chosen} | {fmt(t0)} | {100 * floor / t0:.0f}% | {best} | "
                 f"{fmt(ok[best])} | {100 * floor / ok[best]:.0f}% | "
                 + ", ".join(f"{p}: {fmt(t)}" for p, t in ok.items()) + " |")
             del x, q_lat

@@ -140,111 +140,6 @@ def _absorbed_split_kernel(
         tl.store(LSE + base // R_PAD + rows, lse, mask=row_ok)
 
 
-_KEYS_MAJOR_CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)] if INTERPRET else [
-    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
-]
-
-
-@triton.autotune(configs=_KEYS_MAJOR_CONFIGS,
-                 key=["M_BUCKET", "WORK", "R_PAD", "DR_PAD", "MASK_KIND", "ONE_SPLIT", "DOT_PREC"])
-@triton.jit
-def _absorbed_split_kernel_keys_major(
-    Q, QR, C, KR, MASK, KVLEN, O, OP, LSE,
-    sm_scale, M, S, T, R, DR, chunk,
-    s_qb, s_qh, s_qs, s_qd,
-    s_rb, s_rh, s_rs, s_rd,
-    s_cb, s_ct, s_cd,
-    s_kb, s_kt, s_kd,
-    s_mb, s_ms, s_mt,
-    s_ob, s_oh, s_os, s_od,
-    s_pb, s_pp, s_pm,
-    M_BUCKET, WORK,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, DR_PAD: tl.constexpr,
-    HAS_ROPE: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr,
-    ONE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """`_absorbed_split_kernel` transposed, for few rows (H*S <= 32): keys are the MMA's M side.
-
-    A 16- or 32-row tile cannot use Hopper's warpgroup MMA (its M is 64 per warpgroup), so the
-    row-major kernel runs on the older mma.sync path at about half the rate, and at H=32 that
-    rate, not the latent read, bounds it. Here the scores are computed as x^T = c q^T
-    ([BLOCK_N keys, rows], M = keys) and the output as acc^T = c^T p^T ([r, rows], M = r = 512),
-    so both products have an M of 64 or more and the rows are the narrow N side. Same math, same
-    outputs (o_part [B, P, M, R_PAD] and lse), same split scheme."""
-    sm_scale = tl.cast(sm_scale, tl.float32)
-    pid_m = tl.program_id(0)
-    pid_p = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)      # along axis 1 everywhere below
-    row_ok = rows < M
-    h = (rows // S).to(tl.int64)
-    s = (rows % S).to(tl.int64)
-    offs_r = tl.arange(0, R_PAD)
-    r_ok = offs_r < R
-
-    q_t = tl.load(Q + b * s_qb + h[None, :] * s_qh + s[None, :] * s_qs + offs_r[:, None] * s_qd,
-                  mask=row_ok[None, :] & r_ok[:, None], other=0.0)                     # [R_PAD, BLOCK_M]
-    if HAS_ROPE:
-        offs_d = tl.arange(0, DR_PAD)
-        d_ok = offs_d < DR
-        qr_t = tl.load(QR + b * s_rb + h[None, :] * s_rh + s[None, :] * s_rs + offs_d[:, None] * s_rd,
-                       mask=row_ok[None, :] & d_ok[:, None], other=0.0)                # [DR_PAD, BLOCK_M]
-
-    t_end = T
-    if HAS_KVLEN:
-        t_end = tl.minimum(t_end, tl.load(KVLEN + b))
-    if IS_CAUSAL:
-        t_end = tl.minimum(t_end, S)
-    start = pid_p * chunk
-    stop = tl.minimum(start + chunk, t_end)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc_t = tl.zeros([R_PAD, BLOCK_M], tl.float32)
-    for n0 in range(start, stop, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < stop
-        c = tl.load(C + b * s_cb + offs_n[:, None] * s_ct + offs_r[None, :] * s_cd,
-                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        x_t = tl.dot(c, q_t, input_precision=DOT_PREC)                                  # [BLOCK_N, BLOCK_M]
-        if HAS_ROPE:
-            kr = tl.load(KR + b * s_kb + offs_n[:, None] * s_kt + offs_d[None, :] * s_kd,
-                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            x_t += tl.dot(kr, qr_t, input_precision=DOT_PREC)
-        x_t = x_t * sm_scale
-        valid = n_ok[:, None] & row_ok[None, :]
-        if IS_CAUSAL:
-            valid = valid & (offs_n[:, None] <= s[None, :])
-        if MASK_KIND == 1:
-            mv = tl.load(MASK + b * s_mb + s[None, :] * s_ms + offs_n[:, None] * s_mt, mask=valid, other=0)
-            valid = valid & (mv != 0)
-        if MASK_KIND == 2:
-            mv = tl.load(MASK + b * s_mb + s[None, :] * s_ms + offs_n[:, None] * s_mt, mask=valid, other=0.0)
-            x_t += mv.to(tl.float32)
-        x_t = tl.where(valid, x_t, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(x_t, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
-        p_t = tl.exp2((x_t - m_safe[None, :]) * 1.4426950408889634)
-        l_i = l_i * alpha + tl.sum(p_t, 0)
-        acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(c), p_t.to(c.dtype), input_precision=DOT_PREC)
-        m_i = m_new
-
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o_t = acc_t / l_safe[None, :]
-    if ONE_SPLIT:
-        tl.store(O + b * s_ob + h[None, :] * s_oh + s[None, :] * s_os + offs_r[:, None] * s_od,
-                 o_t.to(O.dtype.element_ty), mask=row_ok[None, :] & r_ok[:, None])
-    else:
-        lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
-        base = b * s_pb + pid_p * s_pp
-        tl.store(OP + base + rows[None, :] * R_PAD + offs_r[:, None], o_t, mask=row_ok[None, :])
-        tl.store(LSE + base // R_PAD + rows, lse, mask=row_ok)
-
-
 @triton.jit
 def _merge_splits_kernel(
     OP, LSE, O, S, R, P, M,
@@ -321,11 +216,6 @@ def block_m_for(rows: int) -> int:
     return 64 if rows > 32 else (32 if rows > 16 else 16)
 
 
-def use_keys_major(rows: int) -> bool:
-    """The transposed kernel for tiles under 64 rows (see `_absorbed_split_kernel_keys_major`)."""
-    return rows <= 32
-
-
 def mask_view(mask, B: int, S: int, T: int):
     """mask broadcastable to [B, 1, S, T] -> (kind, tensor, (stride_b, stride_s, stride_t)), no copy."""
     if mask is None:
@@ -372,11 +262,10 @@ def merge_splits(o_part, lse, out_view, S: int, R: int, splits: int):
 
 
 def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.0, is_causal=False,
-                              kv_lens=None, out=None, num_splits=None, keys_major=None):
+                              kv_lens=None, out=None, num_splits=None):
     """The attention core of the absorbed form: q_lat [B, H, S, r] (q_nope W_UK, any strides),
     q_rope [B, H, S, dr], latent [B, (1,) T, r], k_rope [B, (1,) T, dr] -> o_lat [B, H, S, r] in q_lat's
-    dtype (or written into `out`, any strides). kv_lens: optional int32 [B], keys j >= kv_lens[b] ignored.
-    keys_major: force the transposed kernel (True) or the row-major one (False); None chooses."""
+    dtype (or written into `out`, any strides). kv_lens: optional int32 [B], keys j >= kv_lens[b] ignored."""
     B, H, S, r = q_lat.shape
     c = as_tokens(latent, "latent")
     kr = as_tokens(k_rope, "k_rope")
@@ -414,10 +303,7 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
         lse = torch.empty(B, splits, M, dtype=torch.float32, device=q_lat.device)
         sp = (o_part.stride(0), o_part.stride(1), o_part.stride(2))
     kvl = kv_lens if kv_lens is not None else c
-    if keys_major is None:
-        keys_major = use_keys_major(M)
-    kernel = _absorbed_split_kernel_keys_major if keys_major else _absorbed_split_kernel
-    launcher(kernel, q_lat)[(row_tiles, splits, B)](
+    launcher(_absorbed_split_kernel, q_lat)[(row_tiles, splits, B)](
         q_lat, q_rope, c, kr, m if m is not None else c, kvl, out, o_part, lse,
         float(scale), M, S, T, r, dr, chunk,
         *q_lat.stride(), *q_rope.stride(), *c.stride(), *kr.stride(), *ms, *out.stride(), *sp,
@@ -446,9 +332,8 @@ def project(o_lat_hbs, w_uv, B, S, out_dtype):
 
 
 def absorbed_decode(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale=1.0, is_causal=False,
-                    kv_lens=None, keys_major=None):
-    """Drop-in for `absorbed_reference` (same signature), kernel-backed; kv_lens and keys_major (see
-    `absorbed_latent_attention`) are internal extras."""
+                    kv_lens=None):
+    """Drop-in for `absorbed_reference` (same signature), kernel-backed; kv_lens is an internal extra."""
     d = check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask)
     dt = kernel_dtype(q_nope.dtype)
     if dt is None or q_nope.device.type == "meta":
@@ -461,7 +346,7 @@ def absorbed_decode(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale
     q_lat = absorb(q_nope, w_uk, dt)
     o_lat = torch.empty(H, B * S, d.rank, dtype=dt, device=q_nope.device)
     absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask, scale, is_causal, kv_lens=kv_lens,
-                              out=o_lat.view(H, B, S, d.rank).permute(1, 0, 2, 3), keys_major=keys_major)
+                              out=o_lat.view(H, B, S, d.rank).permute(1, 0, 2, 3))
     return project(o_lat, w_uv, B, S, q_nope.dtype)
 
 

@@ -95,12 +95,11 @@ ABSORBED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("keys_major", [False, True], ids=["rows-major", "keys-major"])
 @pytest.mark.parametrize("B,H,S,T,dr,mask,causal,dtype", ABSORBED_CASES)
-def test_absorbed(B, H, S, T, dr, mask, causal, dtype, keys_major):
+def test_absorbed(B, H, S, T, dr, mask, causal, dtype):
     args = make(B, H, S, T, dr=dr, dtype=dtype, latent_4d=(B != 1))
     m = masks(mask, B, S, T)
-    out = absorbed_decode(*args, m, 0.17, causal, keys_major=keys_major)
+    out = absorbed_decode(*args, m, 0.17, causal)
     assert out.shape == (B, H, S, 8) and out.dtype == dtype
     ref = absorbed_reference(*map(f64, args), f64(m), 0.17, causal)
     assert rel_err(out, ref) < tol(dtype)
@@ -111,9 +110,8 @@ def test_absorbed_kv_lens_and_forced_splits():
     qn, qr, c, kr, wuk, wuv = make(B, H, S, T)
     q_lat = torch.einsum("bhsd,hdr->bhsr", qn, wuk)
     lens = torch.tensor([70, 23, 1], dtype=torch.int32, device=DEV)
-    for splits, keys_major in ((1, False), (3, False), (1, True), (3, True)):
-        o = absorbed_latent_attention(q_lat, qr, c, kr, None, 0.2, False, kv_lens=lens, num_splits=splits,
-                                      keys_major=keys_major)
+    for splits in (1, 3):
+        o = absorbed_latent_attention(q_lat, qr, c, kr, None, 0.2, False, kv_lens=lens, num_splits=splits)
         for b in range(B):
             n = int(lens[b])
             sc = (q_lat[b, :, 0] @ c[b, 0, :n].T + qr[b, :, 0] @ kr[b, 0, :n].T) * 0.2
@@ -305,11 +303,10 @@ V3 = dict(r=512, dr=64, dn=128, dv=128)
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("keys_major", [False, True], ids=["rows-major", "keys-major"])
 @pytest.mark.parametrize("B,H,S,T", [(2, 128, 1, 4096), (3, 16, 2, 4000), (1, 20, 1, 4096), (2, 32, 1, 4100)])
-def test_gpu_absorbed(B, H, S, T, dtype, keys_major):
+def test_gpu_absorbed(B, H, S, T, dtype):
     args = make(B, H, S, T, dtype=dtype, **V3)
-    out = absorbed_decode(*args, None, 0.07, False, keys_major=keys_major)
+    out = absorbed_decode(*args, None, 0.07, False)
     ref = absorbed_reference(*[a.double() for a in args], None, 0.07, False)
     assert rel_err(out, ref.cpu()) < tol(dtype)
 
