@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mla_compile.kernels import absorbed_decode_hopper as hopper
 from mla_compile.kernels.launch import launcher
 from mla_compile.passes.forms.common import as_tokens, check_args, is_traced
 
@@ -302,16 +303,21 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
         o_part = torch.empty(B, splits, M, R_PAD, dtype=torch.float32, device=q_lat.device)
         lse = torch.empty(B, splits, M, dtype=torch.float32, device=q_lat.device)
         sp = (o_part.stride(0), o_part.stride(1), o_part.stride(2))
-    kvl = kv_lens if kv_lens is not None else c
-    launcher(_absorbed_split_kernel, q_lat)[(row_tiles, splits, B)](
-        q_lat, q_rope, c, kr, m if m is not None else c, kvl, out, o_part, lse,
-        float(scale), M, S, T, r, dr, chunk,
-        *q_lat.stride(), *q_rope.stride(), *c.stride(), *kr.stride(), *ms, *out.stride(), *sp,
-        triton.next_power_of_2(M), work_bucket(B * eff_T),
-        BLOCK_M=BLOCK_M, R_PAD=R_PAD, DR_PAD=DR_PAD, HAS_ROPE=dr > 0, MASK_KIND=kind,
-        IS_CAUSAL=bool(is_causal), HAS_KVLEN=kv_lens is not None, ONE_SPLIT=one,
-        DOT_PREC=dot_precision(dt),
-    )
+    if (not is_traced(q_lat) and out.stride(-1) == 1
+            and hopper.applies(q_lat.device, dt, H, S, r, dr, mask, is_causal)
+            and hopper.tma_ready(q_lat, q_rope, c, kr)):
+        hopper.hopper_split_attention(q_lat, q_rope, c, kr, kv_lens, out, o_part, lse, scale, chunk, splits)
+    else:
+        kvl = kv_lens if kv_lens is not None else c
+        launcher(_absorbed_split_kernel, q_lat)[(row_tiles, splits, B)](
+            q_lat, q_rope, c, kr, m if m is not None else c, kvl, out, o_part, lse,
+            float(scale), M, S, T, r, dr, chunk,
+            *q_lat.stride(), *q_rope.stride(), *c.stride(), *kr.stride(), *ms, *out.stride(), *sp,
+            triton.next_power_of_2(M), work_bucket(B * eff_T),
+            BLOCK_M=BLOCK_M, R_PAD=R_PAD, DR_PAD=DR_PAD, HAS_ROPE=dr > 0, MASK_KIND=kind,
+            IS_CAUSAL=bool(is_causal), HAS_KVLEN=kv_lens is not None, ONE_SPLIT=one,
+            DOT_PREC=dot_precision(dt),
+        )
     if not one:
         merge_splits(o_part, lse, out, S, r, splits)
     return out
@@ -351,3 +357,14 @@ def absorbed_decode(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale
 
 
 absorbed_decode.accepts_kv_lens = True   # mla.absorbed passes a static cache's valid length through
+
+
+def _inlinable(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale=1.0, is_causal=False, kv_lens=None):
+    """Whether a traced call may become Triton launches in Inductor's code: not when it would take the
+    Gluon kernel (wrap_triton takes Triton's JIT functions only); mla.absorbed_opaque runs that one."""
+    dt = kernel_dtype(q_nope.dtype)
+    B, H, S, _ = q_nope.shape
+    return not hopper.applies(q_nope.device, dt, H, S, w_uk.shape[-1], q_rope.shape[-1], mask, is_causal)
+
+
+absorbed_decode.inlinable = _inlinable

@@ -313,6 +313,38 @@ def test_gpu_absorbed(B, H, S, T, dtype):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,splits", [(128, None), (128, 9), (40, None)])
+def test_gpu_absorbed_hopper_path(H, splits, dtype):
+    """The shapes the Hopper (Gluon) kernel takes on an H100/H200 (the Triton kernel elsewhere): per-row
+    valid lengths, some of them shorter than a split (empty splits), the latent and RoPE parts as
+    strided views of one [.., 576] cache row, and NaN in every unfilled slot: TMA must zero-fill past
+    each valid length, since 0 x NaN in P V would poison the row."""
+    from mla_compile.kernels import absorbed_decode_hopper as hopper
+    from mla_compile.kernels.absorbed_decode import absorb, absorbed_latent_attention
+
+    B, T = 4, 4100
+    qn, qr, _, _, wuk, _ = make(B, H, 1, T, dtype=dtype, **V3)
+    g = torch.Generator().manual_seed(5)
+    kv = torch.randn(B, 1, T, 576, generator=g).to(DEV, dtype)
+    lens = torch.tensor([4100, 777, 1, 64], dtype=torch.int32, device=DEV)
+    for b in range(B):
+        kv[b, :, int(lens[b]):] = float("nan")
+    c, kr = kv[..., :512], kv[..., 512:]
+    q_lat = absorb(qn, wuk, dtype)
+    out = absorbed_latent_attention(q_lat, qr, c, kr, None, 0.07, False, kv_lens=lens, num_splits=splits)
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert hopper.applies(q_lat.device, dtype, H, 1, 512, 64, None, False)
+        assert hopper.tma_ready(q_lat, qr, c, kr)
+    for b in range(B):
+        n = int(lens[b])
+        sc = (q_lat[b, :, 0].double() @ c[b, 0, :n].double().T + qr[b, :, 0].double() @ kr[b, 0, :n].double().T) * 0.07
+        ref = torch.softmax(sc, -1) @ c[b, 0, :n].double()
+        assert rel_err(out[b, :, 0], ref.cpu()) < tol(dtype), b
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("B,H,S,T,k", [(2, 128, 1, 8192, 2048), (1, 32, 64, 4096, 2048)])
 def test_gpu_sparse(B, H, S, T, k):
     args = make(B, H, S, T, dtype=torch.bfloat16, **V3)

@@ -132,6 +132,22 @@ def test_aot_trace_inlines_triton_launches_on_cuda(form):
 
 @gpu
 @pytest.mark.gpu
+def test_aot_trace_hands_hopper_gluon_calls_to_the_twin():
+    """On sm_90, H > 32 heads and one query take the Gluon kernel, which wrap_triton cannot trace: the
+    traced call must be the opaque twin, and exact."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel runs on Hopper only")
+    ref, _ = FORMS["absorbed"]
+    args = inputs(2, 64, 1, 300, **V3_SMALL, dtype=torch.bfloat16, device="cuda", seed=10)
+    out, graphs = aot_forward_graph(call("absorbed"), args, dynamic=False)
+    t = targets(graphs)
+    assert any("absorbed_opaque" in x for x in t), t
+    assert not any("triton_kernel_wrapper" in x for x in t), t
+    assert rel_err(out, ref(*float64(args), None, 0.25, False)) < 2e-2
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("form", list(FORMS))
 def test_inductor_compiles_our_kernels_into_its_code(form):
     """Inductor's generated code launches our kernels itself; symbolic sizes call the twin, with no

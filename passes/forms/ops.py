@@ -79,11 +79,13 @@ def _dense(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_cau
 #   - a symbolic size: the launchers pick grids, splits and autotuning keys from the sizes, which on
 #     a symbolic key length would specialise it and recompile at every length;
 #   - a static cache's fill length for a form whose kernel does not take it (the input is cut on the
-#     host).
+#     host);
+#   - a call that takes a Gluon kernel (the absorbed form's Hopper kernel): wrap_triton takes Triton's
+#     JIT functions only.
 
 
-def traceable(form: str, q_nope: torch.Tensor, tensors, kv_lens=None) -> bool:
-    """Whether this traced call may be inlined as Triton launches (see above)."""
+def traceable(form: str, q_nope: torch.Tensor, args, kv_lens=None) -> bool:
+    """Whether this traced call (the op's arguments) may be inlined as Triton launches (see above)."""
     from mla_compile.kernels import kernel_for
 
     if q_nope.device.type != "cuda" or is_interpreted():
@@ -91,7 +93,10 @@ def traceable(form: str, q_nope: torch.Tensor, tensors, kv_lens=None) -> bool:
     fn = kernel_for(form, q_nope.device)
     if fn is None or (kv_lens is not None and not getattr(fn, "accepts_kv_lens", False)):
         return False
-    return all(has_static_sizes(t) for t in tensors if t is not None)
+    inlinable = getattr(fn, "inlinable", None)
+    if inlinable is not None and not inlinable(*args):
+        return False
+    return all(has_static_sizes(t) for t in args if isinstance(t, torch.Tensor))
 
 
 def is_interpreted() -> bool:
@@ -133,7 +138,7 @@ def _dense_op(form: str):
              w_uk: torch.Tensor, w_uv: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
              is_causal: bool, kv_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
         args = (q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens)
-        if is_traced(q_nope) and not traceable(form, q_nope, args[:7], kv_lens):
+        if is_traced(q_nope) and not traceable(form, q_nope, args, kv_lens):
             return getattr(torch.ops.mla, f"{form}_opaque")(*args)
         return run(*args)
 
@@ -153,7 +158,7 @@ def _sparse_op(form: str):
              mask: Optional[torch.Tensor], scale: float, is_causal: bool) -> torch.Tensor:
         args = [q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal]
         if is_traced(q_nope):
-            if not traceable(form, q_nope, args[:8]):
+            if not traceable(form, q_nope, args):
                 return getattr(torch.ops.mla, f"{form}_opaque")(*args)
             # The index range check reads values, which a traced kernel cannot: one opaque op does it
             # at run time and hands the kernel its int32 copy of the indices.

@@ -1,0 +1,266 @@
+"""The absorbed split kernel for Hopper (sm_90), written in Gluon: FlashMLA's layout of the work.
+
+Same math and the same split/merge scheme as `absorbed_decode._absorbed_split_kernel` (see that
+module's docstring): per batch b and split p, the rows i = heads of one 64-row tile,
+
+    x[i, j]  = (q_lat[i] . c[b, j] + q_rope[i] . kp[b, j]) * scale         j in [p*chunk, min((p+1)*chunk, len_b))
+    o_p[i]   = sum_j softmax_j(x[i, :]) c[b, j],   lse_p[i] = log sum_j exp x[i, j]
+
+and `absorbed_decode.merge_splits` combines the splits (with one split, the kernel writes the output).
+
+Why a second kernel: the Triton one runs at 1.53x FlashMLA's time at H=128, B=8, T=4K on an H200
+(ncu: one CTA per SM, latency bound; Triton's TMA and automatic warp specialisation did not help,
+benchmarks/results/absorbed-experiments-NVIDIA-H200.md). Gluon places the pieces by hand:
+
+- 8 warps = 2 warpgroups, every MMA layout warps_per_cta [4, 2]: the warpgroups split the N side,
+  so the 64 x 512 fp32 accumulator is 64 x 256 per warpgroup (128 registers a thread; the latent
+  arrives as two 256-wide TMA boxes, a box side being at most 256 elements);
+- Q (64 x 512 + 64 x 64 RoPE) is loaded by TMA into shared memory once; tiles of 64 keys (latent
+  and RoPE) arrive by TMA into a two-stage ring, one mbarrier a stage; the same tile is the K
+  operand of Q K^T (a permuted view) and the V operand of P V;
+- the device-side descriptors of the latent are per batch with the valid length as their row
+  count, so TMA zero-fills past it: the unwritten tail of a static cache never reaches P V, where
+  0 x NaN would poison the sum;
+- P goes through 8 KB of shared memory: each warpgroup holds half of P's columns and needs all.
+
+First measured on an H200 as an experiment (benchmarks/results/gluon-absorbed-NVIDIA-H200.md, the
+script benchmarks/gluon_absorbed.py of commit ddae479): 37.4 us at H=128 B=8 T=4K against 49.5 for
+the Triton kernel and 32.4 for FlashMLA; 0.69-0.76x the Triton kernel's time at the other B >= 8
+points. Its FA3-style variant (S_{i+1} issued before P_i V_i, the softmax overlapping P_i V_i on the
+tensor cores) was 10-16% slower than this one and was not kept.
+
+`applies(...)` says when this kernel runs (the Triton kernel takes everything else): a Hopper GPU,
+bf16/fp16, r = 512, dr = 64, one query position, more than 32 heads, no mask, not causal, and
+TMA-compatible strides and alignment.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+try:   # Gluon is Triton's; an older or CPU-only Triton without it just leaves the Triton kernel
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                  warpgroup_mma, warpgroup_mma_wait)
+    HAVE_GLUON = True
+except ImportError:   # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+R, DR = 512, 64
+HALF = R // 2
+BLOCK_M = 64       # rows (heads) a program: one wgmma M per warpgroup
+BLOCK_N = 64       # keys a tile
+NUM_STAGES = 2     # 72 KB of Q + 2 x 72 KB of key tiles + 8 KB of P = 224 KB of the 227 KB
+NUM_WARPS = 8      # two warpgroups
+LOG2E = 1.4426950408889634
+
+
+_CAPABILITY: dict = {}
+
+
+def applies(device: torch.device, dtype: torch.dtype, H: int, S: int, r: int, dr: int, mask,
+            is_causal: bool) -> bool:
+    """Whether `absorbed_latent_attention` takes this kernel (from sizes and dtypes alone, so that a
+    traced call's fake tensors can be asked too; `tma_ready` then checks the real tensors)."""
+    if not HAVE_GLUON or device.type != "cuda" or mask is not None or is_causal:
+        return False
+    if S != 1 or H <= 32 or r != R or dr != DR or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+    return _CAPABILITY[idx] == (9, 0)
+
+
+def tma_ready(*tensors) -> bool:
+    """TMA needs a unit last stride and 16-byte aligned bases and strides (of real tensors; the
+    stride of a dimension of size 1 is never used)."""
+    for t in tensors:
+        es = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any((st * es) % 16 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
+            return False
+    return True
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+try:
+    from triton.runtime._allocation import NullAllocator as _NullAllocator, _allocator
+except ImportError:   # pragma: no cover - another Triton's internals: always set ours
+    _NullAllocator, _allocator = None, None
+
+
+def ensure_allocator() -> None:
+    """Device-side TMA descriptors live in a global scratch buffer that the launch asks Triton's
+    allocator for. Set one on PyTorch's caching allocator unless the user has set their own (the
+    setting is a context variable: a new thread starts without one, hence the check at each call)."""
+    if _allocator is None or isinstance(_allocator.get(), _NullAllocator):
+        triton.set_allocator(_torch_scratch)
+
+
+if HAVE_GLUON:
+    @gluon.jit
+    def _softmax_step(qk, m_i, l_i, n0, stop, qk_scale, dtype: gl.constexpr,
+                      BLOCK_N: gl.constexpr, col_layout: gl.constexpr):
+        # Online softmax in the exp2 domain (qk_scale = scale * log2 e). Every tile holds at least one
+        # key < stop, so m_new is finite and alpha = exp2(-inf) = 0 on the first tile.
+        offs_n = n0 + gl.arange(0, BLOCK_N, layout=col_layout)
+        x = gl.where(gl.expand_dims(offs_n < stop, 0), qk * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(x, axis=1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(x - gl.expand_dims(m_new, 1))
+        l_new = l_i * alpha + gl.sum(p, axis=1)
+        return p.to(dtype), alpha, m_new, l_new
+
+    @gluon.jit
+    def _refill(c_desc, kr_desc, bar, lo, hi, kr, key0, pred):
+        # One stage = two latent halves + the RoPE tile, all on one mbarrier.
+        mbarrier.expect(bar, 2 * c_desc.block_type.nbytes + kr_desc.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(c_desc, [key0, 0], bar, lo, pred=pred)
+        tma.async_copy_global_to_shared(c_desc, [key0, c_desc.block_type.shape[1]], bar, hi, pred=pred)
+        tma.async_copy_global_to_shared(kr_desc, [key0, 0], bar, kr, pred=pred)
+
+    @gluon.jit
+    def _hopper_split_kernel(
+        Q, QR, C, KR, KVLEN, O, OP, LSE, qk_scale, H, T, chunk, splits,
+        s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_ob, s_oh,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, DR: gl.constexpr,
+        NUM_STAGES: gl.constexpr, HAS_KVLEN: gl.constexpr, ONE_SPLIT: gl.constexpr,
+    ):
+        dtype: gl.constexpr = C.dtype.element_ty
+        pid_m = gl.program_id(0)
+        pid_p = gl.program_id(1)
+        b = gl.program_id(2).to(gl.int64)
+
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                           instr_shape=[16, BLOCK_N // 2, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                           instr_shape=[16, HALF // 2, 16])
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HALF], dtype)
+        qr_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, DR], dtype)
+        half_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HALF], dtype)
+        rope_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DR], dtype)
+        p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+
+        t_end = T
+        if HAS_KVLEN:
+            t_end = gl.minimum(t_end, gl.load(KVLEN + b))
+        # Per-batch descriptors: Q's rows past H and the latent's past the valid length read as zeros.
+        q_desc = tma.make_tensor_descriptor(Q + b * s_qb, [H, 2 * HALF], [s_qh, 1], [BLOCK_M, HALF], q_sl)
+        qr_desc = tma.make_tensor_descriptor(QR + b * s_rb, [H, DR], [s_rh, 1], [BLOCK_M, DR], qr_sl)
+        c_desc = tma.make_tensor_descriptor(C + b * s_cb, [gl.maximum(t_end, 1), 2 * HALF], [s_ct, 1],
+                                            [BLOCK_N, HALF], half_sl)
+        kr_desc = tma.make_tensor_descriptor(KR + b * s_kb, [gl.maximum(t_end, 1), DR], [s_kt, 1],
+                                             [BLOCK_N, DR], rope_sl)
+
+        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HALF], q_sl)
+        qr_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, DR], qr_sl)
+        lo_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HALF], half_sl)
+        hi_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HALF], half_sl)
+        kr_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, DR], rope_sl)
+        p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], p_sl)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        kv_bar = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for st in gl.static_range(NUM_STAGES):
+            mbarrier.init(kv_bar.index(st), count=1)
+        fence_async_shared()   # the barrier inits must be visible to the TMA unit before the first copy
+
+        start = pid_p * chunk
+        stop = gl.minimum(start + chunk, t_end)
+        n_tiles = gl.cdiv(stop - start, BLOCK_N)   # <= 0 for a split wholly past a short valid length
+
+        row0 = pid_m * BLOCK_M
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes + qr_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [row0, 0], q_bar, q_smem.index(0))
+        tma.async_copy_global_to_shared(q_desc, [row0, HALF], q_bar, q_smem.index(1))
+        tma.async_copy_global_to_shared(qr_desc, [row0, 0], q_bar, qr_smem)
+        for st in gl.static_range(NUM_STAGES):
+            _refill(c_desc, kr_desc, kv_bar.index(st), lo_smem.index(st), hi_smem.index(st), kr_smem.index(st),
+                    start + st * BLOCK_N, st < n_tiles)
+
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+        acc_lo = gl.zeros([BLOCK_M, HALF], gl.float32, layout=o_layout)
+        acc_hi = gl.zeros([BLOCK_M, HALF], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        mbarrier.wait(q_bar, 0)
+
+        for i in range(0, n_tiles):
+            s = i % NUM_STAGES
+            mbarrier.wait(kv_bar.index(s), (i // NUM_STAGES) & 1)
+            lo = lo_smem.index(s)
+            hi = hi_smem.index(s)
+            kr = kr_smem.index(s)
+            qk = warpgroup_mma(q_smem.index(0), lo.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            qk = warpgroup_mma(q_smem.index(1), hi.permute((1, 0)), qk, is_async=True)
+            qk = warpgroup_mma(qr_smem, kr.permute((1, 0)), qk, is_async=True)
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+            p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, start + i * BLOCK_N, stop, qk_scale, dtype,
+                                               BLOCK_N, col_s)
+            # The previous tile's P V was waited for and followed by a CTA barrier, so p_smem is free;
+            # the barrier below makes every warp's P visible before either warpgroup's P V reads it.
+            p_smem.store(p)
+            fence_async_shared()
+            gl.thread_barrier()
+            alpha_o = gl.convert_layout(alpha, row_o)
+            acc_lo = warpgroup_mma(p_smem, lo, acc_lo * gl.expand_dims(alpha_o, 1), is_async=True)
+            acc_hi = warpgroup_mma(p_smem, hi, acc_hi * gl.expand_dims(alpha_o, 1), is_async=True)
+            acc_lo, acc_hi = warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, acc_hi))
+            gl.thread_barrier()   # both warpgroups are done with stage s: refill it
+            _refill(c_desc, kr_desc, kv_bar.index(s), lo, hi, kr, start + (i + NUM_STAGES) * BLOCK_N,
+                    i + NUM_STAGES < n_tiles)
+
+        mbarrier.invalidate(q_bar)
+        for st in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(kv_bar.index(st))
+
+        # A split with no key (l = 0) writes zeros and lse = -inf, which the merge weighs as nothing.
+        has = l_i > 0
+        inv_o = gl.convert_layout(1.0 / gl.where(has, l_i, 1.0), row_o)
+        rows_o = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_o)
+        cols_o = gl.arange(0, HALF, layout=col_o)
+        ok = gl.expand_dims(rows_o < H, 1)
+        o_lo = acc_lo * gl.expand_dims(inv_o, 1)
+        o_hi = acc_hi * gl.expand_dims(inv_o, 1)
+        if ONE_SPLIT:
+            ptrs = O + b * s_ob + gl.expand_dims(rows_o, 1) * s_oh + gl.expand_dims(cols_o, 0)
+            gl.store(ptrs, o_lo.to(O.dtype.element_ty), mask=ok)
+            gl.store(ptrs + HALF, o_hi.to(O.dtype.element_ty), mask=ok)
+        else:
+            # o_part [B, P, H, 512] fp32 and lse [B, P, H] (natural log), the Triton kernel's layout
+            base = (b * splits + pid_p) * H
+            ptrs = OP + (base + gl.expand_dims(rows_o, 1)) * (2 * HALF) + gl.expand_dims(cols_o, 0)
+            gl.store(ptrs, o_lo, mask=ok)
+            gl.store(ptrs + HALF, o_hi, mask=ok)
+            rows_s = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
+            lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+            gl.store(LSE + base + rows_s, lse, mask=rows_s < H)
+
+
+def hopper_split_attention(q_lat, q_rope, c, kr, kv_lens, out, o_part, lse, scale: float, chunk: int,
+                           splits: int) -> None:
+    """Launch the split kernel: q_lat/q_rope [B, H, 1, *], c [B, T, r], kr [B, T, dr] (token views),
+    kv_lens int32 [B] or None; with one split it writes `out` [B, H, 1, r], else o_part and lse."""
+    B, H, _, _ = q_lat.shape
+    T = c.shape[1]
+    ensure_allocator()
+    one = splits == 1
+    _hopper_split_kernel[(triton.cdiv(H, BLOCK_M), splits, B)](
+        q_lat, q_rope, c, kr, kv_lens if kv_lens is not None else c, out, o_part, lse,
+        float(scale) * LOG2E, H, T, chunk, splits,
+        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
+        c.stride(0), c.stride(1), kr.stride(0), kr.stride(1), out.stride(0), out.stride(1),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, NUM_STAGES=NUM_STAGES,
+        HAS_KVLEN=kv_lens is not None, ONE_SPLIT=one, num_warps=NUM_WARPS,
+    )
