@@ -30,11 +30,14 @@ points. Its FA3-style variant (S_{i+1} issued before P_i V_i, the softmax overla
 tensor cores) was 10-16% slower than this one and was not kept.
 
 `applies(...)` says when this kernel runs (the Triton kernel takes everything else): a Hopper GPU,
-bf16/fp16, r = 512, dr = 64, one query position, more than 32 heads, no mask, not causal, and
-TMA-compatible strides and alignment.
+bf16/fp16, r = 512, dr = 64, one query position, more than 32 heads, not causal (a bool or float
+mask, HF's decode mask, is read per key tile), and TMA-compatible strides and alignment.
+MLA_COMPILE_GLUON=0 turns it off (the Triton kernel then runs everywhere).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -54,17 +57,15 @@ BLOCK_M = 64       # rows (heads) a program: one wgmma M per warpgroup
 BLOCK_N = 64       # keys a tile
 NUM_STAGES = 2     # 72 KB of Q + 2 x 72 KB of key tiles + 8 KB of P = 224 KB of the 227 KB
 NUM_WARPS = 8      # two warpgroups
-LOG2E = 1.4426950408889634
 
 
 _CAPABILITY: dict = {}
 
 
-def applies(device: torch.device, dtype: torch.dtype, H: int, S: int, r: int, dr: int, mask,
-            is_causal: bool) -> bool:
+def applies(device: torch.device, dtype: torch.dtype, H: int, S: int, r: int, dr: int, is_causal: bool) -> bool:
     """Whether `absorbed_latent_attention` takes this kernel (from sizes and dtypes alone, so that a
     traced call's fake tensors can be asked too; `tma_ready` then checks the real tensors)."""
-    if not HAVE_GLUON or device.type != "cuda" or mask is not None or is_causal:
+    if not HAVE_GLUON or device.type != "cuda" or is_causal or os.environ.get("MLA_COMPILE_GLUON") == "0":
         return False
     if S != 1 or H <= 32 or r != R or dr != DR or dtype not in (torch.bfloat16, torch.float16):
         return False
@@ -106,15 +107,25 @@ def ensure_allocator() -> None:
 
 if HAVE_GLUON:
     @gluon.jit
-    def _softmax_step(qk, m_i, l_i, n0, stop, qk_scale, dtype: gl.constexpr,
+    def _softmax_step(qk, m_i, l_i, n0, stop, scale, MASK, s_mt, dtype: gl.constexpr, MASK_KIND: gl.constexpr,
                       BLOCK_N: gl.constexpr, col_layout: gl.constexpr):
-        # Online softmax in the exp2 domain (qk_scale = scale * log2 e). Every tile holds at least one
-        # key < stop, so m_new is finite and alpha = exp2(-inf) = 0 on the first tile.
+        # Online softmax with scores in natural units (x = q.k * scale + float mask) and exp2 for the
+        # exponentials: an HF float mask's finfo.min stays finite here, as in the reference (a row
+        # masked everywhere by it averages all keys, like softmax over equal scores). m_safe keeps a
+        # row that has seen only -inf (bool-masked) keys at m = -inf, l = 0 (zeros, lse = -inf).
         offs_n = n0 + gl.arange(0, BLOCK_N, layout=col_layout)
-        x = gl.where(gl.expand_dims(offs_n < stop, 0), qk * qk_scale, float("-inf"))
+        valid = offs_n < stop
+        x = qk * scale
+        if MASK_KIND == 1:
+            valid = valid & (gl.load(MASK + offs_n * s_mt, mask=valid, other=0) != 0)
+        if MASK_KIND == 2:
+            x = x + gl.expand_dims(gl.load(MASK + offs_n * s_mt, mask=valid, other=0.0).to(gl.float32), 0)
+        x = gl.where(gl.expand_dims(valid, 0), x, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(x, axis=1))
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(x - gl.expand_dims(m_new, 1))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        # subtract before scaling by log2(e): finfo.min * log2(e) overflows fp32
+        alpha = gl.exp2((m_i - m_safe) * 1.4426950408889634)
+        p = gl.exp2((x - gl.expand_dims(m_safe, 1)) * 1.4426950408889634)
         l_new = l_i * alpha + gl.sum(p, axis=1)
         return p.to(dtype), alpha, m_new, l_new
 
@@ -128,10 +139,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _hopper_split_kernel(
-        Q, QR, C, KR, KVLEN, O, OP, LSE, qk_scale, H, T, chunk, splits,
-        s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_ob, s_oh,
+        Q, QR, C, KR, MASK, KVLEN, O, OP, LSE, scale, H, T, chunk, splits,
+        s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_mb, s_mt, s_ob, s_oh,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, DR: gl.constexpr,
-        NUM_STAGES: gl.constexpr, HAS_KVLEN: gl.constexpr, ONE_SPLIT: gl.constexpr,
+        NUM_STAGES: gl.constexpr, MASK_KIND: gl.constexpr, HAS_KVLEN: gl.constexpr, ONE_SPLIT: gl.constexpr,
     ):
         dtype: gl.constexpr = C.dtype.element_ty
         pid_m = gl.program_id(0)
@@ -206,8 +217,8 @@ if HAVE_GLUON:
             qk = warpgroup_mma(q_smem.index(1), hi.permute((1, 0)), qk, is_async=True)
             qk = warpgroup_mma(qr_smem, kr.permute((1, 0)), qk, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-            p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, start + i * BLOCK_N, stop, qk_scale, dtype,
-                                               BLOCK_N, col_s)
+            p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, start + i * BLOCK_N, stop, scale, MASK + b * s_mb,
+                                               s_mt, dtype, MASK_KIND, BLOCK_N, col_s)
             # The previous tile's P V was waited for and followed by a CTA barrier, so p_smem is free;
             # the barrier below makes every warp's P visible before either warpgroup's P V reads it.
             p_smem.store(p)
@@ -244,23 +255,24 @@ if HAVE_GLUON:
             gl.store(ptrs, o_lo, mask=ok)
             gl.store(ptrs + HALF, o_hi, mask=ok)
             rows_s = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
-            lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+            lse = gl.where(has, m_i + gl.log(gl.where(has, l_i, 1.0)), float("-inf"))
             gl.store(LSE + base + rows_s, lse, mask=rows_s < H)
 
 
-def hopper_split_attention(q_lat, q_rope, c, kr, kv_lens, out, o_part, lse, scale: float, chunk: int,
-                           splits: int) -> None:
-    """Launch the split kernel: q_lat/q_rope [B, H, 1, *], c [B, T, r], kr [B, T, dr] (token views),
-    kv_lens int32 [B] or None; with one split it writes `out` [B, H, 1, r], else o_part and lse."""
+def hopper_split_attention(q_lat, q_rope, c, kr, mask_kind: int, mask, mask_strides, kv_lens, out, o_part, lse,
+                           scale: float, chunk: int, splits: int) -> None:
+    """Launch the split kernel: q_lat/q_rope [B, H, 1, *], c [B, T, r], kr [B, T, dr] (token views), the
+    mask as `absorbed_decode.mask_view` gives it ([B, 1, T] view: kind 0 none, 1 bytes, 2 float), kv_lens
+    int32 [B] or None; with one split it writes `out` [B, H, 1, r], else o_part and lse."""
     B, H, _, _ = q_lat.shape
     T = c.shape[1]
     ensure_allocator()
-    one = splits == 1
     _hopper_split_kernel[(triton.cdiv(H, BLOCK_M), splits, B)](
-        q_lat, q_rope, c, kr, kv_lens if kv_lens is not None else c, out, o_part, lse,
-        float(scale) * LOG2E, H, T, chunk, splits,
+        q_lat, q_rope, c, kr, mask if mask is not None else c, kv_lens if kv_lens is not None else c,
+        out, o_part, lse, float(scale), H, T, chunk, splits,
         q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
-        c.stride(0), c.stride(1), kr.stride(0), kr.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, NUM_STAGES=NUM_STAGES,
-        HAS_KVLEN=kv_lens is not None, ONE_SPLIT=one, num_warps=NUM_WARPS,
+        c.stride(0), c.stride(1), kr.stride(0), kr.stride(1), mask_strides[0], mask_strides[2],
+        out.stride(0), out.stride(1),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, NUM_STAGES=NUM_STAGES, MASK_KIND=mask_kind,
+        HAS_KVLEN=kv_lens is not None, ONE_SPLIT=splits == 1, num_warps=NUM_WARPS,
     )

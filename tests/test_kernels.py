@@ -334,13 +334,34 @@ def test_gpu_absorbed_hopper_path(H, splits, dtype):
     q_lat = absorb(qn, wuk, dtype)
     out = absorbed_latent_attention(q_lat, qr, c, kr, None, 0.07, False, kv_lens=lens, num_splits=splits)
     if torch.cuda.get_device_capability() == (9, 0):
-        assert hopper.applies(q_lat.device, dtype, H, 1, 512, 64, None, False)
+        assert hopper.applies(q_lat.device, dtype, H, 1, 512, 64, False)
         assert hopper.tma_ready(q_lat, qr, c, kr)
     for b in range(B):
         n = int(lens[b])
         sc = (q_lat[b, :, 0].double() @ c[b, 0, :n].double().T + qr[b, :, 0].double() @ kr[b, 0, :n].double().T) * 0.07
         ref = torch.softmax(sc, -1) @ c[b, 0, :n].double()
         assert rel_err(out[b, :, 0], ref.cpu()) < tol(dtype), b
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("mask", ["bool", "float2d", "hf_min"])
+def test_gpu_absorbed_hopper_path_masks(mask):
+    """HF's decode mask reaches the absorbed op under torch.compile ([B, 1, 1, T], bool or float with
+    finfo.min): the Hopper kernel reads it per key tile. hf_min leaves one batch 5 keys of 3000 (whole
+    splits see only finfo.min scores, whose exp must come out 0, not NaN from an overflow)."""
+    B, H, T = 3, 128, 3000
+    args = make(B, H, 1, T, dtype=torch.bfloat16, **V3)
+    if mask == "hf_min":
+        m = torch.zeros(B, 1, 1, T)
+        m[:, :, :, 1000:2000] = torch.finfo(torch.bfloat16).min
+        m[2, :, :, 5:] = torch.finfo(torch.bfloat16).min
+        m = m.to(DEV, torch.bfloat16)
+    else:
+        m = masks(mask, B, 1, T)
+    out = absorbed_decode(*args, m, 0.07, False)
+    ref = absorbed_reference(*[a.double() for a in args], m if m.dtype == torch.bool else m.double(), 0.07, False)
+    assert rel_err(out, ref.cpu()) < tol(torch.bfloat16)
 
 
 @pytest.mark.gpu
