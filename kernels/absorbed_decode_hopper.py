@@ -47,6 +47,10 @@ try:   # Gluon is Triton's; an older or CPU-only Triton without it just leaves t
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                   warpgroup_mma, warpgroup_mma_wait)
+    # The TMA load is `async_load` from Triton 3.7 on; 3.6 (PyTorch 2.11's) names it
+    # `async_copy_global_to_shared`, which 3.9 removed.
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier   # renamed the same way
     HAVE_GLUON = True
 except ImportError:   # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
@@ -133,9 +137,9 @@ if HAVE_GLUON:
     def _refill(c_desc, kr_desc, bar, lo, hi, kr, key0, pred):
         # One stage = two latent halves + the RoPE tile, all on one mbarrier.
         mbarrier.expect(bar, 2 * c_desc.block_type.nbytes + kr_desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(c_desc, [key0, 0], bar, lo, pred=pred)
-        tma.async_copy_global_to_shared(c_desc, [key0, c_desc.block_type.shape[1]], bar, hi, pred=pred)
-        tma.async_copy_global_to_shared(kr_desc, [key0, 0], bar, kr, pred=pred)
+        _tma_load(c_desc, [key0, 0], bar, lo, pred=pred)
+        _tma_load(c_desc, [key0, c_desc.block_type.shape[1]], bar, hi, pred=pred)
+        _tma_load(kr_desc, [key0, 0], bar, kr, pred=pred)
 
     @gluon.jit
     def _hopper_split_kernel(
@@ -193,9 +197,9 @@ if HAVE_GLUON:
 
         row0 = pid_m * BLOCK_M
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes + qr_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [row0, 0], q_bar, q_smem.index(0))
-        tma.async_copy_global_to_shared(q_desc, [row0, HALF], q_bar, q_smem.index(1))
-        tma.async_copy_global_to_shared(qr_desc, [row0, 0], q_bar, qr_smem)
+        _tma_load(q_desc, [row0, 0], q_bar, q_smem.index(0))
+        _tma_load(q_desc, [row0, HALF], q_bar, q_smem.index(1))
+        _tma_load(qr_desc, [row0, 0], q_bar, qr_smem)
         for st in gl.static_range(NUM_STAGES):
             _refill(c_desc, kr_desc, kv_bar.index(st), lo_smem.index(st), hi_smem.index(st), kr_smem.index(st),
                     start + st * BLOCK_N, st < n_tiles)
@@ -223,12 +227,12 @@ if HAVE_GLUON:
             # the barrier below makes every warp's P visible before either warpgroup's P V reads it.
             p_smem.store(p)
             fence_async_shared()
-            gl.thread_barrier()
+            _cta_barrier()
             alpha_o = gl.convert_layout(alpha, row_o)
             acc_lo = warpgroup_mma(p_smem, lo, acc_lo * gl.expand_dims(alpha_o, 1), is_async=True)
             acc_hi = warpgroup_mma(p_smem, hi, acc_hi * gl.expand_dims(alpha_o, 1), is_async=True)
             acc_lo, acc_hi = warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, acc_hi))
-            gl.thread_barrier()   # both warpgroups are done with stage s: refill it
+            _cta_barrier()   # both warpgroups are done with stage s: refill it
             _refill(c_desc, kr_desc, kv_bar.index(s), lo, hi, kr, start + (i + NUM_STAGES) * BLOCK_N,
                     i + NUM_STAGES < n_tiles)
 
