@@ -27,7 +27,9 @@ First measured on an H200 as an experiment (benchmarks/results/gluon-absorbed-NV
 script benchmarks/gluon_absorbed.py of commit ddae479): 37.4 us at H=128 B=8 T=4K against 49.5 for
 the Triton kernel and 32.4 for FlashMLA; 0.69-0.76x the Triton kernel's time at the other B >= 8
 points. Its FA3-style variant (S_{i+1} issued before P_i V_i, the softmax overlapping P_i V_i on the
-tensor cores) was 10-16% slower than this one and was not kept.
+tensor cores) was 10-16% slower than this one and was not kept. In production
+(benchmarks/results/kernels-NVIDIA-H200.md): 37.0 us against FlashMLA's 32.3 at B=8 T=4K, 1.30-1.37x
+FlashMLA at the larger H=128 points; hopper-ab-NVIDIA-H200.md compares it with the Triton kernel.
 
 `applies(...)` says when this kernel runs (the Triton kernel takes everything else): a Hopper GPU,
 bf16/fp16, r = 512, dr = 64, one query position, more than 32 heads, not causal (a bool or float
@@ -47,12 +49,12 @@ try:   # Gluon is Triton's; an older or CPU-only Triton without it just leaves t
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                   warpgroup_mma, warpgroup_mma_wait)
-    # The TMA load is `async_load` from Triton 3.7 on; 3.6 (PyTorch 2.11's) names it
-    # `async_copy_global_to_shared`, which 3.9 removed.
+    # Triton 3.6 (PyTorch 2.11's) names the TMA load `async_copy_global_to_shared` and the CTA barrier
+    # `thread_barrier`; 3.9 has `async_load` and `barrier` only. Take whichever this Triton has.
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier   # renamed the same way
+    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
     HAVE_GLUON = True
-except ImportError:   # pragma: no cover - depends on the installed Triton
+except (ImportError, AttributeError):   # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 R, DR = 512, 64
