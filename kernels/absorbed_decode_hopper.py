@@ -265,6 +265,25 @@ if HAVE_GLUON:
             gl.store(LSE + base + rows_s, lse, mask=rows_s < H)
 
 
+def compile_for_sm90(mask_kind: int = 1, has_kvlen: bool = True, one_split: bool = False):
+    """Compile the kernel ahead of time for sm_90 with the installed Triton; no GPU needed (Triton's
+    wheel carries ptxas). Returns the compiled kernel (`.asm["ptx"]`, `.metadata.shared`). Run it in a
+    process without TRITON_INTERPRET=1: the interpreter's patched builtins break Gluon's compiler."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    names = ["Q", "QR", "C", "KR", "MASK", "KVLEN", "O", "OP", "LSE", "scale", "H", "T", "chunk", "splits",
+             "s_qb", "s_qh", "s_rb", "s_rh", "s_cb", "s_ct", "s_kb", "s_kt", "s_mb", "s_mt", "s_ob", "s_oh"]
+    mask_type = {0: "*bf16", 1: "*u8", 2: "*bf16"}[mask_kind]
+    types = ["*bf16"] * 4 + [mask_type, "*i32", "*bf16", "*fp32", "*fp32", "fp32"] + ["i32"] * 16
+    consts = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, NUM_STAGES=NUM_STAGES, MASK_KIND=mask_kind,
+                  HAS_KVLEN=has_kvlen, ONE_SPLIT=one_split)
+    sig = dict(zip(names, types), **{k: "constexpr" for k in consts})
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(9)}   # what the launcher specialises
+    src = GluonASTSource(_hopper_split_kernel, sig, consts, aligned)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
+
+
 def hopper_split_attention(q_lat, q_rope, c, kr, mask_kind: int, mask, mask_strides, kv_lens, out, o_part, lse,
                            scale: float, chunk: int, splits: int) -> None:
     """Launch the split kernel: q_lat/q_rope [B, H, 1, *], c [B, T, r], kr [B, T, dr] (token views), the
