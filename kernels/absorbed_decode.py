@@ -363,7 +363,7 @@ absorbed_decode.accepts_kv_lens = True   # mla.absorbed passes a static cache's 
 def _inlinable(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale=1.0, is_causal=False, kv_lens=None):
     """Whether a traced call may become Triton launches in Inductor's code: not when it would take the
     Gluon kernel (wrap_triton takes Triton's JIT functions only); mla.absorbed_opaque runs that one."""
-    B, H, S, _ = q_nope.shape
+    _, H, S, _ = q_nope.shape
     return not hopper.applies(q_nope.device, kernel_dtype(q_nope.dtype), H, S, w_uk.shape[-1], q_rope.shape[-1],
                               is_causal)
 

@@ -272,12 +272,12 @@ def compile_for_sm90(mask_kind: int = 1, has_kvlen: bool = True, one_split: bool
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    names = ["Q", "QR", "C", "KR", "MASK", "KVLEN", "O", "OP", "LSE", "scale", "H", "T", "chunk", "splits",
-             "s_qb", "s_qh", "s_rb", "s_rh", "s_cb", "s_ct", "s_kb", "s_kt", "s_mb", "s_mt", "s_ob", "s_oh"]
-    mask_type = {0: "*bf16", 1: "*u8", 2: "*bf16"}[mask_kind]
-    types = ["*bf16"] * 4 + [mask_type, "*i32", "*bf16", "*fp32", "*fp32", "fp32"] + ["i32"] * 16
     consts = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, NUM_STAGES=NUM_STAGES, MASK_KIND=mask_kind,
                   HAS_KVLEN=has_kvlen, ONE_SPLIT=one_split)
+    names = [n for n in _hopper_split_kernel.arg_names if n not in consts]   # pointers, scale, then 16 ints
+    mask_type = {0: "*bf16", 1: "*u8", 2: "*bf16"}[mask_kind]
+    types = ["*bf16"] * 4 + [mask_type, "*i32", "*bf16", "*fp32", "*fp32", "fp32"] + ["i32"] * 16
+    assert len(names) == len(types), names
     sig = dict(zip(names, types), **{k: "constexpr" for k in consts})
     aligned = {(i,): [["tt.divisibility", 16]] for i in range(9)}   # what the launcher specialises
     src = GluonASTSource(_hopper_split_kernel, sig, consts, aligned)
