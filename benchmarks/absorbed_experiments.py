@@ -42,7 +42,7 @@ DT = torch.bfloat16
 
 @triton.jit
 def _tma_split_kernel(
-    Q, QR, C, KR, OP, LSE, sm_scale, M, T, chunk,
+    Q, QR, C, KR, OP, ML, sm_scale, M, T, chunk,
     s_qb, s_qm, s_rb, s_rm, s_cb, s_ct, s_kb, s_kt, s_pb, s_pp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr, DR: tl.constexpr, WS: tl.constexpr,
 ):
@@ -87,8 +87,9 @@ def _tma_split_kernel(
     tl.store(OP + base + rows[:, None] * (2 * HALF) + offs_h[None, :], acc_lo / l_safe[:, None], mask=row_ok[:, None])
     tl.store(OP + base + rows[:, None] * (2 * HALF) + HALF + offs_h[None, :], acc_hi / l_safe[:, None],
              mask=row_ok[:, None])
-    lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
-    tl.store(LSE + base // (2 * HALF) + rows, lse, mask=row_ok)
+    ml = ML + 2 * (base // (2 * HALF) + rows)   # (m, l) per row, merge_splits' layout
+    tl.store(ml, m_i, mask=row_ok)
+    tl.store(ml + 1, l_i, mask=row_ok)
 
 
 def tma_attention(q_lat, q_rope, latent, k_rope, scale, block_n, warps, stages, ws):
@@ -100,15 +101,15 @@ def tma_attention(q_lat, q_rope, latent, k_rope, scale, block_n, warps, stages, 
     row_tiles = triton.cdiv(M, BLOCK_M)
     splits, chunk = choose_splits(q_lat.device, B, row_tiles, T, BLOCK_M)
     o_part = torch.empty(B, splits, M, r, dtype=torch.float32, device=q_lat.device)
-    lse = torch.empty(B, splits, M, dtype=torch.float32, device=q_lat.device)
+    ml = torch.empty(B, splits, M, 2, dtype=torch.float32, device=q_lat.device)
     out = torch.empty(B, H, S, r, dtype=q_lat.dtype, device=q_lat.device)
     _tma_split_kernel[(row_tiles, splits, B)](
-        q_lat, q_rope, latent, k_rope, o_part, lse, float(scale), M, T, chunk,
+        q_lat, q_rope, latent, k_rope, o_part, ml, float(scale), M, T, chunk,
         q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
         latent.stride(0), latent.stride(2), k_rope.stride(0), k_rope.stride(2),
         o_part.stride(0), o_part.stride(1),
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, HALF=r // 2, DR=DR, WS=ws, num_warps=warps, num_stages=stages)
-    merge_splits(o_part, lse, out, S, r, splits)
+    merge_splits(o_part, ml, out, S, r, splits)
     return out
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call (nvidia-h200-x2) for kernel work, in parallel:
 #   GPU 0  the GPU test tier (kernels at real sizes, triton_op tracing, HF families end to end on CUDA)
-#   GPU 1  the small-head split sweep (H=16,32; SWEEP=0 skips it), then `python3 benchmarks/$EXTRA` if set
+#   GPU 1  the small-head split sweep (H=16,32; SWEEP=0 skips it), then `python3 benchmarks/$EXTRA` if set,
+#          then, with NCU="B T H[;B T H]", Nsight Compute over one absorbed-kernel launch (profile_absorbed.py)
 # Results: $OUT/results.tgz (benchmarks/results/* and the logs) and $OUT/summary.txt.
 source benchmarks/gpu_env.sh
 (
@@ -20,6 +21,20 @@ source benchmarks/gpu_env.sh
     timeout -k 5 ${EXTRA_TIMEOUT:-240} python3 benchmarks/$EXTRA > "$OUT/logs/extra.log" 2>&1
     echo "extra rc=$?" >> "$OUT/logs/extra.log"
   fi
+  if [ -n "${NCU:-}" ]; then   # "B T H[;B T H...]"; stall reasons by regex, retried without if refused
+    IFS=';' read -ra points <<< "$NCU"
+    sections="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
+      --section WarpStateStats --section LaunchStats --section Occupancy"
+    for pt in "${points[@]}"; do
+      timeout -k 5 ${NCU_TIMEOUT:-180} ncu --profile-from-start off -k regex:split_kernel $sections \
+        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        python3 benchmarks/profile_absorbed.py $pt > "$OUT/logs/ncu-one.txt" 2>&1 \
+      || timeout -k 5 ${NCU_TIMEOUT:-180} ncu --profile-from-start off -k regex:split_kernel $sections \
+        python3 benchmarks/profile_absorbed.py $pt > "$OUT/logs/ncu-one.txt" 2>&1
+      echo "ncu ($pt) rc=$?" >> "$OUT/logs/ncu-one.txt"
+      cat "$OUT/logs/ncu-one.txt" >> "$OUT/logs/ncu.txt" && rm "$OUT/logs/ncu-one.txt"
+    done
+  fi
 ) &
 wait
 {
@@ -27,6 +42,7 @@ wait
   grep -E "passed|failed|error|FAIL|rc=" "$OUT/logs/gpu-tests.log" | tail -n 15
   [ -f "$OUT/logs/sweep.log" ] && grep -E "^\||rc=|!" "$OUT/logs/sweep.log"
   [ -f "$OUT/logs/extra.log" ] && grep -vE "^W1121|^  warnings|UserWarning" "$OUT/logs/extra.log" | tail -n 90
+  [ -f "$OUT/logs/ncu.txt" ] && grep -E "_kernel \(|compiled|Duration|Throughput|Pipe|stalled|Registers Per|Warp Cycles Per Issued|rc=" "$OUT/logs/ncu.txt" | head -n 90
 } > "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
 pack

@@ -13,10 +13,13 @@ and one contiguous chunk of keys, streams the latent tile c[j0:j0+BLOCK_N, :r] a
 kp[j0:j0+BLOCK_N, :dr] from their own pointers (no concatenated copy), and keeps the online-softmax
 state (running max m, sum l, accumulator acc [BLOCK_M, r] in fp32). The latent tile is loaded once
 and used twice: as the key (q_lat c^T) and as the value (P c). With one split it writes the
-normalised o_lat directly; otherwise it writes o_p = acc / l and lse_p = m + log(l) per split.
+normalised o_lat directly; otherwise it writes o_p = acc / l and the pair (m_p, l_p) per split.
 
-Kernel 2 (`_merge_splits_kernel`), grid (B * rows, r / RB): o = sum_p exp(lse_p - L) o_p with
-L = log sum_p exp(lse_p); a row whose every key is masked gives zeros (as the reference does).
+Kernel 2 (`_merge_splits_kernel`), grid (B * rows, r / RB): with M = max_p m_p over the splits with
+l_p > 0 and w_p = l_p exp(m_p - M), o = sum_p w_p o_p / sum_p w_p; a row whose every key is masked
+gives zeros (as the reference does). m and l are kept apart, not folded into lse_p = m_p + log(l_p):
+under HF's float mask a row masked everywhere has m_p = finfo.min (~ -3.4e38) in every split, where
+log(l_p) is far below fp32's ulp, so lse_p would lose l_p and weigh splits of unequal key counts alike.
 
 `absorbed_latent_attention` is the core (absorbed q given; optional kv_lens int32 [B] so a static
 cache of 64K holding 3K reads 3K); `absorbed_decode` has the reference's signature.
@@ -54,7 +57,7 @@ else:
 @triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "WORK", "R_PAD", "DR_PAD", "MASK_KIND", "ONE_SPLIT", "DOT_PREC"])
 @triton.jit
 def _absorbed_split_kernel(
-    Q, QR, C, KR, MASK, KVLEN, O, OP, LSE,
+    Q, QR, C, KR, MASK, KVLEN, O, OP, ML,
     sm_scale, M, S, T, R, DR, chunk,
     s_qb, s_qh, s_qs, s_qd,
     s_rb, s_rh, s_rs, s_rd,
@@ -135,15 +138,17 @@ def _absorbed_split_kernel(
         tl.store(O + b * s_ob + h[:, None] * s_oh + s[:, None] * s_os + offs_r[None, :] * s_od,
                  o.to(O.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
     else:
-        lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
+        # ML [B, P, M, 2]: (m, l) per row; an empty split (or a bool-masked row) leaves m = -inf, l = 0.
         base = b * s_pb + pid_p * s_pp
         tl.store(OP + base + rows[:, None] * R_PAD + offs_r[None, :], o, mask=row_ok[:, None])
-        tl.store(LSE + base // R_PAD + rows, lse, mask=row_ok)
+        ml = ML + 2 * (base // R_PAD + rows)
+        tl.store(ml, m_i, mask=row_ok)
+        tl.store(ml + 1, l_i, mask=row_ok)
 
 
 @triton.jit
 def _merge_splits_kernel(
-    OP, LSE, O, S, R, P, M,
+    OP, ML, O, S, R, P, M,
     s_pb, s_pp,
     s_ob, s_oh, s_os, s_od,
     R_PAD: tl.constexpr, RB: tl.constexpr, PB: tl.constexpr,
@@ -155,22 +160,30 @@ def _merge_splits_kernel(
     offs_r = tl.program_id(1) * RB + tl.arange(0, RB)
     h = row // S
     s = row % S
-    lse_base = LSE + (b * s_pb) // R_PAD + row
-    lse_pp = s_pp // R_PAD
-    # pass 1: the largest lse over the splits
+    # ML [B, P, M, 2] fp32: (m_p, l_p) of row `row` in split p at 2 * ((b * P + p) * M + row)
+    ml_base = ML + 2 * ((b * s_pb) // R_PAD + row)
+    ml_pp = 2 * (s_pp // R_PAD)
+    # pass 1: the largest m_p over the splits that saw a key (l_p > 0)
     mx = tl.full([PB], float("-inf"), tl.float32)
     for p0 in range(0, P, PB):
-        offs_p = p0 + tl.arange(0, PB)
-        mx = tl.maximum(mx, tl.load(lse_base + offs_p * lse_pp, mask=offs_p < P, other=float("-inf")))
+        offs_p = (p0 + tl.arange(0, PB)).to(tl.int64)
+        p_ok = offs_p < P
+        m_p = tl.load(ml_base + offs_p * ml_pp, mask=p_ok, other=float("-inf"))
+        l_p = tl.load(ml_base + offs_p * ml_pp + 1, mask=p_ok, other=0.0)
+        mx = tl.maximum(mx, tl.where(l_p > 0, m_p, float("-inf")))
     m = tl.max(mx, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    # pass 2: weights exp(lse_p - m) and the weighted sum of the split outputs, PB splits at a time
+    # pass 2: weights w_p = l_p exp(m_p - m) (0 for an empty split) and the weighted sum of the
+    # (normalised) split outputs, PB splits at a time
     total = tl.zeros([PB], tl.float32)
     acc = tl.zeros([RB], tl.float32)
     for p0 in range(0, P, PB):
         offs_p = (p0 + tl.arange(0, PB)).to(tl.int64)
         p_ok = offs_p < P
-        w = tl.exp(tl.load(lse_base + offs_p * lse_pp, mask=p_ok, other=float("-inf")) - m)
+        m_p = tl.load(ml_base + offs_p * ml_pp, mask=p_ok, other=float("-inf"))
+        l_p = tl.load(ml_base + offs_p * ml_pp + 1, mask=p_ok, other=0.0)
+        has = l_p > 0
+        w = tl.where(has, l_p * tl.exp(tl.where(has, m_p, m) - m), 0.0)
         total += w
         o = tl.load(OP + b * s_pb + offs_p[:, None] * s_pp + row * R_PAD + offs_r[None, :], mask=p_ok[:, None],
                     other=0.0)
@@ -246,15 +259,18 @@ def choose_splits(device, B: int, row_tiles: int, T: int, block_m: int = 64, flo
     return triton.cdiv(max(T, 1), chunk), chunk
 
 
-def merge_splits(o_part, lse, out_view, S: int, R: int, splits: int):
-    """o_part [B, P, M, R_PAD] fp32, lse [B, P, M] -> out_view [B, H, S, R] (any strides)."""
+def merge_splits(o_part, ml, out_view, S: int, R: int, splits: int):
+    """o_part [B, P, M, R_PAD] fp32 contiguous (each split's output, normalised by its own sum l_p) and
+    ml [B, P, M, 2] fp32 contiguous (each split's row max m_p and sum l_p of exp(x - m_p), natural
+    units; m_p = -inf, l_p = 0 for a split that saw no key) -> out_view [B, H, S, R] (any strides):
+    sum_p w_p o_p / sum_p w_p with w_p = l_p exp(m_p - max_p m_p); zeros for a row with no key at all."""
     B, P, M, R_PAD = o_part.shape
     # Many rows: one program per row over the whole r (few, fat programs). Few rows (small batch, many
     # splits): split r across programs too, so the merge is not a handful of long serial loops.
     RB = R_PAD if B * M >= 1024 else min(R_PAD, 128)
     PB = max(2, min(16, triton.next_power_of_2(P)))
     launcher(_merge_splits_kernel, o_part)[(B * M, R_PAD // RB)](
-        o_part, lse, out_view, S, R, splits, M,
+        o_part, ml, out_view, S, R, splits, M,
         o_part.stride(0), o_part.stride(1),
         *out_view.stride(),
         R_PAD=R_PAD, RB=RB, PB=PB,
@@ -297,21 +313,21 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
     DR_PAD = max(16, triton.next_power_of_2(dr)) if dr else 16
     one = splits == 1
     if one:
-        o_part = lse = out  # unused
+        o_part = ml = out  # unused
         sp = (0, 0, 0)
     else:
         o_part = torch.empty(B, splits, M, R_PAD, dtype=torch.float32, device=q_lat.device)
-        lse = torch.empty(B, splits, M, dtype=torch.float32, device=q_lat.device)
+        ml = torch.empty(B, splits, M, 2, dtype=torch.float32, device=q_lat.device)   # (m_p, l_p) per row
         sp = (o_part.stride(0), o_part.stride(1), o_part.stride(2))
     if (not is_traced(q_lat) and out.stride(-1) == 1
             and hopper.applies(q_lat.device, dt, H, S, r, dr, is_causal)
             and hopper.tma_ready(q_lat, q_rope, c, kr)):
-        hopper.hopper_split_attention(q_lat, q_rope, c, kr, kind, m, ms, kv_lens, out, o_part, lse, scale, chunk,
+        hopper.hopper_split_attention(q_lat, q_rope, c, kr, kind, m, ms, kv_lens, out, o_part, ml, scale, chunk,
                                       splits)
     else:
         kvl = kv_lens if kv_lens is not None else c
         launcher(_absorbed_split_kernel, q_lat)[(row_tiles, splits, B)](
-            q_lat, q_rope, c, kr, m if m is not None else c, kvl, out, o_part, lse,
+            q_lat, q_rope, c, kr, m if m is not None else c, kvl, out, o_part, ml,
             float(scale), M, S, T, r, dr, chunk,
             *q_lat.stride(), *q_rope.stride(), *c.stride(), *kr.stride(), *ms, *out.stride(), *sp,
             triton.next_power_of_2(M), work_bucket(B * eff_T),
@@ -320,7 +336,7 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
             DOT_PREC=dot_precision(dt),
         )
     if not one:
-        merge_splits(o_part, lse, out, S, r, splits)
+        merge_splits(o_part, ml, out, S, r, splits)
     return out
 
 

@@ -4,7 +4,7 @@ Same math and the same split/merge scheme as `absorbed_decode._absorbed_split_ke
 module's docstring): per batch b and split p, the rows i = heads of one 64-row tile,
 
     x[i, j]  = (q_lat[i] . c[b, j] + q_rope[i] . kp[b, j]) * scale         j in [p*chunk, min((p+1)*chunk, len_b))
-    o_p[i]   = sum_j softmax_j(x[i, :]) c[b, j],   lse_p[i] = log sum_j exp x[i, j]
+    o_p[i]   = sum_j softmax_j(x[i, :]) c[b, j],   m_p[i] = max_j x[i, j],   l_p[i] = sum_j exp(x[i, j] - m_p[i])
 
 and `absorbed_decode.merge_splits` combines the splits (with one split, the kernel writes the output).
 
@@ -63,6 +63,9 @@ BLOCK_M = 64       # rows (heads) a program: one wgmma M per warpgroup
 BLOCK_N = 64       # keys a tile
 NUM_STAGES = 2     # 72 KB of Q + 2 x 72 KB of key tiles + 8 KB of P = 224 KB of the 227 KB
 NUM_WARPS = 8      # two warpgroups
+# Fewer heads than this leave the Triton kernel: the 64-row tile is then mostly padding (see applies).
+MIN_HEADS = 33
+Q_REG_CHUNKS = int(os.environ.get("MLA_COMPILE_GLUON_QREG", "0"))   # see the kernel; an A/B knob for now
 
 
 _CAPABILITY: dict = {}
@@ -73,7 +76,7 @@ def applies(device: torch.device, dtype: torch.dtype, H: int, S: int, r: int, dr
     traced call's fake tensors can be asked too; `tma_ready` then checks the real tensors)."""
     if not HAVE_GLUON or device.type != "cuda" or is_causal or os.environ.get("MLA_COMPILE_GLUON") == "0":
         return False
-    if S != 1 or H <= 32 or r != R or dr != DR or dtype not in (torch.bfloat16, torch.float16):
+    if S != 1 or H < MIN_HEADS or r != R or dr != DR or dtype not in (torch.bfloat16, torch.float16):
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _CAPABILITY:
@@ -118,7 +121,7 @@ if HAVE_GLUON:
         # Online softmax with scores in natural units (x = q.k * scale + float mask) and exp2 for the
         # exponentials: an HF float mask's finfo.min stays finite here, as in the reference (a row
         # masked everywhere by it averages all keys, like softmax over equal scores). m_safe keeps a
-        # row that has seen only -inf (bool-masked) keys at m = -inf, l = 0 (zeros, lse = -inf).
+        # row that has seen only -inf (bool-masked) keys at m = -inf, l = 0 (zeros, weight 0 in the merge).
         offs_n = n0 + gl.arange(0, BLOCK_N, layout=col_layout)
         valid = offs_n < stop
         x = qk * scale
@@ -145,10 +148,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _hopper_split_kernel(
-        Q, QR, C, KR, MASK, KVLEN, O, OP, LSE, scale, H, T, chunk, splits,
+        Q, QR, C, KR, MASK, KVLEN, O, OP, ML, scale, H, T, chunk, splits,
         s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_mb, s_mt, s_ob, s_oh,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, DR: gl.constexpr,
         NUM_STAGES: gl.constexpr, MASK_KIND: gl.constexpr, HAS_KVLEN: gl.constexpr, ONE_SPLIT: gl.constexpr,
+        Q_REG_CHUNKS: gl.constexpr = 0,
     ):
         dtype: gl.constexpr = C.dtype.element_ty
         pid_m = gl.program_id(0)
@@ -212,6 +216,15 @@ if HAVE_GLUON:
         acc_hi = gl.zeros([BLOCK_M, HALF], gl.float32, layout=o_layout)
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
         mbarrier.wait(q_bar, 0)
+        # Q K^T reads its A operand (Q) from shared memory once per warpgroup per tile; Q_REG_CHUNKS
+        # 64-column pieces of it (the RoPE part, then the last 64 latent columns) are held in
+        # registers instead, which takes that share of the reads off shared memory.
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+        HI_SMEM: gl.constexpr = HALF - 64 if Q_REG_CHUNKS >= 2 else HALF
+        if Q_REG_CHUNKS >= 1:
+            qr_reg = qr_smem.load(a_layout)
+        if Q_REG_CHUNKS >= 2:
+            qh_reg = q_smem.index(1).slice(HI_SMEM, 64, dim=1).load(a_layout)
 
         for i in range(0, n_tiles):
             s = i % NUM_STAGES
@@ -220,8 +233,18 @@ if HAVE_GLUON:
             hi = hi_smem.index(s)
             kr = kr_smem.index(s)
             qk = warpgroup_mma(q_smem.index(0), lo.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            qk = warpgroup_mma(q_smem.index(1), hi.permute((1, 0)), qk, is_async=True)
-            qk = warpgroup_mma(qr_smem, kr.permute((1, 0)), qk, is_async=True)
+            if Q_REG_CHUNKS >= 2:   # 192 = 128 + 64 from shared memory (a power of two a piece)
+                qk = warpgroup_mma(q_smem.index(1).slice(0, 128, dim=1),
+                                   hi.slice(0, 128, dim=1).permute((1, 0)), qk, is_async=True)
+                qk = warpgroup_mma(q_smem.index(1).slice(128, 64, dim=1),
+                                   hi.slice(128, 64, dim=1).permute((1, 0)), qk, is_async=True)
+                qk = warpgroup_mma(qh_reg, hi.slice(HI_SMEM, 64, dim=1).permute((1, 0)), qk, is_async=True)
+            else:
+                qk = warpgroup_mma(q_smem.index(1), hi.permute((1, 0)), qk, is_async=True)
+            if Q_REG_CHUNKS >= 1:
+                qk = warpgroup_mma(qr_reg, kr.permute((1, 0)), qk, is_async=True)
+            else:
+                qk = warpgroup_mma(qr_smem, kr.permute((1, 0)), qk, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
             p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, start + i * BLOCK_N, stop, scale, MASK + b * s_mb,
                                                s_mt, dtype, MASK_KIND, BLOCK_N, col_s)
@@ -242,7 +265,7 @@ if HAVE_GLUON:
         for st in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(kv_bar.index(st))
 
-        # A split with no key (l = 0) writes zeros and lse = -inf, which the merge weighs as nothing.
+        # A split with no key (l = 0, m = -inf) writes zeros, which the merge weighs as nothing.
         has = l_i > 0
         inv_o = gl.convert_layout(1.0 / gl.where(has, l_i, 1.0), row_o)
         rows_o = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_o)
@@ -255,17 +278,19 @@ if HAVE_GLUON:
             gl.store(ptrs, o_lo.to(O.dtype.element_ty), mask=ok)
             gl.store(ptrs + HALF, o_hi.to(O.dtype.element_ty), mask=ok)
         else:
-            # o_part [B, P, H, 512] fp32 and lse [B, P, H] (natural log), the Triton kernel's layout
+            # o_part [B, P, H, 512] fp32 and ML [B, P, H, 2] fp32, (m, l) per row in natural units, not
+            # folded into m + log(l), which rounds to m at HF's finfo.min: the Triton kernel's layout
             base = (b * splits + pid_p) * H
             ptrs = OP + (base + gl.expand_dims(rows_o, 1)) * (2 * HALF) + gl.expand_dims(cols_o, 0)
             gl.store(ptrs, o_lo, mask=ok)
             gl.store(ptrs + HALF, o_hi, mask=ok)
             rows_s = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
-            lse = gl.where(has, m_i + gl.log(gl.where(has, l_i, 1.0)), float("-inf"))
-            gl.store(LSE + base + rows_s, lse, mask=rows_s < H)
+            ml = ML + 2 * (base + rows_s)
+            gl.store(ml, m_i, mask=rows_s < H)
+            gl.store(ml + 1, l_i, mask=rows_s < H)
 
 
-def compile_for_sm90(mask_kind: int = 1, has_kvlen: bool = True, one_split: bool = False):
+def compile_for_sm90(mask_kind: int = 1, has_kvlen: bool = True, one_split: bool = False, q_reg_chunks: int = None):
     """Compile the kernel ahead of time for sm_90 with the installed Triton; no GPU needed (Triton's
     wheel carries ptxas). Returns the compiled kernel (`.asm["ptx"]`, `.metadata.shared`). Run it in a
     process without TRITON_INTERPRET=1: the interpreter's patched builtins break Gluon's compiler."""
@@ -273,7 +298,8 @@ def compile_for_sm90(mask_kind: int = 1, has_kvlen: bool = True, one_split: bool
     from triton.experimental.gluon._runtime import GluonASTSource
 
     consts = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, NUM_STAGES=NUM_STAGES, MASK_KIND=mask_kind,
-                  HAS_KVLEN=has_kvlen, ONE_SPLIT=one_split)
+                  HAS_KVLEN=has_kvlen, ONE_SPLIT=one_split,
+                  Q_REG_CHUNKS=Q_REG_CHUNKS if q_reg_chunks is None else q_reg_chunks)
     names = [n for n in _hopper_split_kernel.arg_names if n not in consts]   # pointers, scale, then 16 ints
     mask_type = {0: "*bf16", 1: "*u8", 2: "*bf16"}[mask_kind]
     types = ["*bf16"] * 4 + [mask_type, "*i32", "*bf16", "*fp32", "*fp32", "fp32"] + ["i32"] * 16
@@ -284,20 +310,21 @@ def compile_for_sm90(mask_kind: int = 1, has_kvlen: bool = True, one_split: bool
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
 
 
-def hopper_split_attention(q_lat, q_rope, c, kr, mask_kind: int, mask, mask_strides, kv_lens, out, o_part, lse,
+def hopper_split_attention(q_lat, q_rope, c, kr, mask_kind: int, mask, mask_strides, kv_lens, out, o_part, ml,
                            scale: float, chunk: int, splits: int) -> None:
     """Launch the split kernel: q_lat/q_rope [B, H, 1, *], c [B, T, r], kr [B, T, dr] (token views), the
     mask as `absorbed_decode.mask_view` gives it ([B, 1, T] view: kind 0 none, 1 bytes, 2 float), kv_lens
-    int32 [B] or None; with one split it writes `out` [B, H, 1, r], else o_part and lse."""
+    int32 [B] or None; with one split it writes `out` [B, H, 1, r], else o_part [B, P, H, r] fp32 and ml
+    [B, P, H, 2] fp32, each split's row max m and sum l (what `merge_splits` takes)."""
     B, H, _, _ = q_lat.shape
     T = c.shape[1]
     ensure_allocator()
     _hopper_split_kernel[(triton.cdiv(H, BLOCK_M), splits, B)](
         q_lat, q_rope, c, kr, mask if mask is not None else c, kv_lens if kv_lens is not None else c,
-        out, o_part, lse, float(scale), H, T, chunk, splits,
+        out, o_part, ml, float(scale), H, T, chunk, splits,
         q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
         c.stride(0), c.stride(1), kr.stride(0), kr.stride(1), mask_strides[0], mask_strides[2],
         out.stride(0), out.stride(1),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, NUM_STAGES=NUM_STAGES, MASK_KIND=mask_kind,
-        HAS_KVLEN=kv_lens is not None, ONE_SPLIT=splits == 1, num_warps=NUM_WARPS,
+        HAS_KVLEN=kv_lens is not None, ONE_SPLIT=splits == 1, Q_REG_CHUNKS=Q_REG_CHUNKS, num_warps=NUM_WARPS,
     )

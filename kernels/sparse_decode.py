@@ -47,7 +47,7 @@ else:
 @triton.autotune(configs=_CONFIGS, key=["H_BUCKET", "WORK", "R_PAD", "DR_PAD", "MASK_KIND", "ONE_SPLIT", "DOT_PREC"])
 @triton.jit
 def _sparse_split_kernel(
-    Q, QR, C, KR, IDX, MASK, O, OP, LSE,
+    Q, QR, C, KR, IDX, MASK, O, OP, ML,
     sm_scale, H, S, K, R, DR, chunk, T,
     s_qb, s_qh, s_qs, s_qd,
     s_rb, s_rh, s_rs, s_rd,
@@ -127,10 +127,12 @@ def _sparse_split_kernel(
         tl.store(O + bs * s_ob + h[:, None] * s_oh + offs_r[None, :] * s_od,
                  o.to(O.dtype.element_ty), mask=h_ok[:, None] & r_ok[None, :])
     else:
-        lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
+        # (m, l) per row for the merge, kept apart as in absorbed_decode (its docstring says why)
         base = bs * s_pb + pid_p * s_pp
         tl.store(OP + base + h[:, None] * R_PAD + offs_r[None, :], o, mask=h_ok[:, None])
-        tl.store(LSE + base // R_PAD + h, lse, mask=h_ok)
+        ml = ML + 2 * (base // R_PAD + h)
+        tl.store(ml, m_i, mask=h_ok)
+        tl.store(ml + 1, l_i, mask=h_ok)
 
 
 def sparse_latent_attention(q_lat, q_rope, latent, k_rope, topk_indices, mask=None, scale=1.0,
@@ -165,14 +167,14 @@ def sparse_latent_attention(q_lat, q_rope, latent, k_rope, topk_indices, mask=No
     DR_PAD = max(16, triton.next_power_of_2(dr)) if dr else 16
     one = splits == 1
     if one:
-        o_part = lse = out
+        o_part = ml = out
         sp = (0, 0)
     else:
         o_part = torch.empty(B * S, splits, H, R_PAD, dtype=torch.float32, device=q_lat.device)
-        lse = torch.empty(B * S, splits, H, dtype=torch.float32, device=q_lat.device)
+        ml = torch.empty(B * S, splits, H, 2, dtype=torch.float32, device=q_lat.device)   # (m_p, l_p) per row
         sp = (o_part.stride(0), o_part.stride(1))
     launcher(_sparse_split_kernel, q_lat)[(B * S, splits, tiles)](
-        q_lat, q_rope, c, kr, topk_indices, m if m is not None else c, out, o_part, lse,
+        q_lat, q_rope, c, kr, topk_indices, m if m is not None else c, out, o_part, ml,
         float(scale), H, S, k, r, dr, chunk, T,
         *q_lat.stride(), *q_rope.stride(), *c.stride(), *kr.stride(), *topk_indices.stride(), *ms,
         out.stride(0), out.stride(1), out.stride(3), *sp,
@@ -181,7 +183,7 @@ def sparse_latent_attention(q_lat, q_rope, latent, k_rope, topk_indices, mask=No
         IS_CAUSAL=bool(is_causal), ONE_SPLIT=one, DOT_PREC=dot_precision(dt),
     )
     if not one:
-        merge_splits(o_part, lse, out, 1, r, splits)
+        merge_splits(o_part, ml, out, 1, r, splits)
     return out
 
 

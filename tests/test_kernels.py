@@ -139,6 +139,50 @@ def test_absorbed_fully_masked_row_is_zero():
     assert rel_err(out, ref) < 1e-4
 
 
+def hf_min_rows_case(B, S, T, min_value, device=DEV, seed=7):
+    """An HF-style float mask [B, 1, S, T]: finfo.min on ~30% of the keys (key 0 kept) of every row but
+    query 0 of batch 1, which is finfo.min on every key (HF's eager softmax over equal scores then
+    averages all the valid keys)."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.zeros(B, 1, S, T).masked_fill(torch.rand(B, 1, S, T, generator=g) > 0.7, min_value)
+    m[..., 0] = 0
+    m[1, 0, 0] = min_value
+    return m.to(device)
+
+
+def softmax_ref_f64(q_lat, qr, c, kr, mask, scale, lens):
+    """Plain softmax over x = (q_lat . c + q_rope . kr) * scale + mask in float64, keys past lens[b]
+    dropped: [B, H, S, r]. c, kr are [B, T, *]."""
+    q_lat, qr, c, kr, mask = (t.double().cpu() for t in (q_lat, qr, c, kr, mask))
+    out = torch.zeros(q_lat.shape, dtype=torch.float64)
+    for b in range(q_lat.shape[0]):
+        n = int(lens[b])
+        x = (q_lat[b] @ c[b, :n].T + qr[b] @ kr[b, :n].T) * scale + mask[b, :, :, :n]   # [H, S, n]
+        out[b] = torch.softmax(x, -1) @ c[b, :n]
+    return out
+
+
+@pytest.mark.parametrize("min_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_lens", [False, True])
+def test_absorbed_hf_min_row_uneven_splits(min_dtype, with_lens):
+    """A query row masked everywhere by HF's finfo.min float mask, its keys spread over splits of
+    different sizes (T = 150 in chunks of 64: 64 + 64 + 22 keys; with kv_lens 97 valid keys: 64 + 33).
+    Every split sees the same max m = finfo.min, and m + log(l) rounds to m in fp32: a merge through
+    lse weighs the splits equally (the mean of the split means) instead of by their key counts."""
+    B, H, S, T, scale = 3, 3, 2, 150, 0.2
+    qn, qr, c, kr, wuk, _ = make(B, H, S, T, latent_4d=False)
+    q_lat = torch.einsum("bhsd,hdr->bhsr", qn, wuk)
+    m = hf_min_rows_case(B, S, T, torch.finfo(min_dtype).min)
+    lens = torch.tensor([150, 97, 130], dtype=torch.int32, device=DEV) if with_lens else None
+    ref = softmax_ref_f64(q_lat, qr, c, kr, m, scale, lens if with_lens else [T] * B)
+    n1 = int(lens[1]) if with_lens else T
+    assert torch.allclose(ref[1, :, 0], c[1, :n1].double().cpu().mean(0).expand(H, -1))   # the uniform average
+    for splits in (3, 1):
+        o = absorbed_latent_attention(q_lat, qr, c, kr, m, scale, False, kv_lens=lens, num_splits=splits)
+        assert rel_err(o[1, :, 0], ref[1, :, 0]) < 1e-5, splits          # the fully masked row
+        assert rel_err(o, ref) < 1e-4, splits
+
+
 # ---------------------------------------------------------------------------------------------------
 # sparse decode / prefill
 
@@ -180,6 +224,31 @@ def test_sparse_forced_splits_and_all_minus_one():
     o2 = sparse_latent_attention(q_lat, args[1], args[2], args[3], idx, None, 0.3, False, num_splits=3)
     o1 = sparse_latent_attention(q_lat, args[1], args[2], args[3], idx, None, 0.3, False, num_splits=1)
     assert rel_err(o2, o1.double().cpu()) < 1e-5
+
+
+@pytest.mark.parametrize("min_dtype", [torch.bfloat16, torch.float32])
+def test_sparse_hf_min_row_uneven_splits(min_dtype):
+    """The sparse kernel's splits merge like the absorbed kernel's: a query whose every selected key is
+    masked by HF's finfo.min averages them, over splits of 64 + 64 + 22 of its 150 selected keys."""
+    from mla_compile.kernels.absorbed_decode import absorb
+    from mla_compile.kernels.sparse_decode import sparse_latent_attention
+
+    B, H, S, T, k, scale = 2, 3, 2, 200, 150, 0.25
+    args = make(B, H, S, T)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.stack([torch.stack([torch.randperm(T, generator=g)[:k] for _ in range(S)]) for _ in range(B)])
+    idx = idx.to(torch.int32).to(DEV)
+    m = hf_min_rows_case(B, S, T, torch.finfo(min_dtype).min)
+    ref = sparse_absorbed_reference(*map(f64, args), idx.cpu(), f64(m), scale, False)
+    sel = args[2][1, 0, idx[1, 0].long()].double().cpu()                   # batch 1, query 0: its selected rows
+    o_ref_row = (sel.mean(0) @ f64(args[5])[:, :, :].transpose(1, 2))      # the uniform average, projected
+    assert rel_err(ref[1, :, 0], o_ref_row) < 1e-9
+    q_lat = absorb(args[0], args[4], torch.float32)
+    o_lat = sparse_latent_attention(q_lat, args[1], args[2], args[3], idx, m, scale, False, num_splits=3)
+    o_lat = o_lat.view(B, S, H, -1)
+    assert rel_err(o_lat[1, 0], sel.mean(0).expand(H, -1)) < 1e-5          # the fully masked row
+    out = sparse_absorbed_decode(*args, idx, m, scale, False)
+    assert rel_err(out, ref) < 1e-4
 
 
 def test_sparse_bad_indices_raise():
@@ -386,6 +455,32 @@ def test_gpu_absorbed_hopper_path_masks(mask):
     out = absorbed_decode(*args, m, 0.07, False)
     ref = absorbed_reference(*[a.double() for a in args], m if m.dtype == torch.bool else m.double(), 0.07, False)
     assert rel_err(out, ref.cpu()) < tol(torch.bfloat16)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("min_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_lens", [False, True])
+def test_gpu_absorbed_hopper_path_hf_min_row_uneven_splits(min_dtype, with_lens):
+    """test_absorbed_hf_min_row_uneven_splits at the Hopper kernel's sizes: batch 1 masked everywhere by
+    HF's finfo.min (the mask in that dtype, as HF builds it), T = 4100 in 9 splits of 512 keys and
+    one of 4 (or 777 valid keys: 512 + 265); its output must be the plain average of its valid keys."""
+    from mla_compile.kernels import absorbed_decode_hopper as hopper
+    from mla_compile.kernels.absorbed_decode import absorb
+
+    B, H, S, T, scale, dtype = 3, 128, 1, 4100, 0.07, torch.bfloat16
+    qn, qr, c, kr, wuk, _ = make(B, H, S, T, dtype=dtype, latent_4d=False, **V3)
+    q_lat = absorb(qn, wuk, dtype)
+    m = hf_min_rows_case(B, S, T, torch.finfo(min_dtype).min).to(min_dtype)
+    lens = torch.tensor([4100, 777, 1], dtype=torch.int32, device=DEV) if with_lens else None
+    ref = softmax_ref_f64(q_lat, qr, c, kr, m, scale, lens if with_lens else [T] * B)
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert hopper.applies(q_lat.device, dtype, H, S, 512, 64, False)
+        assert hopper.tma_ready(q_lat, qr, c, kr)
+    for splits in (9, None):
+        o = absorbed_latent_attention(q_lat, qr, c, kr, m, scale, False, kv_lens=lens, num_splits=splits)
+        assert rel_err(o[1, :, 0], ref[1, :, 0]) < tol(dtype), splits       # the fully masked row
+        assert rel_err(o, ref) < tol(dtype), splits
 
 
 @pytest.mark.gpu
