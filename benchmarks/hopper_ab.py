@@ -5,7 +5,7 @@ forced there (its 64-row tile then half or three quarters padding) against the r
 
     python benchmarks/hopper_ab.py [--small-heads-only] [--qreg]
 
---qreg: only the Gluon kernel with 0, 1, 2 pieces of Q held in registers (Q_REG_CHUNKS) against FlashMLA.
+--qreg: only the Gluon kernel's variants (Q_REG_CHUNKS pieces of Q in registers, DEFER_L) against FlashMLA.
 """
 import datetime
 import math
@@ -75,11 +75,17 @@ def small_heads_table():
                 torch.cuda.empty_cache()
 
 
+VARIANTS = ((0, False), (2, False), (1, True), (2, True))   # (Q_REG_CHUNKS, DEFER_L)
+
+
 def qreg_table():
-    print("| H | B | T | FlashMLA us | qreg=0 us | qreg=1 us | qreg=2 us | best/FlashMLA | max rel diff |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    names = [f"q{n}{'+L' if d else ''}" for n, d in VARIANTS]
+    print(f"Gluon variants: qN = N 64-column pieces of Q in registers, +L = row sums reduced after the loop\n")
+    print(f"| H | B | T | FlashMLA us | {' | '.join(n + ' us' for n in names)} | best | best/FlashMLA | max rel diff |")
+    print("|---|---|---|---|" + "---|" * len(names) + "---|---|---|")
     os.environ["MLA_COMPILE_GLUON"] = "1"
     hopper.MIN_HEADS = 1
+    saved = hopper.Q_REG_CHUNKS, hopper.DEFER_L
     for H, B, T in ((128, 8, 4096), (128, 8, 16384), (128, 32, 4096), (128, 64, 4096), (128, 32, 16384),
                     (32, 32, 16384), (32, 8, 65536)):
         x = inputs(B, H, 1, T)
@@ -91,17 +97,17 @@ def qreg_table():
         fn = lambda: absorbed_latent_attention(q, x["q_rope"], x["latent"], x["k_rope"], None,  # noqa: E731
                                                scale, False)
         ts, outs = [], []
-        for n in (0, 1, 2):
-            hopper.Q_REG_CHUNKS = n
+        for n, d in VARIANTS:
+            hopper.Q_REG_CHUNKS, hopper.DEFER_L = n, d
             outs.append(fn().float())
             ts.append(bench(fn, graph=True))
         d = max(((o - outs[0]).abs().max() / outs[0].abs().max()).item() for o in outs[1:])
-        best = min(t for t in ts if t is not None)
-        print(f"| {H} | {B} | {T} | {fmt(fm)} | {' | '.join(fmt(t) for t in ts)} | "
-              f"{'n/a' if fm is None else f'{best / fm:.2f}'} | {d:.1e} |", flush=True)
+        best = min(range(len(ts)), key=lambda i: float("inf") if ts[i] is None else ts[i])
+        print(f"| {H} | {B} | {T} | {fmt(fm)} | {' | '.join(fmt(t) for t in ts)} | {names[best]} | "
+              f"{'n/a' if fm is None else f'{ts[best] / fm:.2f}'} | {d:.1e} |", flush=True)
         del x, q
         torch.cuda.empty_cache()
-    hopper.Q_REG_CHUNKS = 0
+    hopper.Q_REG_CHUNKS, hopper.DEFER_L = saved
 
 
 print(f"# {torch.cuda.get_device_name()}: absorbed core, Triton vs Gluon kernel (CUDA-graph replays, us)\n")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call (nvidia-h200-x2) for kernel work, in parallel:
-#   GPU 0  the GPU test tier (kernels at real sizes, triton_op tracing, HF families end to end on CUDA)
+#   GPU 0  the GPU test tier (kernels at real sizes, triton_op tracing, HF families end to end on CUDA;
+#          TESTS_K="expr" selects tests as pytest -k does)
 #   GPU 1  the small-head split sweep (H=16,32; SWEEP=0 skips it), then `python3 benchmarks/$EXTRA` if set,
 #          then, with NCU="B T H[;B T H]", Nsight Compute over one absorbed-kernel launch (profile_absorbed.py)
 # Results: $OUT/results.tgz (benchmarks/results/* and the logs) and $OUT/summary.txt.
@@ -8,7 +9,7 @@ source benchmarks/gpu_env.sh
 (
   export CUDA_VISIBLE_DEVICES=0
   timeout -k 5 ${TESTS_TIMEOUT:-420} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py \
-    tests/test_triton_ops.py tests/test_gpu.py tests/test_reliability.py > "$OUT/logs/gpu-tests.log" 2>&1
+    tests/test_triton_ops.py tests/test_gpu.py tests/test_reliability.py ${TESTS_K:+-k "$TESTS_K"} > "$OUT/logs/gpu-tests.log" 2>&1
   echo "tests rc=$?" >> "$OUT/logs/gpu-tests.log"
 ) &
 (

@@ -65,7 +65,8 @@ NUM_STAGES = 2     # 72 KB of Q + 2 x 72 KB of key tiles + 8 KB of P = 224 KB of
 NUM_WARPS = 8      # two warpgroups
 # Fewer heads than this leave the Triton kernel: the 64-row tile is then mostly padding (see applies).
 MIN_HEADS = 33
-Q_REG_CHUNKS = int(os.environ.get("MLA_COMPILE_GLUON_QREG", "0"))   # see the kernel; an A/B knob for now
+Q_REG_CHUNKS = int(os.environ.get("MLA_COMPILE_GLUON_QREG", "2"))   # see the kernel; A/B knobs for now
+DEFER_L = os.environ.get("MLA_COMPILE_GLUON_DEFER_L", "0") == "1"
 
 
 _CAPABILITY: dict = {}
@@ -117,7 +118,7 @@ def ensure_allocator() -> None:
 if HAVE_GLUON:
     @gluon.jit
     def _softmax_step(qk, m_i, l_i, n0, stop, scale, MASK, s_mt, dtype: gl.constexpr, MASK_KIND: gl.constexpr,
-                      BLOCK_N: gl.constexpr, col_layout: gl.constexpr):
+                      BLOCK_N: gl.constexpr, col_layout: gl.constexpr, DEFER_L: gl.constexpr):
         # Online softmax with scores in natural units (x = q.k * scale + float mask) and exp2 for the
         # exponentials: an HF float mask's finfo.min stays finite here, as in the reference (a row
         # masked everywhere by it averages all keys, like softmax over equal scores). m_safe keeps a
@@ -135,7 +136,10 @@ if HAVE_GLUON:
         # subtract before scaling by log2(e): finfo.min * log2(e) overflows fp32
         alpha = gl.exp2((m_i - m_safe) * 1.4426950408889634)
         p = gl.exp2((x - gl.expand_dims(m_safe, 1)) * 1.4426950408889634)
-        l_new = l_i * alpha + gl.sum(p, axis=1)
+        if DEFER_L:   # l_i is a [BLOCK_M, BLOCK_N] tile of column sums, reduced once after the loop
+            l_new = l_i * gl.expand_dims(alpha, 1) + p
+        else:
+            l_new = l_i * alpha + gl.sum(p, axis=1)
         return p.to(dtype), alpha, m_new, l_new
 
     @gluon.jit
@@ -152,7 +156,7 @@ if HAVE_GLUON:
         s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_mb, s_mt, s_ob, s_oh,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, DR: gl.constexpr,
         NUM_STAGES: gl.constexpr, MASK_KIND: gl.constexpr, HAS_KVLEN: gl.constexpr, ONE_SPLIT: gl.constexpr,
-        Q_REG_CHUNKS: gl.constexpr = 0,
+        Q_REG_CHUNKS: gl.constexpr = 0, DEFER_L: gl.constexpr = False,
     ):
         dtype: gl.constexpr = C.dtype.element_ty
         pid_m = gl.program_id(0)
@@ -211,7 +215,13 @@ if HAVE_GLUON:
                     start + st * BLOCK_N, st < n_tiles)
 
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
-        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+        # DEFER_L: the row sums l stay a tile of per-column partial sums (rescaled like the accumulator)
+        # and are reduced once after the loop, which takes a reduction across the two warpgroups (shared
+        # memory and a barrier) out of every key tile.
+        if DEFER_L:
+            l_i = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        else:
+            l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
         acc_lo = gl.zeros([BLOCK_M, HALF], gl.float32, layout=o_layout)
         acc_hi = gl.zeros([BLOCK_M, HALF], gl.float32, layout=o_layout)
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
@@ -247,7 +257,7 @@ if HAVE_GLUON:
                 qk = warpgroup_mma(qr_smem, kr.permute((1, 0)), qk, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
             p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, start + i * BLOCK_N, stop, scale, MASK + b * s_mb,
-                                               s_mt, dtype, MASK_KIND, BLOCK_N, col_s)
+                                               s_mt, dtype, MASK_KIND, BLOCK_N, col_s, DEFER_L)
             # The previous tile's P V was waited for and followed by a CTA barrier, so p_smem is free;
             # the barrier below makes every warp's P visible before either warpgroup's P V reads it.
             p_smem.store(p)
@@ -265,6 +275,8 @@ if HAVE_GLUON:
         for st in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(kv_bar.index(st))
 
+        if DEFER_L:
+            l_i = gl.sum(l_i, axis=1)
         # A split with no key (l = 0, m = -inf) writes zeros, which the merge weighs as nothing.
         has = l_i > 0
         inv_o = gl.convert_layout(1.0 / gl.where(has, l_i, 1.0), row_o)
@@ -290,7 +302,8 @@ if HAVE_GLUON:
             gl.store(ml + 1, l_i, mask=rows_s < H)
 
 
-def compile_for_sm90(mask_kind: int = 1, has_kvlen: bool = True, one_split: bool = False, q_reg_chunks: int = None):
+def compile_for_sm90(mask_kind: int = 1, has_kvlen: bool = True, one_split: bool = False, q_reg_chunks: int = None,
+                     defer_l: bool = None):
     """Compile the kernel ahead of time for sm_90 with the installed Triton; no GPU needed (Triton's
     wheel carries ptxas). Returns the compiled kernel (`.asm["ptx"]`, `.metadata.shared`). Run it in a
     process without TRITON_INTERPRET=1: the interpreter's patched builtins break Gluon's compiler."""
@@ -299,7 +312,8 @@ def compile_for_sm90(mask_kind: int = 1, has_kvlen: bool = True, one_split: bool
 
     consts = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, NUM_STAGES=NUM_STAGES, MASK_KIND=mask_kind,
                   HAS_KVLEN=has_kvlen, ONE_SPLIT=one_split,
-                  Q_REG_CHUNKS=Q_REG_CHUNKS if q_reg_chunks is None else q_reg_chunks)
+                  Q_REG_CHUNKS=Q_REG_CHUNKS if q_reg_chunks is None else q_reg_chunks,
+                  DEFER_L=DEFER_L if defer_l is None else defer_l)
     names = [n for n in _hopper_split_kernel.arg_names if n not in consts]   # pointers, scale, then 16 ints
     mask_type = {0: "*bf16", 1: "*u8", 2: "*bf16"}[mask_kind]
     types = ["*bf16"] * 4 + [mask_type, "*i32", "*bf16", "*fp32", "*fp32", "fp32"] + ["i32"] * 16
@@ -326,5 +340,6 @@ def hopper_split_attention(q_lat, q_rope, c, kr, mask_kind: int, mask, mask_stri
         c.stride(0), c.stride(1), kr.stride(0), kr.stride(1), mask_strides[0], mask_strides[2],
         out.stride(0), out.stride(1),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, NUM_STAGES=NUM_STAGES, MASK_KIND=mask_kind,
-        HAS_KVLEN=kv_lens is not None, ONE_SPLIT=splits == 1, Q_REG_CHUNKS=Q_REG_CHUNKS, num_warps=NUM_WARPS,
+        HAS_KVLEN=kv_lens is not None, ONE_SPLIT=splits == 1, Q_REG_CHUNKS=Q_REG_CHUNKS, DEFER_L=DEFER_L,
+        num_warps=NUM_WARPS,
     )
