@@ -65,8 +65,8 @@ NUM_STAGES = 2     # 72 KB of Q + 2 x 72 KB of key tiles + 8 KB of P = 224 KB of
 NUM_WARPS = 8      # two warpgroups
 # Fewer heads than this leave the Triton kernel: the 64-row tile is then mostly padding (see applies).
 MIN_HEADS = 33
-Q_REG_CHUNKS = int(os.environ.get("MLA_COMPILE_GLUON_QREG", "2"))   # see the kernel; A/B knobs for now
-DEFER_L = os.environ.get("MLA_COMPILE_GLUON_DEFER_L", "0") == "1"
+Q_REG_CHUNKS = int(os.environ.get("MLA_COMPILE_GLUON_QREG", "1"))   # see the kernel; A/B knobs for now
+DEFER_L = os.environ.get("MLA_COMPILE_GLUON_DEFER_L", "1") == "1"
 
 
 _CAPABILITY: dict = {}
