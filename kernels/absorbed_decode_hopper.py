@@ -21,15 +21,30 @@ benchmarks/results/absorbed-experiments-NVIDIA-H200.md). Gluon places the pieces
 - the device-side descriptors of the latent are per batch with the valid length as their row
   count, so TMA zero-fills past it: the unwritten tail of a static cache never reaches P V, where
   0 x NaN would poison the sum;
-- P goes through 8 KB of shared memory: each warpgroup holds half of P's columns and needs all.
+- P goes through 8 KB of shared memory: each warpgroup holds half of P's columns and needs all;
+- the RoPE part of Q (64 columns) is held in registers as the A operand of its Q K^T piece, which
+  takes that share of Q's reads off shared memory (`Q_REG_CHUNKS`; 2 also holds the last 64 latent
+  columns, 1-4% faster at H=128 but 248-255 registers, so 1 is kept);
+- the row sums l stay a 64 x 64 tile of per-column partial sums, rescaled like the accumulator and
+  reduced once after the loop (`DEFER_L`): one cross-warpgroup reduction (shared memory and a barrier)
+  less per key tile. Together 3-5% faster (benchmarks/results/hopper-variants-NVIDIA-H200.md).
+  ncu at H=128 B=8 T=16K (ncu-hopper-H200.txt): the tensor pipe is 40% busy, one CTA of 8 warps per
+  SM (registers and shared memory both allow one), and barrier waits are the largest stall (2.5 of
+  8.3 cycles per issued instruction), then the wgmma wait (1.3): the lockstep loop, not a unit's
+  throughput, is the limit. MLA_COMPILE_GLUON_QREG / MLA_COMPILE_GLUON_DEFER_L set them (A/B runs).
 
 First measured on an H200 as an experiment (benchmarks/results/gluon-absorbed-NVIDIA-H200.md, the
 script benchmarks/gluon_absorbed.py of commit ddae479): 37.4 us at H=128 B=8 T=4K against 49.5 for
 the Triton kernel and 32.4 for FlashMLA; 0.69-0.76x the Triton kernel's time at the other B >= 8
 points. Its FA3-style variant (S_{i+1} issued before P_i V_i, the softmax overlapping P_i V_i on the
-tensor cores) was 10-16% slower than this one and was not kept. In production
-(benchmarks/results/kernels-NVIDIA-H200.md): 37.0 us against FlashMLA's 32.3 at B=8 T=4K, 1.30-1.37x
-FlashMLA at the larger H=128 points; hopper-ab-NVIDIA-H200.md compares it with the Triton kernel.
+tensor cores) was 10-16% slower than this one and was not kept. In production (bench_kernels.py,
+14:37 UTC, in git history): 37.0 us against FlashMLA's 32.3 at B=8 T=4K, 1.30-1.37x FlashMLA at the
+larger H=128 points; with the list's last two items (16:37 UTC, benchmarks/results/kernels-NVIDIA-H200.md):
+36.1 us against 32.2 (1.12x) at B=8 T=4K and 1.26-1.33x at the other B >= 8, T >= 4K points.
+hopper-ab-NVIDIA-H200.md compares it with the Triton kernel (0.58-0.73x its time) and, forced to 16
+and 32 heads (its 64-row tile then 75% / 50% padding), finds it slower at H=16 (1.10-1.33x) and at
+H=32 0.92-1.08x: faster from about 256K cached tokens, slower below. MIN_HEADS stays 33: a choice by
+cache size would send every traced call at H <= 32 to the opaque op.
 
 `applies(...)` says when this kernel runs (the Triton kernel takes everything else): a Hopper GPU,
 bf16/fp16, r = 512, dr = 64, one query position, more than 32 heads, not causal (a bool or float
