@@ -372,16 +372,20 @@ def test_hopper_kernel_compiles_for_sm90(tmp_path):
 
     if not hopper.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
+    # the three mask kinds with the defaults, then the A/B variants (Q pieces in registers, row sums)
     script = ("from mla_compile.kernels.absorbed_decode_hopper import compile_for_sm90\n"
               "for kind in (0, 1, 2):\n"
               "    k = compile_for_sm90(kind)\n"
-              "    print(kind, 'wgmma.mma_async' in k.asm['ptx'], k.metadata.shared)\n")
+              "    print(kind, 'wgmma.mma_async' in k.asm['ptx'], k.metadata.shared)\n"
+              "for q, d in ((0, False), (2, False)):\n"
+              "    k = compile_for_sm90(2, q_reg_chunks=q, defer_l=d)\n"
+              "    print(2, 'wgmma.mma_async' in k.asm['ptx'], k.metadata.shared)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)     # a cached build would hide a source that no longer compiles
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [ln.split() for ln in res.stdout.splitlines() if ln[:1] in "012"]
-    assert [ln[:2] for ln in lines] == [["0", "True"], ["1", "True"], ["2", "True"]], res.stdout
+    assert [ln[:2] for ln in lines] == [["0", "True"], ["1", "True"]] + [["2", "True"]] * 3, res.stdout
     assert all(int(ln[2]) <= 232448 for ln in lines), res.stdout      # an H100/H200 block's shared memory
 
 
