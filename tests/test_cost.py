@@ -341,3 +341,43 @@ def test_plan_times_with_dynamo_style_symbols():
         assert p.times({"s0": v}) == pytest.approx(want.costs)
         assert p.times({"q_len": v}) == pytest.approx(want.costs)
         assert p.choose({"s0": v}) == want.form
+
+
+def test_hopper_decode_efficiency_where_the_gluon_kernel_runs(monkeypatch):
+    """On the sm_90 entries the absorbed attention at one query (more than 32 heads, r=512, dr=64, a
+    half dtype) is costed with the Hopper Gluon kernel's fitted efficiency, everywhere else with the
+    Triton kernel's; with S symbolic the run-time chooser takes the Hopper figure where S is 1."""
+    from mla_compile.cost.devices import DEFAULT_EFFICIENCY, HOPPER_DECODE_EFFICIENCY
+    from mla_compile.kernels import absorbed_decode_hopper as hopper
+
+    if not hopper.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon: the Hopper kernel never runs")
+    triton_eff = DEFAULT_EFFICIENCY["absorbed.attention"]
+
+    def eff(**kw):
+        args = dict(batch=8, q_len=1, kv_len=4096, device="h200", **V3)
+        args.update(kw)
+        return plan(**args).device["efficiency"]["absorbed.attention"]
+
+    assert eff() == HOPPER_DECODE_EFFICIENCY != triton_eff
+    assert eff(device="h100") == HOPPER_DECODE_EFFICIENCY
+    assert eff(dtype=torch.float16) == HOPPER_DECODE_EFFICIENCY
+    assert eff(q_len=2) == triton_eff
+    assert eff(heads=32) == triton_eff
+    assert eff(dtype=torch.float32) == triton_eff
+    assert eff(device="a100") == triton_eff
+    assert eff(device="b200") == triton_eff
+    monkeypatch.setenv("MLA_COMPILE_GLUON", "0")
+    assert eff() == triton_eff
+    monkeypatch.delenv("MLA_COMPILE_GLUON")
+    # the faster kernel shows in the prediction: the decode step's attention kernel costs less
+    triton_only = DEVICES["h200"].copy(efficiency=dict(DEFAULT_EFFICIENCY))
+    fast = plan(batch=8, q_len=1, kv_len=16384, device="h200", **V3).costs["absorbed"]
+    slow = plan(batch=8, q_len=1, kv_len=16384, device=triton_only, **V3).costs["absorbed"]
+    assert fast < slow
+    S = sympy.Symbol("S", positive=True, integer=True)
+    p = plan(batch=8, q_len=S, kv_len=16384, device="h200", **V3)
+    assert p.times({"S": 1})["absorbed"] == pytest.approx(plan(batch=8, q_len=1, kv_len=16384, device="h200",
+                                                                **V3).costs["absorbed"])
+    assert p.times({"S": 2})["absorbed"] == pytest.approx(plan(batch=8, q_len=2, kv_len=16384, device="h200",
+                                                                **V3).costs["absorbed"])

@@ -28,7 +28,8 @@ Efficiency factors: fraction of the matmul ceiling a kernel reaches, looked up a
 then "form", then "default"; `mem_efficiency` likewise scales the copy bandwidth.  The attention
 kernels' values are fitted from measurement (`benchmarks/bench_forms.py`; see DEFAULT_EFFICIENCY):
 our Triton kernels reach 0.21-0.31 of the matmul ceiling where compute-bound (FlashMLA reaches ~0.7)
-and 0.53-0.77 of the copy rate where memory-bound.  The cuBLAS GEMMs keep 0.85 (expansion) and 0.60
+and 0.53-0.77 of the copy rate where memory-bound; the Hopper Gluon kernel of the absorbed decode
+0.69 (HOPPER_DECODE_KEY, on the sm_90 entries; plan() uses it where that kernel runs).  The cuBLAS GEMMs keep 0.85 (expansion) and 0.60
 (the small per-head GEMMs of absorption and output), and the default 0.85 of the copy rate.
 """
 
@@ -68,6 +69,14 @@ DEFAULT_MEM_EFFICIENCY = {
     "sparse_absorbed.attention": 0.64,
     "sparse_expanded.attention": 0.02,
 }
+# The Hopper Gluon kernel (kernels/absorbed_decode_hopper.py) runs the absorbed attention at one query
+# position on sm_90 (more than 32 heads, r = 512, dr = 64, bf16/fp16) and is faster than the Triton
+# kernel the figures above describe. Its compute efficiency, fitted like them on
+# `python benchmarks/bench_kernels.py` (H200, 2026-11-21 16:37 UTC, the eight H=128 points with
+# B >= 8 and T >= 4096; per-point fits 0.676-0.707, geometric mean 0.686): plan() uses it for
+# "absorbed.attention" where that kernel applies, on the entries that carry it (h100, h200).
+HOPPER_DECODE_KEY = "absorbed.attention@sm90_decode"
+HOPPER_DECODE_EFFICIENCY = 0.69
 # Fixed cost per GPU kernel (launch, ramp-up and tail), fitted with the efficiencies above; a bare
 # launch under CUDA graphs is ~1 us (calibrate() reports it), eager launches from Python ~5-20 us.
 GPU_KERNEL_OVERHEAD = 8e-6
@@ -149,11 +158,16 @@ def _gpu(name, bf16, tf32, fp32, bw, *, sms=132, measured=None, source=""):
                        source=source or "nominal dense figures x H200 measured/nominal ratio")
 
 
+def _hopper(model: DeviceModel) -> DeviceModel:
+    model.efficiency[HOPPER_DECODE_KEY] = HOPPER_DECODE_EFFICIENCY
+    return model
+
+
 DEVICES: dict[str, DeviceModel] = {
-    "h100": _gpu("h100", 989.4, 494.7, 66.9, 3.35),
-    "h200": _gpu("h200", 989.4, 494.7, 66.9, 4.8, measured={"bf16": 687e12, "mem_bw": 4.27e12},
-                 source="measured on a lent H200 (MLA-NOTES): bf16 matmul 687 TFLOP/s, copy 4.27 TB/s; "
-                        "tf32/fp32 nominal x 0.694"),
+    "h100": _hopper(_gpu("h100", 989.4, 494.7, 66.9, 3.35)),
+    "h200": _hopper(_gpu("h200", 989.4, 494.7, 66.9, 4.8, measured={"bf16": 687e12, "mem_bw": 4.27e12},
+                         source="measured on a lent H200 (MLA-NOTES): bf16 matmul 687 TFLOP/s, copy 4.27 TB/s; "
+                                "tf32/fp32 nominal x 0.694")),
     "a100": _gpu("a100", 312.0, 156.0, 19.5, 2.039, sms=108),
     "l40s": _gpu("l40s", 362.05, 183.0, 91.6, 0.864, sms=142),
     "b200": _gpu("b200", 2250.0, 1125.0, 80.0, 8.0, sms=148),

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -37,7 +38,7 @@ import torch
 
 from mla_compile.cost import symbols as sy
 from mla_compile.cost.calibrate import load_device
-from mla_compile.cost.devices import DEVICES, DeviceModel, table_entry
+from mla_compile.cost.devices import DEVICES, HOPPER_DECODE_KEY, DeviceModel, table_entry
 from mla_compile.cost.forms import DENSE_FORMS, FORMS, SPARSE_FORMS, form_kernels, occupancy
 
 # where other sizes are symbolic, branch choices and root picking are made at these values
@@ -246,6 +247,7 @@ class Plan:
     _model: Optional[DeviceModel] = None
     _exprs: dict = field(default_factory=dict)
     _sparse_k: bool = True          # sparse forms select k (T > k); False: min(k, T) (explicit forms at T <= k)
+    _hopper_dev: Optional[str] = None   # with a symbolic S: the device key to use where S evaluates to 1
     excluded: str = ""              # candidates left out, and why
 
     def _sel_k(self, form: str) -> bool:
@@ -271,6 +273,8 @@ class Plan:
     # numeric evaluation ---------------------------------------------------------------------
     def _kernels(self, form, sizes):
         key = self._key
+        if self._hopper_dev is not None and sizes[sy.S] == 1:
+            key = (self._hopper_dev,) + key[1:]
         if key[-1] and form in DENSE_FORMS and sizes[sy.T] <= sizes[sy.k]:
             key = key[:-1] + (False,)                    # T <= k: dense runs without the top-k mask
         names, fn = _lambdas(form, *key, self._sel_k(form))
@@ -454,12 +458,22 @@ class Plan:
                 aliases[str(canon)] = v
                 aliases[sy.SYMBOL_TO_ARG[canon]] = v
         cands = self.candidates
-        fns = [sympy.lambdify(dyn, self.expressions[f], modules="math") for f in cands]
-        # where T <= k the selection is every token: dense forms run without HF's top-k mask
         full = {s: (v if v is not None else sympy.Integer(0)) for s, v in self.values.items()}
-        plain_key = self._key[:-1] + (False,)
-        plain = [sympy.lambdify(dyn, _assemble(_kernel_exprs(f, *plain_key, False), full), modules="math")
-                 if f in DENSE_FORMS else None for f in cands]
+
+        def lambdas(key):
+            fns = [sympy.lambdify(dyn, _assemble(_kernel_exprs(f, *key, self._sel_k(f)), full), modules="math")
+                   for f in cands]
+            # where T <= k the selection is every token: dense forms run without HF's top-k mask
+            plain_key = key[:-1] + (False,)
+            plain = [sympy.lambdify(dyn, _assemble(_kernel_exprs(f, *plain_key, False), full), modules="math")
+                     if f in DENSE_FORMS else None for f in cands]
+            return fns, plain
+
+        tables = [lambdas(self._key)]
+        S_fn = None
+        if self._hopper_dev is not None:     # S symbolic: where it is 1, the Hopper kernel's figures
+            tables.append(lambdas((self._hopper_dev,) + self._key[1:]))
+            S_fn = sympy.lambdify(dyn, self.values[sy.S], modules="math")
         Tv, kv = self.values.get(sy.T), self.values.get(sy.k)
         T_fn = sympy.lambdify(dyn, Tv, modules="math") if Tv is not None else None
         k_fn = sympy.lambdify(dyn, kv, modules="math") if kv is not None else None
@@ -484,6 +498,7 @@ class Plan:
                 return hit
             best, bt = None, math.inf
             sparse_ok = bool(sparse_idx) and T_fn is not None and k_fn is not None and T_fn(*key) > k_fn(*key)
+            fns, plain = tables[1 if S_fn is not None and S_fn(*key) == 1 else 0]
             for i, fn in enumerate(fns):
                 if i in sparse_idx and not sparse_ok:
                     continue
@@ -574,6 +589,29 @@ class Plan:
 
 
 
+def _with_hopper_decode(dev: DeviceModel, dtype: torch.dtype, values: dict) -> DeviceModel:
+    """`dev` with the Hopper Gluon kernel's efficiency as "absorbed.attention" where that kernel will
+    run (see devices.HOPPER_DECODE_KEY): the entry carries it, one query position, enough heads,
+    r = 512, dr = 64, a half dtype, and this Triton has Gluon and MLA_COMPILE_GLUON is not 0.
+    Static sizes only: the kernel is chosen per call from them, so a symbolic S or H keeps the
+    Triton kernel's figure."""
+    eff = dev.efficiency.get(HOPPER_DECODE_KEY)
+    if eff is None or dtype not in (torch.bfloat16, torch.float16):
+        return dev
+    try:
+        from mla_compile.kernels import absorbed_decode_hopper as hopper
+    except ImportError:   # pragma: no cover - a Triton without the kernels' needs
+        return dev
+    if not hopper.HAVE_GLUON or os.environ.get("MLA_COMPILE_GLUON") == "0":
+        return dev
+    S, H, r, dr = (values[s] for s in (sy.S, sy.H, sy.r, sy.dr))
+    if not all(v is not None and v.is_number for v in (S, H, r, dr)):
+        return dev
+    if S != 1 or H < hopper.MIN_HEADS or r != hopper.R or dr != hopper.DR:
+        return dev
+    return dev.copy(efficiency={**dev.efficiency, "absorbed.attention": eff})
+
+
 def plan(batch=1, q_len=1, kv_len=None, heads=None, kv_lora_rank=None, qk_rope_head_dim=None,
          qk_nope_head_dim=None, v_head_dim=None, topk=None, dtype=torch.bfloat16, device="h200",
          causal=None, forms=None, *, mask: bool = False, hints: Optional[dict] = None) -> Plan:
@@ -592,7 +630,12 @@ def plan(batch=1, q_len=1, kv_len=None, heads=None, kv_lora_rank=None, qk_rope_h
     values = {sy.ARG_TO_SYMBOL[n]: _sympify_size(n, v) for n, v in args.items()}
     if dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         raise TypeError(f"plan(): dtype must be a floating torch dtype, got {dtype}")
-    dev = _resolve_device(device)
+    base = _resolve_device(device)
+    dev = _with_hopper_decode(base, dtype, values)
+    hopper_dev = None
+    if dev is base and not values[sy.S].is_number:
+        at_one = _with_hopper_decode(base, dtype, {**values, sy.S: sympy.Integer(1)})
+        hopper_dev = _device_key(at_one) if at_one is not base else None
     causal = True if causal is None else bool(causal)
     S_, T_, k_ = values[sy.S], values[sy.T], values[sy.k]
     if S_.is_number and T_.is_number and S_ > T_:
@@ -635,6 +678,7 @@ def plan(batch=1, q_len=1, kv_len=None, heads=None, kv_lora_rank=None, qk_rope_h
              _key=key, _model=dev)
     p.excluded = excluded
     p._sparse_k = not (T_.is_number and k_ is not None and k_.is_number and T_ <= k_)
+    p._hopper_dev = hopper_dev
     if numeric:
         p.costs = p.times()
         p.form = min(cands, key=p.costs.__getitem__)
