@@ -320,7 +320,7 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
         ml = torch.empty(B, splits, M, 2, dtype=torch.float32, device=q_lat.device)   # (m_p, l_p) per row
         sp = (o_part.stride(0), o_part.stride(1), o_part.stride(2))
     if (not is_traced(q_lat) and out.stride(-1) == 1
-            and hopper.applies(q_lat.device, dt, H, S, r, dr, is_causal)
+            and hopper.applies(q_lat.device, dt, H, S, r, dr, is_causal, B * T)
             and hopper.tma_ready(q_lat, q_rope, c, kr)):
         hopper.hopper_split_attention(q_lat, q_rope, c, kr, kind, m, ms, kv_lens, out, o_part, ml, scale, chunk,
                                       splits)
@@ -379,9 +379,9 @@ absorbed_decode.accepts_kv_lens = True   # mla.absorbed passes a static cache's 
 def _inlinable(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale=1.0, is_causal=False, kv_lens=None):
     """Whether a traced call may become Triton launches in Inductor's code: not when it would take the
     Gluon kernel (wrap_triton takes Triton's JIT functions only); mla.absorbed_opaque runs that one."""
-    _, H, S, _ = q_nope.shape
+    B, H, S, _ = q_nope.shape
     return not hopper.applies(q_nope.device, kernel_dtype(q_nope.dtype), H, S, w_uk.shape[-1], q_rope.shape[-1],
-                              is_causal)
+                              is_causal, B * latent.shape[-2])
 
 
 absorbed_decode.inlinable = _inlinable
