@@ -107,11 +107,16 @@ def takes_sizes(dtype: torch.dtype, H, S, r, dr, is_causal: bool, tokens=None) -
     return not isinstance(tokens, int) or tokens >= SMALL_HEADS_MIN_TOKENS
 
 
+def enabled() -> bool:
+    """This Triton has Gluon and MLA_COMPILE_GLUON is not 0."""
+    return HAVE_GLUON and os.environ.get("MLA_COMPILE_GLUON") != "0"
+
+
 def applies(device: torch.device, dtype: torch.dtype, H: int, S: int, r: int, dr: int, is_causal: bool,
             tokens=None) -> bool:
     """Whether `absorbed_latent_attention` takes this kernel (from sizes and dtypes alone, so that a
     traced call's fake tensors can be asked too; `tma_ready` then checks the real tensors)."""
-    if not HAVE_GLUON or device.type != "cuda" or os.environ.get("MLA_COMPILE_GLUON") == "0":
+    if device.type != "cuda" or not enabled():
         return False
     if not takes_sizes(dtype, H, S, r, dr, is_causal, tokens):
         return False

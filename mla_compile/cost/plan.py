@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -461,8 +460,9 @@ class Plan:
         full = {s: (v if v is not None else sympy.Integer(0)) for s, v in self.values.items()}
 
         def lambdas(key):
-            fns = [sympy.lambdify(dyn, _assemble(_kernel_exprs(f, *key, self._sel_k(f)), full), modules="math")
-                   for f in cands]
+            exprs = self.expressions if key == self._key else \
+                {f: _assemble(_kernel_exprs(f, *key, self._sel_k(f)), full) for f in cands}
+            fns = [sympy.lambdify(dyn, exprs[f], modules="math") for f in cands]
             # where T <= k the selection is every token: dense forms run without HF's top-k mask
             plain_key = key[:-1] + (False,)
             plain = [sympy.lambdify(dyn, _assemble(_kernel_exprs(f, *plain_key, False), full), modules="math")
@@ -596,18 +596,17 @@ def _with_hopper_decode(dev: DeviceModel, dtype: torch.dtype, values: dict) -> D
     Static sizes only: the kernel is chosen per call from them, so a symbolic S or H keeps the
     Triton kernel's figure."""
     eff = dev.efficiency.get(HOPPER_DECODE_KEY)
-    if eff is None or dtype not in (torch.bfloat16, torch.float16):
+    if eff is None:
         return dev
     try:
         from mla_compile.kernels import absorbed_decode_hopper as hopper
     except ImportError:   # pragma: no cover - a Triton without the kernels' needs
         return dev
-    if not hopper.HAVE_GLUON or os.environ.get("MLA_COMPILE_GLUON") == "0":
+    sizes = [values[s] for s in (sy.H, sy.S, sy.r, sy.dr)]
+    if not hopper.enabled() or not all(v is not None and v.is_number for v in sizes):
         return dev
-    S, H, r, dr = (values[s] for s in (sy.S, sy.H, sy.r, sy.dr))
-    if not all(v is not None and v.is_number for v in (S, H, r, dr)):
-        return dev
-    if S != 1 or H < hopper.MIN_HEADS or r != hopper.R or dr != hopper.DR:
+    # the kernel's own size rule; no token count, so the 17-32-head range (fitted elsewhere) is left out
+    if not hopper.takes_sizes(dtype, *(int(v) for v in sizes), is_causal=False):
         return dev
     return dev.copy(efficiency={**dev.efficiency, "absorbed.attention": eff})
 
