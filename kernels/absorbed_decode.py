@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from mla_compile.kernels import absorbed_decode_hopper as hopper
+from mla_compile.kernels import absorbed_decode_keys_major as keys_major
 from mla_compile.kernels.launch import launcher
 from mla_compile.passes.forms.common import as_tokens, check_args, is_traced
 
@@ -300,7 +301,15 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
     if B * H * S == 0:
         return out
     M = H * S
-    BLOCK_M = block_m_for(M)
+    # Which kernel: on Hopper the Gluon ones (keys-major at <= 32 heads, heads-major above) where their
+    # sizes, dtypes and TMA's strides allow; the Triton kernel everywhere else (and in traced calls,
+    # which Inductor inlines as Triton launches).
+    gluon = (not is_traced(q_lat) and out.stride(-1) == 1 and dr > 0 and hopper.tma_ready(q_lat, q_rope, c, kr))
+    use_keys_major = gluon and keys_major.applies(q_lat.device, dt, H, S, r, dr, is_causal)
+    use_hopper = gluon and not use_keys_major and hopper.applies(q_lat.device, dt, H, S, r, dr, is_causal, B * T)
+    # a keys-major program takes every head of a batch (BLOCK_M = 64: one 4-warp program an SM, its
+    # shared memory allows no second)
+    BLOCK_M = 64 if use_keys_major else block_m_for(M)
     row_tiles = triton.cdiv(M, BLOCK_M)
     eff_T = T if not is_causal else min(T, S)
     if num_splits is None:
@@ -319,9 +328,10 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
         o_part = torch.empty(B, splits, M, R_PAD, dtype=torch.float32, device=q_lat.device)
         ml = torch.empty(B, splits, M, 2, dtype=torch.float32, device=q_lat.device)   # (m_p, l_p) per row
         sp = (o_part.stride(0), o_part.stride(1), o_part.stride(2))
-    if (not is_traced(q_lat) and out.stride(-1) == 1
-            and hopper.applies(q_lat.device, dt, H, S, r, dr, is_causal, B * T)
-            and hopper.tma_ready(q_lat, q_rope, c, kr)):
+    if use_keys_major:
+        keys_major.keys_major_split_attention(q_lat, q_rope, c, kr, kind, m, ms, kv_lens, out, o_part, ml, scale,
+                                              chunk, splits)
+    elif use_hopper:
         hopper.hopper_split_attention(q_lat, q_rope, c, kr, kind, m, ms, kv_lens, out, o_part, ml, scale, chunk,
                                       splits)
     else:
@@ -380,8 +390,9 @@ def _inlinable(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale=1.0,
     """Whether a traced call may become Triton launches in Inductor's code: not when it would take the
     Gluon kernel (wrap_triton takes Triton's JIT functions only); mla.absorbed_opaque runs that one."""
     B, H, S, _ = q_nope.shape
-    return not hopper.applies(q_nope.device, kernel_dtype(q_nope.dtype), H, S, w_uk.shape[-1], q_rope.shape[-1],
-                              is_causal, B * latent.shape[-2])
+    dt, r, dr = kernel_dtype(q_nope.dtype), w_uk.shape[-1], q_rope.shape[-1]
+    return not (keys_major.applies(q_nope.device, dt, H, S, r, dr, is_causal)
+                or hopper.applies(q_nope.device, dt, H, S, r, dr, is_causal, B * latent.shape[-2]))
 
 
 absorbed_decode.inlinable = _inlinable

@@ -120,6 +120,11 @@ def applies(device: torch.device, dtype: torch.dtype, H: int, S: int, r: int, dr
         return False
     if not takes_sizes(dtype, H, S, r, dr, is_causal, tokens):
         return False
+    return is_sm90(device)
+
+
+def is_sm90(device: torch.device) -> bool:
+    """A Hopper GPU (sm_90), which both Gluon kernels are written for (cached per device)."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _CAPABILITY:
         _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
@@ -348,21 +353,27 @@ def compile_for_sm90(mask_kind: int = 1, has_kvlen: bool = True, one_split: bool
     """Compile the kernel ahead of time for sm_90 with the installed Triton; no GPU needed (Triton's
     wheel carries ptxas). Returns the compiled kernel (`.asm["ptx"]`, `.metadata.shared`). Run it in a
     process without TRITON_INTERPRET=1: the interpreter's patched builtins break Gluon's compiler."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     consts = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, NUM_STAGES=NUM_STAGES, MASK_KIND=mask_kind,
                   HAS_KVLEN=has_kvlen, ONE_SPLIT=one_split,
                   Q_REG_CHUNKS=Q_REG_CHUNKS if q_reg_chunks is None else q_reg_chunks,
                   DEFER_L=DEFER_L if defer_l is None else defer_l)
-    names = [n for n in _hopper_split_kernel.arg_names if n not in consts]   # pointers, scale, then 16 ints
+    return compile_gluon_for_sm90(_hopper_split_kernel, consts, mask_kind, NUM_WARPS)
+
+
+def compile_gluon_for_sm90(kernel, consts: dict, mask_kind: int, num_warps: int):
+    """triton.compile of a Gluon split kernel with this module's argument list (9 pointers, the
+    scale, 16 ints; bf16 tensors) for sm_90, the pointers 16-byte aligned as the launcher specialises."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    names = [n for n in kernel.arg_names if n not in consts]   # pointers, scale, then 16 ints
     mask_type = {0: "*bf16", 1: "*u8", 2: "*bf16"}[mask_kind]
     types = ["*bf16"] * 4 + [mask_type, "*i32", "*bf16", "*fp32", "*fp32", "fp32"] + ["i32"] * 16
     assert len(names) == len(types), names
     sig = dict(zip(names, types), **{k: "constexpr" for k in consts})
     aligned = {(i,): [["tt.divisibility", 16]] for i in range(9)}   # what the launcher specialises
-    src = GluonASTSource(_hopper_split_kernel, sig, consts, aligned)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
+    src = GluonASTSource(kernel, sig, consts, aligned)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
 def hopper_split_attention(q_lat, q_rope, c, kr, mask_kind: int, mask, mask_strides, kv_lens, out, o_part, ml,

@@ -401,13 +401,18 @@ def test_hopper_kernel_compiles_for_sm90(tmp_path):
               "    print(kind, 'wgmma.mma_async' in k.asm['ptx'], k.metadata.shared)\n"
               "for q, d in ((0, False), (2, False)):\n"
               "    k = compile_for_sm90(2, q_reg_chunks=q, defer_l=d)\n"
-              "    print(2, 'wgmma.mma_async' in k.asm['ptx'], k.metadata.shared)\n")
+              "    print(2, 'wgmma.mma_async' in k.asm['ptx'], k.metadata.shared)\n"
+              "from mla_compile.kernels import absorbed_decode_keys_major as km\n"   # <= 32 heads
+              "for bh, kind, one in ((16, 1, False), (32, 2, True)):\n"
+              "    k = km.compile_for_sm90(bh, kind, one_split=one)\n"
+              "    print(kind, 'wgmma.mma_async' in k.asm['ptx'], k.metadata.shared)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)     # a cached build would hide a source that no longer compiles
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [ln.split() for ln in res.stdout.splitlines() if ln[:1] in "012"]
-    assert [ln[:2] for ln in lines] == [["0", "True"], ["1", "True"]] + [["2", "True"]] * 3, res.stdout
+    assert [ln[:2] for ln in lines] == ([["0", "True"], ["1", "True"]] + [["2", "True"]] * 3
+                                        + [["1", "True"], ["2", "True"]]), res.stdout
     assert all(int(ln[2]) <= 232448 for ln in lines), res.stdout      # an H100/H200 block's shared memory
 
 
@@ -508,6 +513,46 @@ def test_gpu_absorbed_hopper_path_hf_min_row_uneven_splits(min_dtype, with_lens)
         o = absorbed_latent_attention(q_lat, qr, c, kr, m, scale, False, kv_lens=lens, num_splits=splits)
         assert rel_err(o[1, :, 0], ref[1, :, 0]) < tol(dtype), splits       # the fully masked row
         assert rel_err(o, ref) < tol(dtype), splits
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,splits,T", [(32, None, 4100), (32, 9, 4100), (32, 1, 700), (20, None, 65536),
+                                        (16, None, 4100), (16, 5, 333), (1, None, 4100), (8, 1, 64)])
+@pytest.mark.parametrize("mask", [None, "bool", "hf_min"])
+def test_gpu_absorbed_keys_major_path(H, splits, T, dtype, mask):
+    """The keys-major Gluon kernel (<= 32 heads on an H100/H200): per-row valid lengths (one shorter
+    than a split, one of a single key, one a whole 64-key tile), NaN in every unfilled slot of a
+    [.., 576] cache row viewed as latent and RoPE, H below the MMA's 16/32 columns, one split (the
+    kernel writes the output) and many, and HF's decode masks: bool, and float with finfo.min on
+    every key of batch 1 (its output must be the plain average of its valid keys)."""
+    from mla_compile.kernels import absorbed_decode_keys_major as km
+    from mla_compile.kernels.absorbed_decode import absorb, absorbed_latent_attention
+
+    B = 4
+    qn, qr, _, _, wuk, _ = make(B, H, 1, T, dtype=dtype, **V3)
+    g = torch.Generator().manual_seed(11)
+    kv = torch.randn(B, 1, T, 576, generator=g).to(DEV, dtype)
+    lens = torch.tensor([T, min(T, 777), 1, 64], dtype=torch.int32, device=DEV)
+    for b in range(B):
+        kv[b, :, int(lens[b]):] = float("nan")
+    c, kr = kv[..., :512], kv[..., 512:]
+    if mask == "hf_min":
+        m = hf_min_rows_case(B, 1, T, torch.finfo(dtype).min).to(dtype)
+    elif mask == "bool":
+        m = masks("bool", B, 1, T)
+    else:
+        m = None
+    q_lat = absorb(qn, wuk, dtype)
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert km.applies(q_lat.device, dtype, H, 1, 512, 64, False)
+    out = absorbed_latent_attention(q_lat, qr, c, kr, m, 0.07, False, kv_lens=lens, num_splits=splits)
+    add = torch.zeros(B, 1, 1, T)                     # the reference takes an additive mask
+    if m is not None:
+        add = add.masked_fill(~m.cpu(), float("-inf")) if m.dtype == torch.bool else m
+    ref = softmax_ref_f64(q_lat, qr, c[:, 0], kr[:, 0], add, 0.07, lens.tolist())
+    assert rel_err(out, ref) < tol(dtype)
 
 
 @pytest.mark.gpu
