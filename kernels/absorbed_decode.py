@@ -306,7 +306,7 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
     # which Inductor inlines as Triton launches).
     gluon = (not is_traced(q_lat) and out.stride(-1) == 1 and dr > 0 and hopper.tma_ready(q_lat, q_rope, c, kr))
     use_keys_major = gluon and keys_major.applies(q_lat.device, dt, H, S, r, dr, is_causal)
-    use_hopper = gluon and not use_keys_major and hopper.applies(q_lat.device, dt, H, S, r, dr, is_causal, B * T)
+    use_hopper = gluon and not use_keys_major and hopper.applies(q_lat.device, dt, H, S, r, dr, is_causal)
     # a keys-major program takes every head of a batch (BLOCK_M = 64: one 4-warp program an SM, its
     # shared memory allows no second)
     BLOCK_M = 64 if use_keys_major else block_m_for(M)
@@ -389,10 +389,10 @@ absorbed_decode.accepts_kv_lens = True   # mla.absorbed passes a static cache's 
 def _inlinable(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale=1.0, is_causal=False, kv_lens=None):
     """Whether a traced call may become Triton launches in Inductor's code: not when it would take the
     Gluon kernel (wrap_triton takes Triton's JIT functions only); mla.absorbed_opaque runs that one."""
-    B, H, S, _ = q_nope.shape
+    _, H, S, _ = q_nope.shape
     dt, r, dr = kernel_dtype(q_nope.dtype), w_uk.shape[-1], q_rope.shape[-1]
     return not (keys_major.applies(q_nope.device, dt, H, S, r, dr, is_causal)
-                or hopper.applies(q_nope.device, dt, H, S, r, dr, is_causal, B * latent.shape[-2]))
+                or hopper.applies(q_nope.device, dt, H, S, r, dr, is_causal))
 
 
 absorbed_decode.inlinable = _inlinable

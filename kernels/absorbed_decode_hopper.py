@@ -43,14 +43,12 @@ larger H=128 points; with the list's last two items (16:37 UTC, benchmarks/resul
 36.1 us against 32.2 (1.12x) at B=8 T=4K and 1.26-1.33x at the other B >= 8, T >= 4K points.
 hopper-ab-NVIDIA-H200.md compares it with the Triton kernel (0.58-0.73x its time) and, forced to 16
 and 32 heads (its 64-row tile then 75% / 50% padding), finds it slower at H=16 (1.10-1.33x) and at
-H=32 0.92-1.08x: faster from about 256K cached tokens, slower at 128K, so it takes 17-32 heads from
-256K tokens on (SMALL_HEADS_MIN_TOKENS; a traced call decides on its static sizes, and one with
-dynamic sizes runs opaque and decides on the real tensors).
+H=32 0.92-1.08x. Those head counts go to the keys-major kernel (absorbed_decode_keys_major), which
+has no padding there and measured 0.67-1.00x the Triton kernel's time (keys-major-ab-NVIDIA-H200.md).
 
-`applies(...)` says when this kernel runs (the Triton kernel takes everything else): a Hopper GPU,
-bf16/fp16, r = 512, dr = 64, one query position, more than 32 heads (17-32 from 256K cached tokens),
-not causal (a bool or float mask, HF's decode mask, is read per key tile), and TMA-compatible
-strides and alignment.
+`applies(...)` says when this kernel runs: a Hopper GPU, bf16/fp16, r = 512, dr = 64, one query
+position, more than 32 heads, not causal (a bool or float mask, HF's decode mask, is read per key
+tile), and TMA-compatible strides and alignment; the Triton kernel takes everything else.
 MLA_COMPILE_GLUON=0 turns it off (the Triton kernel then runs everywhere).
 """
 
@@ -80,13 +78,11 @@ BLOCK_M = 64       # rows (heads) a program: one wgmma M per warpgroup
 BLOCK_N = 64       # keys a tile
 NUM_STAGES = 2     # 72 KB of Q + 2 x 72 KB of key tiles + 8 KB of P = 224 KB of the 227 KB
 NUM_WARPS = 8      # two warpgroups
-# Fewer heads than MIN_HEADS leave the Triton kernel (the 64-row tile is then half padding or more),
-# except from SMALL_HEADS..MIN_HEADS-1 with at least SMALL_HEADS_MIN_TOKENS cached tokens (B x T):
-# at H=32 this kernel is 3-8% faster than the Triton one from 256K tokens and 6-8% slower at 128K;
-# at H=16 it is slower everywhere (hopper-ab-NVIDIA-H200.md, 16:34 UTC).
+# Fewer heads than MIN_HEADS go to the keys-major kernel (absorbed_decode_keys_major: no padding of
+# the MMA's M there). Forced to 16 and 32 heads, this kernel's 64-row tile (then 75% / 50% padding)
+# measured 1.10-1.33x the Triton kernel's time at H=16 and 0.92-1.08x at H=32
+# (hopper-ab-NVIDIA-H200.md, 16:34 UTC); the keys-major kernel 0.67-1.00x (keys-major-ab-NVIDIA-H200.md).
 MIN_HEADS = 33
-SMALL_HEADS = 17
-SMALL_HEADS_MIN_TOKENS = 1 << 18
 Q_REG_CHUNKS = int(os.environ.get("MLA_COMPILE_GLUON_QREG", "1"))   # see the kernel; A/B knobs for now
 DEFER_L = os.environ.get("MLA_COMPILE_GLUON_DEFER_L", "1") == "1"
 
@@ -94,17 +90,10 @@ DEFER_L = os.environ.get("MLA_COMPILE_GLUON_DEFER_L", "1") == "1"
 _CAPABILITY: dict = {}
 
 
-def takes_sizes(dtype: torch.dtype, H, S, r, dr, is_causal: bool, tokens=None) -> bool:
-    """The size and dtype part of `applies`. tokens = B x T, the cached tokens the call covers; a
-    symbolic count (a traced call with dynamic sizes, which runs opaque and decides on the real
-    tensors) answers "may take it" without comparing, so no guard is added on it."""
-    if is_causal or S != 1 or r != R or dr != DR or dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if H >= MIN_HEADS:
-        return True
-    if H < SMALL_HEADS or tokens is None:
-        return False
-    return not isinstance(tokens, int) or tokens >= SMALL_HEADS_MIN_TOKENS
+def takes_sizes(dtype: torch.dtype, H, S, r, dr, is_causal: bool) -> bool:
+    """The size and dtype part of `applies` (fake tensors can be asked too)."""
+    return (not is_causal and S == 1 and r == R and dr == DR and dtype in (torch.bfloat16, torch.float16)
+            and H >= MIN_HEADS)
 
 
 def enabled() -> bool:
@@ -112,13 +101,12 @@ def enabled() -> bool:
     return HAVE_GLUON and os.environ.get("MLA_COMPILE_GLUON") != "0"
 
 
-def applies(device: torch.device, dtype: torch.dtype, H: int, S: int, r: int, dr: int, is_causal: bool,
-            tokens=None) -> bool:
+def applies(device: torch.device, dtype: torch.dtype, H: int, S: int, r: int, dr: int, is_causal: bool) -> bool:
     """Whether `absorbed_latent_attention` takes this kernel (from sizes and dtypes alone, so that a
     traced call's fake tensors can be asked too; `tma_ready` then checks the real tensors)."""
     if device.type != "cuda" or not enabled():
         return False
-    if not takes_sizes(dtype, H, S, r, dr, is_causal, tokens):
+    if not takes_sizes(dtype, H, S, r, dr, is_causal):
         return False
     return is_sm90(device)
 

@@ -344,10 +344,11 @@ def test_plan_times_with_dynamo_style_symbols():
 
 
 def test_hopper_decode_efficiency_where_the_gluon_kernel_runs(monkeypatch):
-    """On the sm_90 entries the absorbed attention at one query (more than 32 heads, r=512, dr=64, a
-    half dtype) is costed with the Hopper Gluon kernel's fitted efficiency, everywhere else with the
-    Triton kernel's; with S symbolic the run-time chooser takes the Hopper figure where S is 1."""
-    from mla_compile.cost.devices import DEFAULT_EFFICIENCY, HOPPER_DECODE_EFFICIENCY
+    """On the sm_90 entries the absorbed attention at one query (r=512, dr=64, a half dtype) is costed
+    with the Hopper Gluon kernels' fitted efficiencies (the heads-major one above 32 heads, the
+    keys-major one at <= 32), everywhere else with the Triton kernel's; with S symbolic the run-time chooser takes the Hopper figure where S is 1."""
+    from mla_compile.cost.devices import (DEFAULT_EFFICIENCY, HOPPER_DECODE_EFFICIENCY, KEYS_MAJOR_DECODE_EFFICIENCY,
+                                          KEYS_MAJOR_DECODE_MEM_EFFICIENCY)
     from mla_compile.kernels import absorbed_decode_hopper as hopper
 
     if not hopper.HAVE_GLUON:
@@ -363,18 +364,29 @@ def test_hopper_decode_efficiency_where_the_gluon_kernel_runs(monkeypatch):
     assert eff(device="h100") == HOPPER_DECODE_EFFICIENCY
     assert eff(dtype=torch.float16) == HOPPER_DECODE_EFFICIENCY
     assert eff(q_len=2) == triton_eff
-    assert eff(heads=32) == triton_eff
     assert eff(dtype=torch.float32) == triton_eff
     assert eff(device="a100") == triton_eff
     assert eff(device="b200") == triton_eff
+    # <= 32 heads: the keys-major kernel's figures, compute and memory
+    km = plan(batch=8, q_len=1, kv_len=4096, heads=32, device="h200", **{k: v for k, v in V3.items() if k != "heads"})
+    assert km.device["efficiency"]["absorbed.attention"] == KEYS_MAJOR_DECODE_EFFICIENCY
+    assert km.device["mem_efficiency"]["absorbed.attention"] == KEYS_MAJOR_DECODE_MEM_EFFICIENCY
+    assert eff(heads=16) == KEYS_MAJOR_DECODE_EFFICIENCY and eff(heads=33) == HOPPER_DECODE_EFFICIENCY
+    assert eff(heads=32, q_len=2) == triton_eff and eff(heads=32, device="a100") == triton_eff
     monkeypatch.setenv("MLA_COMPILE_GLUON", "0")
-    assert eff() == triton_eff
+    assert eff() == triton_eff and eff(heads=32) == triton_eff
     monkeypatch.delenv("MLA_COMPILE_GLUON")
     # the faster kernel shows in the prediction: the decode step's attention kernel costs less
     triton_only = DEVICES["h200"].copy(efficiency=dict(DEFAULT_EFFICIENCY))
     fast = plan(batch=8, q_len=1, kv_len=16384, device="h200", **V3).costs["absorbed"]
     slow = plan(batch=8, q_len=1, kv_len=16384, device=triton_only, **V3).costs["absorbed"]
     assert fast < slow
+    # a plan at S = 1 asked about S = 2 (times, crossover along S) takes the Triton kernel's figures there
+    for heads in (128, 16):
+        dims = {**V3, "heads": heads}
+        one = plan(batch=8, q_len=1, kv_len=16384, device="h200", **dims)
+        two = plan(batch=8, q_len=2, kv_len=16384, device="h200", **dims)
+        assert one.times({"S": 2}) == pytest.approx(two.costs) and one.costs["absorbed"] < two.costs["absorbed"]
     S = sympy.Symbol("S", positive=True, integer=True)
     p = plan(batch=8, q_len=S, kv_len=16384, device="h200", **V3)
     assert p.times({"S": 1})["absorbed"] == pytest.approx(plan(batch=8, q_len=1, kv_len=16384, device="h200",

@@ -362,25 +362,23 @@ def test_opcheck(form, monkeypatch):
 
 
 def test_hopper_kernel_size_rule():
-    """Which sizes the Hopper kernel takes (the device check aside): one query, r=512, dr=64, a half
-    dtype, not causal; 33+ heads always, 17-32 heads from 256K cached tokens, fewer never; a symbolic
-    token count answers yes without comparing (the traced call is opaque and decides at run time)."""
-    from mla_compile.kernels.absorbed_decode_hopper import SMALL_HEADS_MIN_TOKENS as N, takes_sizes
+    """Which sizes the two Hopper kernels take (the device check aside): one query, r=512, dr=64, a half
+    dtype, not causal; the heads-major kernel 33+ heads, the keys-major one 1-32: every head count
+    goes to exactly one of them."""
+    from mla_compile.kernels import absorbed_decode_hopper as hopper
+    from mla_compile.kernels import absorbed_decode_keys_major as keys_major
 
     bf = torch.bfloat16
-    assert takes_sizes(bf, 128, 1, 512, 64, False) and takes_sizes(torch.float16, 33, 1, 512, 64, False, 1)
-    for bad in (dict(S=2), dict(r=256), dict(dr=32), dict(dtype=torch.float32), dict(is_causal=True)):
-        a = dict(dtype=bf, H=128, S=1, r=512, dr=64, is_causal=False, tokens=N)
-        a.update(bad)
-        assert not takes_sizes(**a), bad
-    assert takes_sizes(bf, 32, 1, 512, 64, False, N) and takes_sizes(bf, 17, 1, 512, 64, False, 8 * 65536)
-    assert not takes_sizes(bf, 32, 1, 512, 64, False, N - 1) and not takes_sizes(bf, 32, 1, 512, 64, False)
-    assert not takes_sizes(bf, 16, 1, 512, 64, False, 1 << 30)
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-    env = ShapeEnv()
-    t = env.create_unbacked_symint()
-    assert takes_sizes(bf, 32, 1, 512, 64, False, 8 * t)        # no comparison on the symbol
-    assert not takes_sizes(bf, 16, 1, 512, 64, False, 8 * t)
+    assert hopper.takes_sizes(bf, 128, 1, 512, 64, False) and hopper.takes_sizes(torch.float16, 33, 1, 512, 64, False)
+    for kernel, H in ((hopper, 128), (keys_major, 32)):
+        for bad in (dict(S=2), dict(r=256), dict(dr=32), dict(dtype=torch.float32), dict(is_causal=True)):
+            a = dict(dtype=bf, H=H, S=1, r=512, dr=64, is_causal=False)
+            a.update(bad)
+            assert not kernel.takes_sizes(**a), (kernel.__name__, bad)
+    for H in range(1, 200):
+        took = [k.takes_sizes(bf, H, 1, 512, 64, False) for k in (hopper, keys_major)]
+        assert took == ([False, True] if H <= 32 else [True, False]), H
+    assert keys_major.block_heads(16) == 16 and keys_major.block_heads(17) == keys_major.block_heads(32) == 32
 
 
 def test_hopper_kernel_compiles_for_sm90(tmp_path):
@@ -438,13 +436,12 @@ def test_gpu_absorbed(B, H, S, T, dtype):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("H,splits,T", [(128, None, 4100), (128, 9, 4100), (40, None, 4100), (32, None, 65536)])
+@pytest.mark.parametrize("H,splits,T", [(128, None, 4100), (128, 9, 4100), (40, None, 4100), (64, 1, 700)])
 def test_gpu_absorbed_hopper_path(H, splits, T, dtype):
     """The shapes the Hopper (Gluon) kernel takes on an H100/H200 (the Triton kernel elsewhere): per-row
     valid lengths, some of them shorter than a split (empty splits), the latent and RoPE parts as
     strided views of one [.., 576] cache row, and NaN in every unfilled slot: TMA must zero-fill past
-    each valid length, since 0 x NaN in P V would poison the row. H=32 with 4 x 64K cached tokens: the
-    kernel takes 17-32 heads from 256K tokens (its 64-row tile half padding)."""
+    each valid length, since 0 x NaN in P V would poison the row. One split: the kernel writes the output."""
     from mla_compile.kernels import absorbed_decode_hopper as hopper
     from mla_compile.kernels.absorbed_decode import absorb, absorbed_latent_attention
 
@@ -459,7 +456,7 @@ def test_gpu_absorbed_hopper_path(H, splits, T, dtype):
     q_lat = absorb(qn, wuk, dtype)
     out = absorbed_latent_attention(q_lat, qr, c, kr, None, 0.07, False, kv_lens=lens, num_splits=splits)
     if torch.cuda.get_device_capability() == (9, 0):
-        assert hopper.applies(q_lat.device, dtype, H, 1, 512, 64, False, B * T)
+        assert hopper.applies(q_lat.device, dtype, H, 1, 512, 64, False)
         assert hopper.tma_ready(q_lat, qr, c, kr)
     for b in range(B):
         n = int(lens[b])

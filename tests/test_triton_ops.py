@@ -132,13 +132,14 @@ def test_aot_trace_inlines_triton_launches_on_cuda(form):
 
 @gpu
 @pytest.mark.gpu
-def test_aot_trace_hands_hopper_gluon_calls_to_the_twin():
-    """On sm_90, H > 32 heads and one query take the Gluon kernel, which wrap_triton cannot trace: the
-    traced call must be the opaque twin, and exact."""
+@pytest.mark.parametrize("heads", [64, 16])
+def test_aot_trace_hands_hopper_gluon_calls_to_the_twin(heads):
+    """On sm_90 one query takes a Gluon kernel (heads-major above 32 heads, keys-major at <= 32), which
+    wrap_triton cannot trace: the traced call must be the opaque twin, and exact."""
     if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Gluon kernel runs on Hopper only")
+        pytest.skip("the Gluon kernels run on Hopper only")
     ref, _ = FORMS["absorbed"]
-    args = inputs(2, 64, 1, 300, **V3_SMALL, dtype=torch.bfloat16, device="cuda", seed=10)
+    args = inputs(2, heads, 1, 300, **V3_SMALL, dtype=torch.bfloat16, device="cuda", seed=10)
     out, graphs = aot_forward_graph(call("absorbed"), args, dynamic=False)
     t = targets(graphs)
     assert any("absorbed_opaque" in x for x in t), t

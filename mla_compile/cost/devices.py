@@ -29,7 +29,8 @@ then "form", then "default"; `mem_efficiency` likewise scales the copy bandwidth
 kernels' values are fitted from measurement (`benchmarks/bench_forms.py`; see DEFAULT_EFFICIENCY):
 our Triton kernels reach 0.21-0.31 of the matmul ceiling where compute-bound (FlashMLA reaches ~0.7)
 and 0.53-0.77 of the copy rate where memory-bound; the Hopper Gluon kernel of the absorbed decode
-0.69 (HOPPER_DECODE_KEY, on the sm_90 entries; plan() uses it where that kernel runs).  The cuBLAS GEMMs keep 0.85 (expansion) and 0.60
+0.69 (HOPPER_DECODE_KEY, on the sm_90 entries; plan() uses it where that kernel runs), the keys-major one
+at <= 32 heads 0.39 and 1.12 of the copy rate (KEYS_MAJOR_DECODE_KEY).  The cuBLAS GEMMs keep 0.85 (expansion) and 0.60
 (the small per-head GEMMs of absorption and output), and the default 0.85 of the copy rate.
 """
 
@@ -77,6 +78,15 @@ DEFAULT_MEM_EFFICIENCY = {
 # "absorbed.attention" where that kernel applies, on the entries that carry it (h100, h200).
 HOPPER_DECODE_KEY = "absorbed.attention@sm90_decode"
 HOPPER_DECODE_EFFICIENCY = 0.69
+# The keys-major Gluon kernel (kernels/absorbed_decode_keys_major.py) takes the same calls at <= 32 heads,
+# where they are memory-bound. Fitted on `python benchmarks/keys_major_ab.py` (H200, 2026-11-21 18:03 UTC,
+# the 48 points with B >= 8, H = 8/16/20/32; RMS log error 0.13 against 0.29 with the Triton figures):
+# compute 0.39, memory 1.12 of the copy rate. Above 1 because the copy rate counts a copy's bytes read
+# and written while this kernel streams reads, and the model's fixed 2 x 8 us per op is more than this
+# kernel's at large sizes.
+KEYS_MAJOR_DECODE_KEY = "absorbed.attention@sm90_keys_major"
+KEYS_MAJOR_DECODE_EFFICIENCY = 0.39
+KEYS_MAJOR_DECODE_MEM_EFFICIENCY = 1.12
 # Fixed cost per GPU kernel (launch, ramp-up and tail), fitted with the efficiencies above; a bare
 # launch under CUDA graphs is ~1 us (calibrate() reports it), eager launches from Python ~5-20 us.
 GPU_KERNEL_OVERHEAD = 8e-6
@@ -160,6 +170,8 @@ def _gpu(name, bf16, tf32, fp32, bw, *, sms=132, measured=None, source=""):
 
 def _hopper(model: DeviceModel) -> DeviceModel:
     model.efficiency[HOPPER_DECODE_KEY] = HOPPER_DECODE_EFFICIENCY
+    model.efficiency[KEYS_MAJOR_DECODE_KEY] = KEYS_MAJOR_DECODE_EFFICIENCY
+    model.mem_efficiency[KEYS_MAJOR_DECODE_KEY] = KEYS_MAJOR_DECODE_MEM_EFFICIENCY
     return model
 
 

@@ -37,7 +37,7 @@ import torch
 
 from mla_compile.cost import symbols as sy
 from mla_compile.cost.calibrate import load_device
-from mla_compile.cost.devices import DEVICES, HOPPER_DECODE_KEY, DeviceModel, table_entry
+from mla_compile.cost.devices import DEVICES, HOPPER_DECODE_KEY, KEYS_MAJOR_DECODE_KEY, DeviceModel, table_entry
 from mla_compile.cost.forms import DENSE_FORMS, FORMS, SPARSE_FORMS, form_kernels, occupancy
 
 # where other sizes are symbolic, branch choices and root picking are made at these values
@@ -247,6 +247,7 @@ class Plan:
     _exprs: dict = field(default_factory=dict)
     _sparse_k: bool = True          # sparse forms select k (T > k); False: min(k, T) (explicit forms at T <= k)
     _hopper_dev: Optional[str] = None   # with a symbolic S: the device key to use where S evaluates to 1
+    _base_dev: Optional[str] = None     # with S = 1 and a Hopper kernel's figures: the key to use where S != 1
     excluded: str = ""              # candidates left out, and why
 
     def _sel_k(self, form: str) -> bool:
@@ -274,6 +275,8 @@ class Plan:
         key = self._key
         if self._hopper_dev is not None and sizes[sy.S] == 1:
             key = (self._hopper_dev,) + key[1:]
+        elif self._base_dev is not None and sizes[sy.S] != 1:   # the Gluon kernels take one query only
+            key = (self._base_dev,) + key[1:]
         if key[-1] and form in DENSE_FORMS and sizes[sy.T] <= sizes[sy.k]:
             key = key[:-1] + (False,)                    # T <= k: dense runs without the top-k mask
         names, fn = _lambdas(form, *key, self._sel_k(form))
@@ -355,8 +358,10 @@ class Plan:
         else:
             raise KeyError(f"crossover: unknown size {symbol!r}")
         parts, launch = [], 0.0
+        # along S from a plan at S = 1, the figures of S > 1 (the Gluon kernels take one query only)
+        key = (self._base_dev,) + self._key[1:] if self._base_dev is not None and sym == sy.S else self._key
         for f, sign in ((form_a, 1), (form_b, -1)):
-            for _, c, m, l, *_ in _kernel_exprs(f, *self._key, self._sel_k(f)):
+            for _, c, m, l, *_ in _kernel_exprs(f, *key, self._sel_k(f)):
                 parts.append((sign, sympy.expand(c.subs(subs)), sympy.expand(m.subs(subs))))
                 launch += sign * float(l)
         others = sorted(set().union(*[c.free_symbols | m.free_symbols for _, c, m in parts]) - {x}, key=str)
@@ -590,25 +595,30 @@ class Plan:
 
 
 def _with_hopper_decode(dev: DeviceModel, dtype: torch.dtype, values: dict) -> DeviceModel:
-    """`dev` with the Hopper Gluon kernel's efficiency as "absorbed.attention" where that kernel will
-    run (see devices.HOPPER_DECODE_KEY): the entry carries it, one query position, enough heads,
-    r = 512, dr = 64, a half dtype, and this Triton has Gluon and MLA_COMPILE_GLUON is not 0.
-    Static sizes only: the kernel is chosen per call from them, so a symbolic S or H keeps the
-    Triton kernel's figure."""
-    eff = dev.efficiency.get(HOPPER_DECODE_KEY)
-    if eff is None:
+    """`dev` with a Hopper Gluon kernel's efficiencies as "absorbed.attention" where that kernel will
+    run (see devices.HOPPER_DECODE_KEY, KEYS_MAJOR_DECODE_KEY): the entry carries them, and the kernel's
+    own size rule takes the call (one query position, r = 512, dr = 64, a half dtype; more than 32
+    heads for the heads-major kernel, at most 32 for the keys-major one), and this Triton has Gluon
+    and MLA_COMPILE_GLUON is not 0. Static sizes only: the kernel is chosen per call from them, so a
+    symbolic S or H keeps the Triton kernel's figure."""
+    if HOPPER_DECODE_KEY not in dev.efficiency:
         return dev
     try:
         from mla_compile.kernels import absorbed_decode_hopper as hopper
+        from mla_compile.kernels import absorbed_decode_keys_major as keys_major
     except ImportError:   # pragma: no cover - a Triton without the kernels' needs
         return dev
     sizes = [values[s] for s in (sy.H, sy.S, sy.r, sy.dr)]
     if not hopper.enabled() or not all(v is not None and v.is_number for v in sizes):
         return dev
-    # the kernel's own size rule; no token count, so the 17-32-head range (fitted elsewhere) is left out
-    if not hopper.takes_sizes(dtype, *(int(v) for v in sizes), is_causal=False):
-        return dev
-    return dev.copy(efficiency={**dev.efficiency, "absorbed.attention": eff})
+    sizes = [int(v) for v in sizes]
+    if keys_major.takes_sizes(dtype, *sizes, is_causal=False) and KEYS_MAJOR_DECODE_KEY in dev.efficiency:
+        return dev.copy(efficiency={**dev.efficiency, "absorbed.attention": dev.efficiency[KEYS_MAJOR_DECODE_KEY]},
+                        mem_efficiency={**dev.mem_efficiency,
+                                        "absorbed.attention": dev.mem_efficiency[KEYS_MAJOR_DECODE_KEY]})
+    if hopper.takes_sizes(dtype, *sizes, is_causal=False):
+        return dev.copy(efficiency={**dev.efficiency, "absorbed.attention": dev.efficiency[HOPPER_DECODE_KEY]})
+    return dev
 
 
 def plan(batch=1, q_len=1, kv_len=None, heads=None, kv_lora_rank=None, qk_rope_head_dim=None,
@@ -678,6 +688,7 @@ def plan(batch=1, q_len=1, kv_len=None, heads=None, kv_lora_rank=None, qk_rope_h
     p.excluded = excluded
     p._sparse_k = not (T_.is_number and k_ is not None and k_.is_number and T_ <= k_)
     p._hopper_dev = hopper_dev
+    p._base_dev = _device_key(base) if dev is not base else None
     if numeric:
         p.costs = p.times()
         p.form = min(cands, key=p.costs.__getitem__)
