@@ -1,6 +1,7 @@
 """Why the absorbed decode kernel is where it is at H=128: the autotuner's pick, registers/spills, and an
 Nsight Compute window around one launch (run under `ncu --profile-from-start off`). On Hopper the
-Gluon kernel (absorbed_decode_hopper) runs where it applies; MLA_COMPILE_GLUON=0 profiles the Triton one.
+Gluon kernels (absorbed_decode_hopper above 32 heads, absorbed_decode_keys_major at <= 32) run where they
+apply; MLA_COMPILE_GLUON=0 profiles the Triton one.
 
     python benchmarks/profile_absorbed.py [B] [T] [H]
 """
@@ -24,7 +25,8 @@ torch.cuda.synchronize()
 kernels = [_absorbed_split_kernel.fn]
 if HAVE_GLUON:
     from mla_compile.kernels.absorbed_decode_hopper import _hopper_split_kernel
-    kernels.append(_hopper_split_kernel)
+    from mla_compile.kernels.absorbed_decode_keys_major import _keys_major_split_kernel
+    kernels += [_hopper_split_kernel, _keys_major_split_kernel]
 print("Triton kernel's best config:", getattr(_absorbed_split_kernel, "best_config", "(not run)"))
 compiled = [k for jit in kernels for k in jit.device_caches[torch.cuda.current_device()][0].values()]
 for k in compiled[:8]:
