@@ -63,7 +63,7 @@ def main():
         "floor/Triton | floor/keys-major | " + "".join(f"floor/{n} | " for n in others) + "rel diff keys | "
         + " | ".join(f"rel diff {n}" for n in others) + " |")
     out("|---" * (10 + 3 * len(others)) + "|")
-    Hs = (32, 16, 20, 8) if not QUICK else (32, 16)
+    Hs = (32, 16, 20, 8) if not (QUICK or PREFETCH) else (32, 16)
     points = [(B, T) for B in (1, 8, 32, 64) for T in (1024, 4096, 16384, 65536) if B * T <= (1 << 21)]
     if QUICK:
         points = [(8, 4096), (32, 16384)]
