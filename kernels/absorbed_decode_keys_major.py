@@ -24,6 +24,15 @@ ring of 64-key tiles (2 x 72 KB) keeps one tile in flight while the other is com
 - the latent descriptors are per batch with the valid length as their row count, so TMA zero-fills
   past it (0 x NaN from a static cache's unwritten tail never reaches o^T).
 
+Measured on an H200 (keys-major-ab-NVIDIA-H200.md, 18:03 UTC): 0.67-1.00x the Triton kernel's time at
+8-32 heads, 85-103% of the bytes floor from 32 key tiles a program, 69-75% at 16 tiles (B=8 T=16K,
+B=32 T=4K) and 41-54% at B=8 T=4K (4 tiles a program): there a fixed ~10-15 us (descriptors, the
+first tiles' latency, the split outputs and their merge) weighs against 9-36 us of streaming. ncu at
+H=32 B=8 T=16K (ncu-keys-major-H200.txt): DRAM 67% busy (3.2 TB/s) over the kernel's 47.8 us.
+Prefetching 1, 2 or 4 further key tiles into L2 ahead of the ring (cp.async.bulk.prefetch.L2 from
+one thread; commit a57c35b) was 2-50% slower at every point (keys-major-ab-prefetch-NVIDIA-H200.md)
+and was not kept.
+
 An earlier keys-major kernel in plain Triton (split-sweep-NVIDIA-H200-keys-major.md) was slower
 than the row-major one: Triton converted the latent tile's layout for c^T; here the permuted shared
 memory view is the MMA operand itself, with no conversion.
@@ -75,35 +84,13 @@ def applies(device: torch.device, dtype: torch.dtype, H: int, S: int, r: int, dr
     return takes_sizes(dtype, H, S, r, dr, is_causal) and hopper.is_sm90(device)
 
 
-PREFETCH = int(os.environ.get("MLA_COMPILE_KEYS_MAJOR_PREFETCH", "0"))   # key tiles prefetched into L2 ahead of the ring
-
-
 if hopper.HAVE_GLUON:
-    @gluon.jit
-    def _prefetch_l2(C, KR, b, s_cb, s_ct, s_kb, s_kt, key0, t_end, BLOCK_N: gl.constexpr, HALF: gl.constexpr,
-                     DR: gl.constexpr):
-        # One thread asks for the latent and RoPE rows of the tile at key0 to be brought into L2 (a
-        # bulk prefetch: no shared memory, no barrier), so that its TMA load later finds them there.
-        # The ring holds two tiles and this raises the bytes in flight per SM beyond them. The byte
-        # range ends at the last valid row's last element (never past the tensor).
-        n = gl.minimum(t_end - key0, BLOCK_N)
-        if n > 0:
-            asm: gl.constexpr = ("{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-                                 "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }")
-            c_ptr = C + b * s_cb + key0 * s_ct
-            gl.inline_asm_elementwise(asm, "=r,l,r", [c_ptr, ((n - 1) * s_ct + 2 * HALF) * 2], dtype=gl.int32,
-                                      is_pure=False, pack=1)
-            k_ptr = KR + b * s_kb + key0 * s_kt
-            gl.inline_asm_elementwise(asm, "=r,l,r", [k_ptr, ((n - 1) * s_kt + DR) * 2], dtype=gl.int32,
-                                      is_pure=False, pack=1)
-
     @gluon.jit
     def _keys_major_split_kernel(
         Q, QR, C, KR, MASK, KVLEN, O, OP, ML, scale, H, T, chunk, splits,
         s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_mb, s_mt, s_ob, s_oh,
         BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, DR: gl.constexpr,
         NUM_STAGES: gl.constexpr, MASK_KIND: gl.constexpr, HAS_KVLEN: gl.constexpr, ONE_SPLIT: gl.constexpr,
-        PREFETCH: gl.constexpr = 0,
     ):
         dtype: gl.constexpr = C.dtype.element_ty
         pid_p = gl.program_id(0)
@@ -155,8 +142,6 @@ if hopper.HAVE_GLUON:
         for st in gl.static_range(NUM_STAGES):
             _refill(c_desc, kr_desc, kv_bar.index(st), lo_smem.index(st), hi_smem.index(st), kr_smem.index(st),
                     start + st * BLOCK_N, st < n_tiles)
-        for st in gl.static_range(PREFETCH):
-            _prefetch_l2(C, KR, b, s_cb, s_ct, s_kb, s_kt, start + (NUM_STAGES + st) * BLOCK_N, stop, BLOCK_N, HALF, DR)
 
         m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=head_s)
         l_i = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, layout=s_layout)   # per-key partial sums
@@ -205,9 +190,6 @@ if hopper.HAVE_GLUON:
             _cta_barrier()   # every warp is done with stage s: refill it
             _refill(c_desc, kr_desc, kv_bar.index(s), lo, hi, kr, start + (i + NUM_STAGES) * BLOCK_N,
                     i + NUM_STAGES < n_tiles)
-            if PREFETCH > 0:
-                _prefetch_l2(C, KR, b, s_cb, s_ct, s_kb, s_kt, start + (i + NUM_STAGES + PREFETCH) * BLOCK_N, stop,
-                             BLOCK_N, HALF, DR)
 
         mbarrier.invalidate(q_bar)
         for st in gl.static_range(NUM_STAGES):
@@ -234,17 +216,15 @@ if hopper.HAVE_GLUON:
             gl.store(ml + 1, l_h, mask=heads < H)
 
 
-def _consts(block_h: int, mask_kind: int, has_kvlen: bool, one_split: bool, prefetch: int = None) -> dict:
+def _consts(block_h: int, mask_kind: int, has_kvlen: bool, one_split: bool) -> dict:
     return dict(BLOCK_H=block_h, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, NUM_STAGES=NUM_STAGES, MASK_KIND=mask_kind,
-                HAS_KVLEN=has_kvlen, ONE_SPLIT=one_split, PREFETCH=PREFETCH if prefetch is None else prefetch)
+                HAS_KVLEN=has_kvlen, ONE_SPLIT=one_split)
 
 
-def compile_for_sm90(block_h: int = 32, mask_kind: int = 1, has_kvlen: bool = True, one_split: bool = False,
-                     prefetch: int = None):
+def compile_for_sm90(block_h: int = 32, mask_kind: int = 1, has_kvlen: bool = True, one_split: bool = False):
     """Compile ahead of time for sm_90 (no GPU needed); see `absorbed_decode_hopper.compile_for_sm90`."""
-    return hopper.compile_gluon_for_sm90(_keys_major_split_kernel,
-                                         _consts(block_h, mask_kind, has_kvlen, one_split, prefetch), mask_kind,
-                                         NUM_WARPS)
+    return hopper.compile_gluon_for_sm90(_keys_major_split_kernel, _consts(block_h, mask_kind, has_kvlen, one_split),
+                                         mask_kind, NUM_WARPS)
 
 
 def keys_major_split_attention(q_lat, q_rope, c, kr, mask_kind: int, mask, mask_strides, kv_lens, out, o_part, ml,

@@ -401,8 +401,8 @@ def test_hopper_kernel_compiles_for_sm90(tmp_path):
               "    k = compile_for_sm90(2, q_reg_chunks=q, defer_l=d)\n"
               "    print(2, 'wgmma.mma_async' in k.asm['ptx'], k.metadata.shared)\n"
               "from mla_compile.kernels import absorbed_decode_keys_major as km\n"   # <= 32 heads
-              "for bh, kind, one, pf in ((16, 1, False, 0), (32, 2, True, 2)):\n"
-              "    k = km.compile_for_sm90(bh, kind, one_split=one, prefetch=pf)\n"
+              "for bh, kind, one in ((16, 1, False), (32, 2, True)):\n"
+              "    k = km.compile_for_sm90(bh, kind, one_split=one)\n"
               "    print(kind, 'wgmma.mma_async' in k.asm['ptx'], k.metadata.shared)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)     # a cached build would hide a source that no longer compiles
@@ -518,21 +518,14 @@ def test_gpu_absorbed_hopper_path_hf_min_row_uneven_splits(min_dtype, with_lens)
 @pytest.mark.parametrize("H,splits,T", [(32, None, 4100), (32, 9, 4100), (32, 1, 700), (20, None, 65536),
                                         (16, None, 4100), (16, 5, 333), (1, None, 4100), (8, 1, 64)])
 @pytest.mark.parametrize("mask", [None, "bool", "hf_min"])
-@pytest.mark.parametrize("prefetch", [None, 2])
-def test_gpu_absorbed_keys_major_path(H, splits, T, dtype, mask, prefetch, monkeypatch):
+def test_gpu_absorbed_keys_major_path(H, splits, T, dtype, mask):
     """The keys-major Gluon kernel (<= 32 heads on an H100/H200): per-row valid lengths (one shorter
     than a split, one of a single key, one a whole 64-key tile), NaN in every unfilled slot of a
     [.., 576] cache row viewed as latent and RoPE, H below the MMA's 16/32 columns, one split (the
     kernel writes the output) and many, and HF's decode masks: bool, and float with finfo.min on
-    every key of batch 1 (its output must be the plain average of its valid keys). prefetch: tiles
-    prefetched into L2 ahead of the ring (the byte ranges stop at each valid length)."""
+    every key of batch 1 (its output must be the plain average of its valid keys)."""
     from mla_compile.kernels import absorbed_decode_keys_major as km
     from mla_compile.kernels.absorbed_decode import absorb, absorbed_latent_attention
-
-    if prefetch is not None:
-        if mask == "bool":
-            pytest.skip("the prefetch is independent of the mask: two mask kinds are enough")
-        monkeypatch.setattr(km, "PREFETCH", prefetch)
 
     B = 4
     qn, qr, _, _, wuk, _ = make(B, H, 1, T, dtype=dtype, **V3)
