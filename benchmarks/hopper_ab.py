@@ -1,7 +1,8 @@
 """The absorbed core with the Hopper (Gluon) kernel against the Triton kernel, same inputs, with and
 without HF's decode mask (GPU only; MLA_COMPILE_GLUON=0 selects the Triton kernel). A second table
-takes the small head counts (16, 32), where production leaves the Triton kernel: the Gluon kernel
-forced there (its 64-row tile then half or three quarters padding) against the roofline floor.
+takes the small head counts (16, 32), where production runs the keys-major kernel: the heads-major
+Gluon kernel forced there (its 64-row tile then half or three quarters padding) against the roofline
+floor. The keys-major kernel is off throughout (keys_major_ab.py compares it).
 
     python benchmarks/hopper_ab.py [--small-heads-only] [--qreg]
 
@@ -14,6 +15,8 @@ import sys
 
 import torch
 import triton
+
+os.environ["MLA_COMPILE_KEYS_MAJOR"] = "0"   # this script compares the heads-major kernel with the Triton one
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import DN, DR, R, bench, copy_rate, flash_mla_fn, fmt, inputs  # noqa: E402
