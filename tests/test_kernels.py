@@ -525,6 +525,30 @@ def test_gpu_absorbed_keys_major_path(H, splits, T, dtype, mask):
     kernel writes the output) and many, and HF's decode masks: bool, and float with finfo.min on
     every key of batch 1 (its output must be the plain average of its valid keys)."""
     from mla_compile.kernels import absorbed_decode_keys_major as km
+
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert km.applies(torch.device(DEV), dtype, H, 1, 512, 64, False)
+    _check_absorbed_core_nan_tails(H, splits, T, dtype, mask)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,splits,T", [(128, None, 4100), (128, 9, 4100), (128, 1, 700), (40, None, 4100),
+                                        (64, 3, 333), (128, 1, 64)])
+@pytest.mark.parametrize("mask", [None, "bool", "hf_min"])
+def test_gpu_absorbed_seesaw_path(H, splits, T, dtype, mask, monkeypatch):
+    """The heads-major kernel with FlashMLA's schedule (MLA_COMPILE_SEESAW=1): the same cases, with odd
+    tile counts (the producer's padding tile past the valid length) and splits of one tile."""
+    from mla_compile.kernels import absorbed_decode_hopper as hopper
+
+    monkeypatch.setenv("MLA_COMPILE_SEESAW", "1")
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert hopper.applies(torch.device(DEV), dtype, H, 1, 512, 64, False)
+    _check_absorbed_core_nan_tails(H, splits, T, dtype, mask)
+
+
+def _check_absorbed_core_nan_tails(H, splits, T, dtype, mask):
     from mla_compile.kernels.absorbed_decode import absorb, absorbed_latent_attention
 
     B = 4
@@ -542,8 +566,6 @@ def test_gpu_absorbed_keys_major_path(H, splits, T, dtype, mask):
     else:
         m = None
     q_lat = absorb(qn, wuk, dtype)
-    if torch.cuda.get_device_capability() == (9, 0):
-        assert km.applies(q_lat.device, dtype, H, 1, 512, 64, False)
     out = absorbed_latent_attention(q_lat, qr, c, kr, m, 0.07, False, kv_lens=lens, num_splits=splits)
     add = torch.zeros(B, 1, 1, T)                     # the reference takes an additive mask
     if m is not None:
