@@ -27,8 +27,9 @@ def out(line=""):
     LINES.append(line)
 
 
-def run(fn, seesaw: bool):
+def run(fn, seesaw: bool, order: str = ""):
     os.environ["MLA_COMPILE_SEESAW"] = "1" if seesaw else "0"
+    os.environ["MLA_COMPILE_SEESAW_ORDER"] = order
     return fn().float(), bench(fn, graph=True)
 
 
@@ -38,25 +39,28 @@ def main():
         f"triton {triton.__version__}; command: `python benchmarks/seesaw_ab.py`")
     out("- bf16, S=1, r=512, dr=64, no mask; CUDA-graph replay medians (us), kernel and split merge; rel diff: "
         "max |a - b| / max |b| against the lockstep kernel\n")
-    out("| H | B | T | lockstep us | seesaw us | FlashMLA us | seesaw/lockstep | lockstep/FlashMLA | "
-        "seesaw/FlashMLA | rel diff |")
-    out("|---|---|---|---|---|---|---|---|---|---|")
+    out("seesaw: O computes its own scores first; seesaw-pv: O applies E's tile to its half first "
+        "(MLA_COMPILE_SEESAW_ORDER=pv)\n")
+    out("| H | B | T | lockstep us | seesaw us | seesaw-pv us | FlashMLA us | seesaw/lockstep | seesaw-pv/lockstep | "
+        "lockstep/FlashMLA | best seesaw/FlashMLA | rel diff | rel diff pv |")
+    out("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     scale = 1 / math.sqrt(DN + DR)
     for H, B, T in ((128, 8, 4096), (128, 8, 16384), (128, 32, 4096), (128, 64, 4096), (128, 32, 16384),
                     (128, 8, 65536), (128, 1, 4096), (64, 8, 16384)):
         x = inputs(B, H, 1, T)
         q = torch.einsum("bhsd,hdr->bhsr", x["q_nope"], x["w_uk"])
         fn = lambda: absorbed_latent_attention(q, x["q_rope"], x["latent"], x["k_rope"], None, scale, False)  # noqa
-        (o0, t0), (o1, t1) = run(fn, False), run(fn, True)
+        (o0, t0), (o1, t1), (o2, t2) = run(fn, False), run(fn, True), run(fn, True, "pv")
         try:
             tf = bench(flash_mla_fn(q, x["q_rope"], x["latent"], x["k_rope"], scale), graph=True)
         except Exception as e:  # noqa: BLE001
             print(f"  FlashMLA: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
             tf = None
-        d = ((o1 - o0).abs().max() / o0.abs().max()).item()
+        d1 = ((o1 - o0).abs().max() / o0.abs().max()).item()
+        d2 = ((o2 - o0).abs().max() / o0.abs().max()).item()
         r = lambda a, b: "n/a" if a is None or b is None else f"{a / b:.2f}"  # noqa: E731
-        out(f"| {H} | {B} | {T} | {fmt(t0)} | {fmt(t1)} | {fmt(tf)} | {r(t1, t0)} | {r(t0, tf)} | {r(t1, tf)} | "
-            f"{d:.1e} |")
+        out(f"| {H} | {B} | {T} | {fmt(t0)} | {fmt(t1)} | {fmt(t2)} | {fmt(tf)} | {r(t1, t0)} | {r(t2, t0)} | "
+            f"{r(t0, tf)} | {r(min(t1, t2), tf)} | {d1:.1e} | {d2:.1e} |")
         del x, q
         torch.cuda.empty_cache()
     name = torch.cuda.get_device_name().replace(" ", "-")

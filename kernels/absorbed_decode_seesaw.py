@@ -90,7 +90,7 @@ if hopper.HAVE_GLUON:
     def _warpgroup(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, full, empty, q_bar, p_bar, fin_bar, x_smem,
                    O, OP, ML, MASK, s_mt, scale, H, start, stop, n_tiles, row0, b, pid_p, splits, s_ob, s_oh,
                    ODD: gl.constexpr, ONE_SPLIT: gl.constexpr, MASK_KIND: gl.constexpr,
-                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr):
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, O_PV_FIRST: gl.constexpr):
         # Warpgroup E (ODD False: scores of even tiles, output columns 0-255) or O (odd tiles, 256-511).
         # x_smem [8 x BLOCK_M] fp32, eight row vectors: 0/1 m, alpha of E's tile; 2/3 of O's; 4/5 the final l of E / O.
         dtype: gl.constexpr = q_smem.dtype
@@ -119,16 +119,26 @@ if hopper.HAVE_GLUON:
         for k in range(gl.cdiv(n_tiles, 2)):
             ph = k & 1
             if ODD:
-                # O: its own scores (odd tile) in flight while it applies E's tile 2k to its half
-                mbarrier.wait(full.index(1), ph)
-                s_own = _scores(q_smem, qr_smem, lo_smem.index(1), hi_smem.index(1), kr_smem.index(1), s_zero)
-                mbarrier.wait(p_bar.index(0), ph)
-                mbarrier.wait(full.index(0), ph)
-                m_e = x_smem.slice(0, BLOCK_M).load(row_s)
-                alpha_e = x_smem.slice(BLOCK_M, BLOCK_M).load(row_s)
-                acc = warpgroup_mma(kr_smem.index(0), half.index(0),
-                                    acc * gl.expand_dims(gl.convert_layout(alpha_e, row_o), 1), is_async=True)
-                s_own = warpgroup_mma_wait(num_outstanding=1, deps=(s_own, ))
+                if O_PV_FIRST:   # E's tile on its half first, then its own scores (the odd tile may still be loading)
+                    mbarrier.wait(p_bar.index(0), ph)
+                    mbarrier.wait(full.index(0), ph)
+                    m_e = x_smem.slice(0, BLOCK_M).load(row_s)
+                    alpha_e = x_smem.slice(BLOCK_M, BLOCK_M).load(row_s)
+                    acc = warpgroup_mma(kr_smem.index(0), half.index(0),
+                                        acc * gl.expand_dims(gl.convert_layout(alpha_e, row_o), 1), is_async=True)
+                    mbarrier.wait(full.index(1), ph)
+                    s_own = _scores(q_smem, qr_smem, lo_smem.index(1), hi_smem.index(1), kr_smem.index(1), s_zero)
+                    acc, s_own = warpgroup_mma_wait(num_outstanding=0, deps=(acc, s_own))
+                else:            # its own scores in flight while it waits for E's P (both score MMAs together)
+                    mbarrier.wait(full.index(1), ph)
+                    s_own = _scores(q_smem, qr_smem, lo_smem.index(1), hi_smem.index(1), kr_smem.index(1), s_zero)
+                    s_own = warpgroup_mma_wait(num_outstanding=0, deps=(s_own, ))
+                    mbarrier.wait(p_bar.index(0), ph)
+                    mbarrier.wait(full.index(0), ph)
+                    m_e = x_smem.slice(0, BLOCK_M).load(row_s)
+                    alpha_e = x_smem.slice(BLOCK_M, BLOCK_M).load(row_s)
+                    acc = warpgroup_mma(kr_smem.index(0), half.index(0),
+                                        acc * gl.expand_dims(gl.convert_layout(alpha_e, row_o), 1), is_async=True)
                 p, alpha, m_new = _probs(s_own, m_e, start + (2 * k + 1) * BLOCK_N, stop, scale, MASK, s_mt,
                                          MASK_KIND, BLOCK_N, col_s)
                 l_i = (l_i * alpha_e) * alpha + gl.sum(p, axis=1)
@@ -138,6 +148,7 @@ if hopper.HAVE_GLUON:
                 fence_async_shared()
                 mbarrier.arrive(p_bar.index(1), count=1)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                mbarrier.arrive(empty.index(0), count=1)   # done with tile 2k: its stage refills meanwhile
                 mbarrier.wait(p_bar.index(1), ph)     # every warp's P is in shared memory (the arrive came after all)
                 acc = warpgroup_mma(kr_smem.index(1), half.index(1),
                                     acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1), is_async=True)
@@ -163,14 +174,15 @@ if hopper.HAVE_GLUON:
                 m_o = x_smem.slice(2 * BLOCK_M, BLOCK_M).load(row_s)
                 alpha_o = x_smem.slice(3 * BLOCK_M, BLOCK_M).load(row_s)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                fence_async_shared()
+                mbarrier.arrive(empty.index(0), count=1)   # done with tile 2k: its stage refills meanwhile
                 acc = warpgroup_mma(kr_smem.index(1), half.index(1),
                                     acc * gl.expand_dims(gl.convert_layout(alpha_o, row_o), 1), is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 l_i = l_i * alpha_o
                 m_run = m_o
-            # both stages of this pair are done with here (the P read from the other's slot included)
+            # done with tile 2k+1 too (the P read from its slot included)
             fence_async_shared()
-            mbarrier.arrive(empty.index(0), count=1)
             mbarrier.arrive(empty.index(1), count=1)
 
         # the row sum is the two warpgroups' sums added; the max is the last published one (both have it)
@@ -201,7 +213,7 @@ if hopper.HAVE_GLUON:
         Q, QR, C, KR, MASK, KVLEN, O, OP, ML, scale, H, T, chunk, splits,
         s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_mb, s_mt, s_ob, s_oh,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, DR: gl.constexpr,
-        MASK_KIND: gl.constexpr, HAS_KVLEN: gl.constexpr, ONE_SPLIT: gl.constexpr,
+        MASK_KIND: gl.constexpr, HAS_KVLEN: gl.constexpr, ONE_SPLIT: gl.constexpr, O_PV_FIRST: gl.constexpr = False,
     ):
         dtype: gl.constexpr = C.dtype.element_ty
         pid_m = gl.program_id(0)
@@ -255,17 +267,17 @@ if hopper.HAVE_GLUON:
         gl.warp_specialize([
             (_warpgroup, (q_smem, qr_smem, lo_smem, hi_smem, kr_smem, full, empty, q_bar, p_bar, fin_bar, x_smem,
                           O, OP, ML, mask, s_mt, scale, H, start, stop, n_tiles, row0, b, pid_p, splits, s_ob, s_oh,
-                          False, ONE_SPLIT, MASK_KIND, BLOCK_M, BLOCK_N, HALF)),
+                          False, ONE_SPLIT, MASK_KIND, BLOCK_M, BLOCK_N, HALF, O_PV_FIRST)),
             (_warpgroup, (q_smem, qr_smem, lo_smem, hi_smem, kr_smem, full, empty, q_bar, p_bar, fin_bar, x_smem,
                           O, OP, ML, mask, s_mt, scale, H, start, stop, n_tiles, row0, b, pid_p, splits, s_ob, s_oh,
-                          True, ONE_SPLIT, MASK_KIND, BLOCK_M, BLOCK_N, HALF)),
+                          True, ONE_SPLIT, MASK_KIND, BLOCK_M, BLOCK_N, HALF, O_PV_FIRST)),
             (_producer, (c_desc, kr_desc, lo_smem, hi_smem, kr_smem, full, empty, start, n_tiles, BLOCK_N)),
     ], [4, 1], [232, 24])   # O, producer (see WORKER_REGS)
 
 
 def _consts(mask_kind: int, has_kvlen: bool, one_split: bool) -> dict:
     return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, MASK_KIND=mask_kind, HAS_KVLEN=has_kvlen,
-                ONE_SPLIT=one_split)
+                ONE_SPLIT=one_split, O_PV_FIRST=os.environ.get("MLA_COMPILE_SEESAW_ORDER") == "pv")
 
 
 def compile_for_sm90(mask_kind: int = 1, has_kvlen: bool = True, one_split: bool = False):
