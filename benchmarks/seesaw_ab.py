@@ -27,9 +27,9 @@ def out(line=""):
     LINES.append(line)
 
 
-def run(fn, seesaw: bool, order: str = ""):
+def run(fn, seesaw: bool, tile: str = "64"):
     os.environ["MLA_COMPILE_SEESAW"] = "1" if seesaw else "0"
-    os.environ["MLA_COMPILE_SEESAW_ORDER"] = order
+    os.environ["MLA_COMPILE_SEESAW_TILE"] = tile
     return fn().float(), bench(fn, graph=True)
 
 
@@ -39,10 +39,9 @@ def main():
         f"triton {triton.__version__}; command: `python benchmarks/seesaw_ab.py`")
     out("- bf16, S=1, r=512, dr=64, no mask; CUDA-graph replay medians (us), kernel and split merge; rel diff: "
         "max |a - b| / max |b| against the lockstep kernel\n")
-    out("seesaw: O computes its own scores first; seesaw-pv: O applies E's tile to its half first "
-        "(MLA_COMPILE_SEESAW_ORDER=pv)\n")
-    out("| H | B | T | lockstep us | seesaw us | seesaw-pv us | FlashMLA us | seesaw/lockstep | seesaw-pv/lockstep | "
-        "lockstep/FlashMLA | best seesaw/FlashMLA | rel diff | rel diff pv |")
+    out("seesaw: 64-key tiles, two stages; seesaw-32: 32-key tiles, four stages (MLA_COMPILE_SEESAW_TILE=32)\n")
+    out("| H | B | T | lockstep us | seesaw us | seesaw-32 us | FlashMLA us | seesaw/lockstep | seesaw-32/lockstep | "
+        "lockstep/FlashMLA | best seesaw/FlashMLA | rel diff | rel diff 32 |")
     out("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     scale = 1 / math.sqrt(DN + DR)
     for H, B, T in ((128, 8, 4096), (128, 8, 16384), (128, 32, 4096), (128, 64, 4096), (128, 32, 16384),
@@ -50,7 +49,7 @@ def main():
         x = inputs(B, H, 1, T)
         q = torch.einsum("bhsd,hdr->bhsr", x["q_nope"], x["w_uk"])
         fn = lambda: absorbed_latent_attention(q, x["q_rope"], x["latent"], x["k_rope"], None, scale, False)  # noqa
-        (o0, t0), (o1, t1), (o2, t2) = run(fn, False), run(fn, True), run(fn, True, "pv")
+        (o0, t0), (o1, t1), (o2, t2) = run(fn, False), run(fn, True), run(fn, True, "32")
         try:
             tf = bench(flash_mla_fn(q, x["q_rope"], x["latent"], x["k_rope"], scale), graph=True)
         except Exception as e:  # noqa: BLE001

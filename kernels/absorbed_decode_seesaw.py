@@ -79,21 +79,24 @@ if hopper.HAVE_GLUON:
         return p, alpha, m_new
 
     @gluon.jit
-    def _producer(c_desc, kr_desc, lo_smem, hi_smem, kr_smem, full, empty, start, n_tiles, BLOCK_N: gl.constexpr):
+    def _producer(c_desc, kr_desc, lo_smem, hi_smem, kr_smem, full, empty, start, n_tiles, BLOCK_N: gl.constexpr,
+                  NUM_STAGES: gl.constexpr):
         for i in range(2 * gl.cdiv(n_tiles, 2)):    # whole pairs: see _warpgroup
-            s = i % 2
-            mbarrier.wait(empty.index(s), ((i // 2) & 1) ^ 1)   # a fresh mbarrier passes phase 1 at once
+            s = i % NUM_STAGES
+            mbarrier.wait(empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)   # a fresh mbarrier passes phase 1 at once
             _refill(c_desc, kr_desc, full.index(s), lo_smem.index(s), hi_smem.index(s), kr_smem.index(s),
                     start + i * BLOCK_N, True)
 
     @gluon.jit
-    def _warpgroup(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, full, empty, q_bar, p_bar, fin_bar, x_smem,
+    def _warpgroup(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, p_smem, full, empty, q_bar, p_bar, fin_bar, x_smem,
                    O, OP, ML, MASK, s_mt, scale, H, start, stop, n_tiles, row0, b, pid_p, splits, s_ob, s_oh,
                    ODD: gl.constexpr, ONE_SPLIT: gl.constexpr, MASK_KIND: gl.constexpr,
-                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, O_PV_FIRST: gl.constexpr):
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, NUM_STAGES: gl.constexpr):
         # Warpgroup E (ODD False: scores of even tiles, output columns 0-255) or O (odd tiles, 256-511).
         # x_smem [8 x BLOCK_M] fp32, eight row vectors: 0/1 m, alpha of E's tile; 2/3 of O's; 4/5 the final l of E / O.
+        # P of a tile goes over its RoPE slot where the shapes agree (BLOCK_N = 64), else to p_smem[E / O].
         dtype: gl.constexpr = q_smem.dtype
+        P_IN_ROPE: gl.constexpr = BLOCK_N == kr_smem.type.shape[2]
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -102,7 +105,7 @@ if hopper.HAVE_GLUON:
         col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
-        MINE: gl.constexpr = 1 if ODD else 0         # the stage of this warpgroup's own tiles
+        MINE: gl.constexpr = 1 if ODD else 0
         OTHER: gl.constexpr = 1 - MINE
 
         m_run = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)   # the last published max
@@ -118,72 +121,74 @@ if hopper.HAVE_GLUON:
         # which TMA fills with zeros (no NaN for P V) and the softmax masks (p = 0, alpha = 1)
         for k in range(gl.cdiv(n_tiles, 2)):
             ph = k & 1
+            se = (2 * k) % NUM_STAGES           # the stages of tiles 2k (E's) and 2k+1 (O's)
+            so = (2 * k + 1) % NUM_STAGES
+            phe = ((2 * k) // NUM_STAGES) & 1
+            pho = ((2 * k + 1) // NUM_STAGES) & 1
+            if P_IN_ROPE:
+                pe = kr_smem.index(se)
+                po = kr_smem.index(so)
+            else:
+                pe = p_smem.index(0)
+                po = p_smem.index(1)
             if ODD:
-                if O_PV_FIRST:   # E's tile on its half first, then its own scores (the odd tile may still be loading)
-                    mbarrier.wait(p_bar.index(0), ph)
-                    mbarrier.wait(full.index(0), ph)
-                    m_e = x_smem.slice(0, BLOCK_M).load(row_s)
-                    alpha_e = x_smem.slice(BLOCK_M, BLOCK_M).load(row_s)
-                    acc = warpgroup_mma(kr_smem.index(0), half.index(0),
-                                        acc * gl.expand_dims(gl.convert_layout(alpha_e, row_o), 1), is_async=True)
-                    mbarrier.wait(full.index(1), ph)
-                    s_own = _scores(q_smem, qr_smem, lo_smem.index(1), hi_smem.index(1), kr_smem.index(1), s_zero)
-                    acc, s_own = warpgroup_mma_wait(num_outstanding=0, deps=(acc, s_own))
-                else:            # its own scores in flight while it waits for E's P (both score MMAs together)
-                    mbarrier.wait(full.index(1), ph)
-                    s_own = _scores(q_smem, qr_smem, lo_smem.index(1), hi_smem.index(1), kr_smem.index(1), s_zero)
-                    s_own = warpgroup_mma_wait(num_outstanding=0, deps=(s_own, ))
-                    mbarrier.wait(p_bar.index(0), ph)
-                    mbarrier.wait(full.index(0), ph)
-                    m_e = x_smem.slice(0, BLOCK_M).load(row_s)
-                    alpha_e = x_smem.slice(BLOCK_M, BLOCK_M).load(row_s)
-                    acc = warpgroup_mma(kr_smem.index(0), half.index(0),
-                                        acc * gl.expand_dims(gl.convert_layout(alpha_e, row_o), 1), is_async=True)
+                # O: its own scores (odd tile), then E's tile on its half while it does its softmax
+                mbarrier.wait(full.index(so), pho)
+                s_own = _scores(q_smem, qr_smem, lo_smem.index(so), hi_smem.index(so), kr_smem.index(so), s_zero)
+                s_own = warpgroup_mma_wait(num_outstanding=0, deps=(s_own, ))
+                mbarrier.wait(p_bar.index(0), ph)
+                mbarrier.wait(full.index(se), phe)
+                m_e = x_smem.slice(0, BLOCK_M).load(row_s)
+                alpha_e = x_smem.slice(BLOCK_M, BLOCK_M).load(row_s)
+                acc = warpgroup_mma(pe, half.index(se),
+                                    acc * gl.expand_dims(gl.convert_layout(alpha_e, row_o), 1), is_async=True)
                 p, alpha, m_new = _probs(s_own, m_e, start + (2 * k + 1) * BLOCK_N, stop, scale, MASK, s_mt,
                                          MASK_KIND, BLOCK_N, col_s)
                 l_i = (l_i * alpha_e) * alpha + gl.sum(p, axis=1)
-                kr_smem.index(1).store(p.to(dtype))    # P over its own RoPE slot (read by the score MMA only)
+                po.store(p.to(dtype))
                 x_smem.slice(2 * BLOCK_M, BLOCK_M).store(m_new)
                 x_smem.slice(3 * BLOCK_M, BLOCK_M).store(alpha)
                 fence_async_shared()
+                if not P_IN_ROPE:   # E overwrites p_smem[0] once it has O's P: this read must be done by then
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(p_bar.index(1), count=1)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                mbarrier.arrive(empty.index(0), count=1)   # done with tile 2k: its stage refills meanwhile
+                mbarrier.arrive(empty.index(se), count=1)   # done with tile 2k: its stage refills meanwhile
                 mbarrier.wait(p_bar.index(1), ph)     # every warp's P is in shared memory (the arrive came after all)
-                acc = warpgroup_mma(kr_smem.index(1), half.index(1),
+                acc = warpgroup_mma(po, half.index(so),
                                     acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1), is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 m_run = m_new
             else:
-                mbarrier.wait(full.index(0), ph)
-                s_own = _scores(q_smem, qr_smem, lo_smem.index(0), hi_smem.index(0), kr_smem.index(0), s_zero)
+                mbarrier.wait(full.index(se), phe)
+                s_own = _scores(q_smem, qr_smem, lo_smem.index(se), hi_smem.index(se), kr_smem.index(se), s_zero)
                 s_own = warpgroup_mma_wait(num_outstanding=0, deps=(s_own, ))
                 p, alpha, m_new = _probs(s_own, m_run, start + 2 * k * BLOCK_N, stop, scale, MASK, s_mt,
                                          MASK_KIND, BLOCK_N, col_s)
                 l_i = l_i * alpha + gl.sum(p, axis=1)
-                kr_smem.index(0).store(p.to(dtype))
+                pe.store(p.to(dtype))
                 x_smem.slice(0, BLOCK_M).store(m_new)
                 x_smem.slice(BLOCK_M, BLOCK_M).store(alpha)
                 fence_async_shared()
                 mbarrier.arrive(p_bar.index(0), count=1)
                 mbarrier.wait(p_bar.index(0), ph)
-                acc = warpgroup_mma(kr_smem.index(0), half.index(0),
+                acc = warpgroup_mma(pe, half.index(se),
                                     acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1), is_async=True)
                 mbarrier.wait(p_bar.index(1), ph)
-                mbarrier.wait(full.index(1), ph)
+                mbarrier.wait(full.index(so), pho)
                 m_o = x_smem.slice(2 * BLOCK_M, BLOCK_M).load(row_s)
                 alpha_o = x_smem.slice(3 * BLOCK_M, BLOCK_M).load(row_s)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 fence_async_shared()
-                mbarrier.arrive(empty.index(0), count=1)   # done with tile 2k: its stage refills meanwhile
-                acc = warpgroup_mma(kr_smem.index(1), half.index(1),
+                mbarrier.arrive(empty.index(se), count=1)   # done with tile 2k: its stage refills meanwhile
+                acc = warpgroup_mma(po, half.index(so),
                                     acc * gl.expand_dims(gl.convert_layout(alpha_o, row_o), 1), is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 l_i = l_i * alpha_o
                 m_run = m_o
             # done with tile 2k+1 too (the P read from its slot included)
             fence_async_shared()
-            mbarrier.arrive(empty.index(1), count=1)
+            mbarrier.arrive(empty.index(so), count=1)
 
         # the row sum is the two warpgroups' sums added; the max is the last published one (both have it)
         x_smem.slice((4 + MINE) * BLOCK_M, BLOCK_M).store(l_i)
@@ -213,7 +218,7 @@ if hopper.HAVE_GLUON:
         Q, QR, C, KR, MASK, KVLEN, O, OP, ML, scale, H, T, chunk, splits,
         s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_mb, s_mt, s_ob, s_oh,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, DR: gl.constexpr,
-        MASK_KIND: gl.constexpr, HAS_KVLEN: gl.constexpr, ONE_SPLIT: gl.constexpr, O_PV_FIRST: gl.constexpr = False,
+        MASK_KIND: gl.constexpr, HAS_KVLEN: gl.constexpr, ONE_SPLIT: gl.constexpr, NUM_STAGES: gl.constexpr = 2,
     ):
         dtype: gl.constexpr = C.dtype.element_ty
         pid_m = gl.program_id(0)
@@ -237,20 +242,24 @@ if hopper.HAVE_GLUON:
 
         q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HALF], q_sl)
         qr_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, DR], qr_sl)
-        lo_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HALF], half_sl)
-        hi_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HALF], half_sl)
-        kr_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, DR], rope_sl)
+        lo_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HALF], half_sl)
+        hi_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HALF], half_sl)
+        kr_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, DR], rope_sl)
+        # P over the RoPE slots where the shapes agree; else two small buffers (one allocation either way)
+        p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+        p_smem = gl.allocate_shared_memory(dtype, [2 if BLOCK_N != DR else 1, BLOCK_M, BLOCK_N], p_sl)
         x_smem = gl.allocate_shared_memory(gl.float32, [8 * BLOCK_M], x_sl)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         fin_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         p_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         mbarrier.init(fin_bar, count=2)
-        for st in gl.static_range(2):
+        for st in gl.static_range(NUM_STAGES):
             mbarrier.init(full.index(st), count=1)
             mbarrier.init(empty.index(st), count=2)
+        for st in gl.static_range(2):
             mbarrier.init(p_bar.index(st), count=1)
         fence_async_shared()
 
@@ -265,19 +274,22 @@ if hopper.HAVE_GLUON:
 
         mask = MASK + b * s_mb
         gl.warp_specialize([
-            (_warpgroup, (q_smem, qr_smem, lo_smem, hi_smem, kr_smem, full, empty, q_bar, p_bar, fin_bar, x_smem,
-                          O, OP, ML, mask, s_mt, scale, H, start, stop, n_tiles, row0, b, pid_p, splits, s_ob, s_oh,
-                          False, ONE_SPLIT, MASK_KIND, BLOCK_M, BLOCK_N, HALF, O_PV_FIRST)),
-            (_warpgroup, (q_smem, qr_smem, lo_smem, hi_smem, kr_smem, full, empty, q_bar, p_bar, fin_bar, x_smem,
-                          O, OP, ML, mask, s_mt, scale, H, start, stop, n_tiles, row0, b, pid_p, splits, s_ob, s_oh,
-                          True, ONE_SPLIT, MASK_KIND, BLOCK_M, BLOCK_N, HALF, O_PV_FIRST)),
-            (_producer, (c_desc, kr_desc, lo_smem, hi_smem, kr_smem, full, empty, start, n_tiles, BLOCK_N)),
+            (_warpgroup, (q_smem, qr_smem, lo_smem, hi_smem, kr_smem, p_smem, full, empty, q_bar, p_bar, fin_bar,
+                          x_smem, O, OP, ML, mask, s_mt, scale, H, start, stop, n_tiles, row0, b, pid_p, splits, s_ob,
+                          s_oh, False, ONE_SPLIT, MASK_KIND, BLOCK_M, BLOCK_N, HALF, NUM_STAGES)),
+            (_warpgroup, (q_smem, qr_smem, lo_smem, hi_smem, kr_smem, p_smem, full, empty, q_bar, p_bar, fin_bar,
+                          x_smem, O, OP, ML, mask, s_mt, scale, H, start, stop, n_tiles, row0, b, pid_p, splits, s_ob,
+                          s_oh, True, ONE_SPLIT, MASK_KIND, BLOCK_M, BLOCK_N, HALF, NUM_STAGES)),
+            (_producer, (c_desc, kr_desc, lo_smem, hi_smem, kr_smem, full, empty, start, n_tiles, BLOCK_N,
+                         NUM_STAGES)),
     ], [4, 1], [232, 24])   # O, producer (see WORKER_REGS)
 
 
 def _consts(mask_kind: int, has_kvlen: bool, one_split: bool) -> dict:
-    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, MASK_KIND=mask_kind, HAS_KVLEN=has_kvlen,
-                ONE_SPLIT=one_split, O_PV_FIRST=os.environ.get("MLA_COMPILE_SEESAW_ORDER") == "pv")
+    # MLA_COMPILE_SEESAW_TILE=32: 32-key tiles in a four-stage ring (A/B against 64-key tiles in two)
+    block_n = int(os.environ.get("MLA_COMPILE_SEESAW_TILE", "64"))
+    return dict(BLOCK_M=BLOCK_M, BLOCK_N=block_n, HALF=HALF, DR=DR, MASK_KIND=mask_kind, HAS_KVLEN=has_kvlen,
+                ONE_SPLIT=one_split, NUM_STAGES=2 if block_n == 64 else 4)
 
 
 def compile_for_sm90(mask_kind: int = 1, has_kvlen: bool = True, one_split: bool = False):
