@@ -36,7 +36,6 @@ import triton.language as tl
 
 from mla_compile.kernels import absorbed_decode_hopper as hopper
 from mla_compile.kernels import absorbed_decode_keys_major as keys_major
-from mla_compile.kernels import absorbed_decode_seesaw as seesaw
 from mla_compile.kernels.launch import launcher
 from mla_compile.passes.forms.common import as_tokens, check_args, is_traced
 
@@ -332,9 +331,6 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
     if use_keys_major:
         keys_major.keys_major_split_attention(q_lat, q_rope, c, kr, kind, m, ms, kv_lens, out, o_part, ml, scale,
                                               chunk, splits)
-    elif use_hopper and seesaw.enabled():
-        seesaw.seesaw_split_attention(q_lat, q_rope, c, kr, kind, m, ms, kv_lens, out, o_part, ml, scale, chunk,
-                                      splits)
     elif use_hopper:
         hopper.hopper_split_attention(q_lat, q_rope, c, kr, kind, m, ms, kv_lens, out, o_part, ml, scale, chunk,
                                       splits)

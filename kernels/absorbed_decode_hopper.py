@@ -41,6 +41,12 @@ tensor cores) was 10-16% slower than this one and was not kept. In production (b
 14:37 UTC, in git history): 37.0 us against FlashMLA's 32.3 at B=8 T=4K, 1.30-1.37x FlashMLA at the
 larger H=128 points; with the list's last two items (16:37 UTC, benchmarks/results/kernels-NVIDIA-H200.md):
 36.1 us against 32.2 (1.12x) at B=8 T=4K and 1.26-1.33x at the other B >= 8, T >= 4K points.
+FlashMLA's own schedule, the two warpgroups taking alternate key tiles (gl.warp_specialize with a
+one-warp TMA producer; the row max, P and its rescale factor handed between them through shared
+memory), was built and measured at commit 93255aa (benchmarks/results/seesaw-ab-NVIDIA-H200.md,
+18:27-18:34 UTC, its GPU tests all passing): with 64-key tiles in two stages 1.04-1.12x this kernel's
+time (a pair of tiles holds both stages, so the next pair's loads start late), with 32-key tiles in
+four stages 0.98-1.01x. Neither was kept.
 hopper-ab-NVIDIA-H200.md compares it with the Triton kernel (0.58-0.73x its time) and, forced to 16
 and 32 heads (its 64-row tile then 75% / 50% padding), finds it slower at H=16 (1.10-1.33x) and at
 H=32 0.92-1.08x. Those head counts go to the keys-major kernel (absorbed_decode_keys_major), which

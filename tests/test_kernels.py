@@ -531,26 +531,6 @@ def test_gpu_absorbed_keys_major_path(H, splits, T, dtype, mask):
     _check_absorbed_core_nan_tails(H, splits, T, dtype, mask)
 
 
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("H,splits,T", [(128, None, 4100), (128, 9, 4100), (128, 1, 700), (40, None, 4100),
-                                        (64, 3, 333), (128, 1, 64)])
-@pytest.mark.parametrize("mask", [None, "bool", "hf_min"])
-@pytest.mark.parametrize("tile", ["64", "32"])
-def test_gpu_absorbed_seesaw_path(H, splits, T, dtype, mask, tile, monkeypatch):
-    """The heads-major kernel with FlashMLA's schedule (MLA_COMPILE_SEESAW=1): the same cases, with odd
-    tile counts (the producer's padding tile past the valid length) and splits of one tile; 64-key tiles
-    in two stages (P over the RoPE slots) and 32-key tiles in four (P in its own buffers)."""
-    from mla_compile.kernels import absorbed_decode_hopper as hopper
-
-    monkeypatch.setenv("MLA_COMPILE_SEESAW", "1")
-    monkeypatch.setenv("MLA_COMPILE_SEESAW_TILE", tile)
-    if torch.cuda.get_device_capability() == (9, 0):
-        assert hopper.applies(torch.device(DEV), dtype, H, 1, 512, 64, False)
-    _check_absorbed_core_nan_tails(H, splits, T, dtype, mask)
-
-
 def _check_absorbed_core_nan_tails(H, splits, T, dtype, mask):
     from mla_compile.kernels.absorbed_decode import absorb, absorbed_latent_attention
 
