@@ -78,8 +78,13 @@ def takes_sizes(dtype: torch.dtype, H, S, r, dr, is_causal: bool) -> bool:
             and MIN_HEADS <= H <= MAX_HEADS)
 
 
+def enabled() -> bool:
+    """This Triton has Gluon, and neither MLA_COMPILE_GLUON nor MLA_COMPILE_KEYS_MAJOR is 0."""
+    return hopper.enabled() and os.environ.get("MLA_COMPILE_KEYS_MAJOR") != "0"
+
+
 def applies(device: torch.device, dtype: torch.dtype, H: int, S: int, r: int, dr: int, is_causal: bool) -> bool:
-    if device.type != "cuda" or not hopper.enabled() or os.environ.get("MLA_COMPILE_KEYS_MAJOR") == "0":
+    if device.type != "cuda" or not enabled():
         return False
     return takes_sizes(dtype, H, S, r, dr, is_causal) and hopper.is_sm90(device)
 

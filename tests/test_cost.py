@@ -376,6 +376,9 @@ def test_hopper_decode_efficiency_where_the_gluon_kernel_runs(monkeypatch):
     monkeypatch.setenv("MLA_COMPILE_GLUON", "0")
     assert eff() == triton_eff and eff(heads=32) == triton_eff
     monkeypatch.delenv("MLA_COMPILE_GLUON")
+    monkeypatch.setenv("MLA_COMPILE_KEYS_MAJOR", "0")      # the Triton kernel then runs at <= 32 heads
+    assert eff(heads=32) == triton_eff and eff() == HOPPER_DECODE_EFFICIENCY
+    monkeypatch.delenv("MLA_COMPILE_KEYS_MAJOR")
     # the faster kernel shows in the prediction: the decode step's attention kernel costs less
     triton_only = DEVICES["h200"].copy(efficiency=dict(DEFAULT_EFFICIENCY))
     fast = plan(batch=8, q_len=1, kv_len=16384, device="h200", **V3).costs["absorbed"]

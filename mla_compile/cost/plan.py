@@ -599,7 +599,7 @@ def _with_hopper_decode(dev: DeviceModel, dtype: torch.dtype, values: dict) -> D
     run (see devices.HOPPER_DECODE_KEY, KEYS_MAJOR_DECODE_KEY): the entry carries them, and the kernel's
     own size rule takes the call (one query position, r = 512, dr = 64, a half dtype; more than 32
     heads for the heads-major kernel, at most 32 for the keys-major one), and this Triton has Gluon
-    and MLA_COMPILE_GLUON is not 0. Static sizes only: the kernel is chosen per call from them, so a
+    and the kernel is not switched off (MLA_COMPILE_GLUON, MLA_COMPILE_KEYS_MAJOR). Static sizes only: the kernel is chosen per call from them, so a
     symbolic S or H keeps the Triton kernel's figure."""
     if HOPPER_DECODE_KEY not in dev.efficiency:
         return dev
@@ -612,7 +612,8 @@ def _with_hopper_decode(dev: DeviceModel, dtype: torch.dtype, values: dict) -> D
     if not hopper.enabled() or not all(v is not None and v.is_number for v in sizes):
         return dev
     sizes = [int(v) for v in sizes]
-    if keys_major.takes_sizes(dtype, *sizes, is_causal=False) and KEYS_MAJOR_DECODE_KEY in dev.efficiency:
+    if (keys_major.enabled() and keys_major.takes_sizes(dtype, *sizes, is_causal=False)
+            and KEYS_MAJOR_DECODE_KEY in dev.efficiency):
         return dev.copy(efficiency={**dev.efficiency, "absorbed.attention": dev.efficiency[KEYS_MAJOR_DECODE_KEY]},
                         mem_efficiency={**dev.mem_efficiency,
                                         "absorbed.attention": dev.mem_efficiency[KEYS_MAJOR_DECODE_KEY]})
