@@ -25,8 +25,8 @@ ring of 64-key tiles (2 x 72 KB) keeps one tile in flight while the other is com
   past it (0 x NaN from a static cache's unwritten tail never reaches o^T).
 
 Measured on an H200 (keys-major-ab-NVIDIA-H200.md, 18:03 UTC): 0.67-1.00x the Triton kernel's time at
-8-32 heads, 85-103% of the bytes floor from 32 key tiles a program, 69-75% at 16 tiles (B=8 T=16K,
-B=32 T=4K) and 41-54% at B=8 T=4K (4 tiles a program): there a fixed ~10-15 us (descriptors, the
+8-32 heads, 85-105% of the bytes floor from 32 key tiles a program, 66-77% at 16 tiles (B=8 T=16K,
+B=32 T=4K) and 43-57% at B=8 T=4K (4 tiles a program): there a fixed ~10-15 us (descriptors, the
 first tiles' latency, the split outputs and their merge) weighs against 9-36 us of streaming. ncu at
 H=32 B=8 T=16K (ncu-keys-major-H200.txt): DRAM 67% busy (3.2 TB/s) over the kernel's 47.8 us.
 Prefetching 1, 2 or 4 further key tiles into L2 ahead of the ring (cp.async.bulk.prefetch.L2 from
@@ -39,7 +39,8 @@ memory view is the MMA operand itself, with no conversion.
 
 `applies(...)` says when it runs: a Hopper GPU, bf16/fp16, r = 512, dr = 64, one query position,
 at most 32 heads, not causal, and TMA-compatible strides (`absorbed_decode_hopper.tma_ready`).
-MLA_COMPILE_GLUON=0 turns it off with the other Gluon kernel (the Triton kernel then runs).
+MLA_COMPILE_KEYS_MAJOR=0 turns it off, MLA_COMPILE_GLUON=0 both Gluon kernels (the Triton kernel
+then runs).
 """
 
 from __future__ import annotations
@@ -64,7 +65,6 @@ BLOCK_N = 64        # keys a tile: the MMA's M
 NUM_STAGES = 2      # 2 x 72 KB of key tiles + Q (18 or 36 KB) + P^T: a third stage does not fit
 NUM_WARPS = 4       # one warpgroup
 MAX_HEADS = 32
-MIN_HEADS = int(os.environ.get("MLA_COMPILE_KEYS_MAJOR_MIN_HEADS", "1"))   # A/B knob for benchmarks
 
 
 def block_heads(H: int) -> int:
@@ -75,7 +75,7 @@ def block_heads(H: int) -> int:
 def takes_sizes(dtype: torch.dtype, H, S, r, dr, is_causal: bool) -> bool:
     """The size and dtype part of `applies` (fake tensors can be asked)."""
     return (not is_causal and S == 1 and r == R and dr == DR and dtype in (torch.bfloat16, torch.float16)
-            and MIN_HEADS <= H <= MAX_HEADS)
+            and H <= MAX_HEADS)
 
 
 def enabled() -> bool:
