@@ -191,6 +191,57 @@ if HAVE_GLUON:
         _tma_load(kr_desc, [key0, 0], bar, kr, pred=pred)
 
     @gluon.jit
+    def _split_prologue(Q, QR, C, KR, KVLEN, b, pid_p, row0, H, T, chunk, s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb,
+                        s_kt, Q_ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, DR: gl.constexpr,
+                        NUM_STAGES: gl.constexpr, HAS_KVLEN: gl.constexpr, P_SHAPE: gl.constexpr):
+        # Shared by both Gluon split kernels: the per-batch TMA descriptors (Q's rows past H and the
+        # latent's past the valid length read as zeros), the shared memory (Q_ROWS rows of Q, the key
+        # tiles' ring, P of P_SHAPE), the barriers, and the first loads: Q and the ring's first tiles.
+        dtype: gl.constexpr = C.dtype.element_ty
+        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([Q_ROWS, HALF], dtype)
+        qr_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([Q_ROWS, DR], dtype)
+        half_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HALF], dtype)
+        rope_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DR], dtype)
+        p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for(P_SHAPE, dtype)
+
+        t_end = T
+        if HAS_KVLEN:
+            t_end = gl.minimum(t_end, gl.load(KVLEN + b))
+        q_desc = tma.make_tensor_descriptor(Q + b * s_qb, [H, 2 * HALF], [s_qh, 1], [Q_ROWS, HALF], q_sl)
+        qr_desc = tma.make_tensor_descriptor(QR + b * s_rb, [H, DR], [s_rh, 1], [Q_ROWS, DR], qr_sl)
+        c_desc = tma.make_tensor_descriptor(C + b * s_cb, [gl.maximum(t_end, 1), 2 * HALF], [s_ct, 1],
+                                            [BLOCK_N, HALF], half_sl)
+        kr_desc = tma.make_tensor_descriptor(KR + b * s_kb, [gl.maximum(t_end, 1), DR], [s_kt, 1],
+                                             [BLOCK_N, DR], rope_sl)
+
+        q_smem = gl.allocate_shared_memory(dtype, [2, Q_ROWS, HALF], q_sl)
+        qr_smem = gl.allocate_shared_memory(dtype, [Q_ROWS, DR], qr_sl)
+        lo_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HALF], half_sl)
+        hi_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HALF], half_sl)
+        kr_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, DR], rope_sl)
+        p_smem = gl.allocate_shared_memory(dtype, P_SHAPE, p_sl)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        kv_bar = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for st in gl.static_range(NUM_STAGES):
+            mbarrier.init(kv_bar.index(st), count=1)
+        fence_async_shared()   # the barrier inits must be visible to the TMA unit before the first copy
+
+        start = pid_p * chunk
+        stop = gl.minimum(start + chunk, t_end)
+        n_tiles = gl.cdiv(stop - start, BLOCK_N)   # <= 0 for a split wholly past a short valid length
+
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes + qr_desc.block_type.nbytes)
+        _tma_load(q_desc, [row0, 0], q_bar, q_smem.index(0))
+        _tma_load(q_desc, [row0, HALF], q_bar, q_smem.index(1))
+        _tma_load(qr_desc, [row0, 0], q_bar, qr_smem)
+        for st in gl.static_range(NUM_STAGES):
+            _refill(c_desc, kr_desc, kv_bar.index(st), lo_smem.index(st), hi_smem.index(st), kr_smem.index(st),
+                    start + st * BLOCK_N, st < n_tiles)
+        return (start, stop, n_tiles, c_desc, kr_desc, q_smem, qr_smem, lo_smem, hi_smem, kr_smem, p_smem, q_bar,
+                kv_bar)
+
+    @gluon.jit
     def _hopper_split_kernel(
         Q, QR, C, KR, MASK, KVLEN, O, OP, ML, scale, H, T, chunk, splits,
         s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_mb, s_mt, s_ob, s_oh,
@@ -211,48 +262,10 @@ if HAVE_GLUON:
         col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
-        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HALF], dtype)
-        qr_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, DR], dtype)
-        half_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HALF], dtype)
-        rope_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DR], dtype)
-        p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
-
-        t_end = T
-        if HAS_KVLEN:
-            t_end = gl.minimum(t_end, gl.load(KVLEN + b))
-        # Per-batch descriptors: Q's rows past H and the latent's past the valid length read as zeros.
-        q_desc = tma.make_tensor_descriptor(Q + b * s_qb, [H, 2 * HALF], [s_qh, 1], [BLOCK_M, HALF], q_sl)
-        qr_desc = tma.make_tensor_descriptor(QR + b * s_rb, [H, DR], [s_rh, 1], [BLOCK_M, DR], qr_sl)
-        c_desc = tma.make_tensor_descriptor(C + b * s_cb, [gl.maximum(t_end, 1), 2 * HALF], [s_ct, 1],
-                                            [BLOCK_N, HALF], half_sl)
-        kr_desc = tma.make_tensor_descriptor(KR + b * s_kb, [gl.maximum(t_end, 1), DR], [s_kt, 1],
-                                             [BLOCK_N, DR], rope_sl)
-
-        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HALF], q_sl)
-        qr_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, DR], qr_sl)
-        lo_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HALF], half_sl)
-        hi_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HALF], half_sl)
-        kr_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, DR], rope_sl)
-        p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], p_sl)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        kv_bar = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for st in gl.static_range(NUM_STAGES):
-            mbarrier.init(kv_bar.index(st), count=1)
-        fence_async_shared()   # the barrier inits must be visible to the TMA unit before the first copy
-
-        start = pid_p * chunk
-        stop = gl.minimum(start + chunk, t_end)
-        n_tiles = gl.cdiv(stop - start, BLOCK_N)   # <= 0 for a split wholly past a short valid length
-
-        row0 = pid_m * BLOCK_M
-        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes + qr_desc.block_type.nbytes)
-        _tma_load(q_desc, [row0, 0], q_bar, q_smem.index(0))
-        _tma_load(q_desc, [row0, HALF], q_bar, q_smem.index(1))
-        _tma_load(qr_desc, [row0, 0], q_bar, qr_smem)
-        for st in gl.static_range(NUM_STAGES):
-            _refill(c_desc, kr_desc, kv_bar.index(st), lo_smem.index(st), hi_smem.index(st), kr_smem.index(st),
-                    start + st * BLOCK_N, st < n_tiles)
+        (start, stop, n_tiles, c_desc, kr_desc, q_smem, qr_smem, lo_smem, hi_smem, kr_smem, p_smem, q_bar,
+         kv_bar) = _split_prologue(Q, QR, C, KR, KVLEN, b, pid_p, pid_m * BLOCK_M, H, T, chunk, s_qb, s_qh, s_rb,
+                                   s_rh, s_cb, s_ct, s_kb, s_kt, BLOCK_M, BLOCK_N, HALF, DR, NUM_STAGES, HAS_KVLEN,
+                                   [BLOCK_M, BLOCK_N])
 
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
         # DEFER_L: the row sums l stay a tile of per-column partial sums (rescaled like the accumulator)

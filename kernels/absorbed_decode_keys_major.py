@@ -57,7 +57,7 @@ if hopper.HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                   warpgroup_mma, warpgroup_mma_wait)
-    from mla_compile.kernels.absorbed_decode_hopper import _cta_barrier, _refill, _tma_load
+    from mla_compile.kernels.absorbed_decode_hopper import _cta_barrier, _refill, _split_prologue
 
 R, DR = hopper.R, hopper.DR
 HALF = R // 2
@@ -107,46 +107,10 @@ if hopper.HAVE_GLUON:
         key_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         head_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         dim_o: gl.constexpr = gl.SliceLayout(1, s_layout)
-        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, HALF], dtype)
-        qr_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, DR], dtype)
-        half_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HALF], dtype)
-        rope_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DR], dtype)
-        p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_H], dtype)
 
-        t_end = T
-        if HAS_KVLEN:
-            t_end = gl.minimum(t_end, gl.load(KVLEN + b))
-        q_desc = tma.make_tensor_descriptor(Q + b * s_qb, [H, 2 * HALF], [s_qh, 1], [BLOCK_H, HALF], q_sl)
-        qr_desc = tma.make_tensor_descriptor(QR + b * s_rb, [H, DR], [s_rh, 1], [BLOCK_H, DR], qr_sl)
-        c_desc = tma.make_tensor_descriptor(C + b * s_cb, [gl.maximum(t_end, 1), 2 * HALF], [s_ct, 1],
-                                            [BLOCK_N, HALF], half_sl)
-        kr_desc = tma.make_tensor_descriptor(KR + b * s_kb, [gl.maximum(t_end, 1), DR], [s_kt, 1],
-                                             [BLOCK_N, DR], rope_sl)
-
-        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_H, HALF], q_sl)
-        qr_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, DR], qr_sl)
-        lo_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HALF], half_sl)
-        hi_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HALF], half_sl)
-        kr_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, DR], rope_sl)
-        p_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_H], p_sl)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        kv_bar = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for st in gl.static_range(NUM_STAGES):
-            mbarrier.init(kv_bar.index(st), count=1)
-        fence_async_shared()
-
-        start = pid_p * chunk
-        stop = gl.minimum(start + chunk, t_end)
-        n_tiles = gl.cdiv(stop - start, BLOCK_N)   # <= 0 for a split wholly past a short valid length
-
-        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes + qr_desc.block_type.nbytes)
-        _tma_load(q_desc, [0, 0], q_bar, q_smem.index(0))
-        _tma_load(q_desc, [0, HALF], q_bar, q_smem.index(1))
-        _tma_load(qr_desc, [0, 0], q_bar, qr_smem)
-        for st in gl.static_range(NUM_STAGES):
-            _refill(c_desc, kr_desc, kv_bar.index(st), lo_smem.index(st), hi_smem.index(st), kr_smem.index(st),
-                    start + st * BLOCK_N, st < n_tiles)
+        (start, stop, n_tiles, c_desc, kr_desc, q_smem, qr_smem, lo_smem, hi_smem, kr_smem, p_smem, q_bar,
+         kv_bar) = _split_prologue(Q, QR, C, KR, KVLEN, b, pid_p, 0, H, T, chunk, s_qb, s_qh, s_rb, s_rh, s_cb, s_ct,
+                                   s_kb, s_kt, BLOCK_H, BLOCK_N, HALF, DR, NUM_STAGES, HAS_KVLEN, [BLOCK_N, BLOCK_H])
 
         m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=head_s)
         l_i = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, layout=s_layout)   # per-key partial sums
