@@ -304,9 +304,11 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
     # Which kernel: on Hopper the Gluon ones (keys-major at <= 32 heads, heads-major above) where their
     # sizes, dtypes and TMA's strides allow; the Triton kernel everywhere else (and in traced calls,
     # which Inductor inlines as Triton launches).
-    gluon = (not is_traced(q_lat) and out.stride(-1) == 1 and dr > 0 and hopper.tma_ready(q_lat, q_rope, c, kr))
+    gluon = not is_traced(q_lat) and out.stride(-1) == 1
     use_keys_major = gluon and keys_major.applies(q_lat.device, dt, H, S, r, dr, is_causal)
     use_hopper = gluon and not use_keys_major and hopper.applies(q_lat.device, dt, H, S, r, dr, is_causal)
+    if (use_keys_major or use_hopper) and not hopper.tma_ready(q_lat, q_rope, c, kr):   # sizes first: cheap
+        use_keys_major = use_hopper = False
     # a keys-major program takes every head of a batch (BLOCK_M = 64: one 4-warp program an SM, its
     # shared memory allows no second)
     BLOCK_M = 64 if use_keys_major else block_m_for(M)
