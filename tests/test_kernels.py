@@ -443,26 +443,11 @@ def test_gpu_absorbed_hopper_path(H, splits, T, dtype):
     strided views of one [.., 576] cache row, and NaN in every unfilled slot: TMA must zero-fill past
     each valid length, since 0 x NaN in P V would poison the row. One split: the kernel writes the output."""
     from mla_compile.kernels import absorbed_decode_hopper as hopper
-    from mla_compile.kernels.absorbed_decode import absorb, absorbed_latent_attention
 
-    B = 4
-    qn, qr, _, _, wuk, _ = make(B, H, 1, T, dtype=dtype, **V3)
-    g = torch.Generator().manual_seed(5)
-    kv = torch.randn(B, 1, T, 576, generator=g).to(DEV, dtype)
-    lens = torch.tensor([T, 777, 1, 64], dtype=torch.int32, device=DEV)
-    for b in range(B):
-        kv[b, :, int(lens[b]):] = float("nan")
-    c, kr = kv[..., :512], kv[..., 512:]
-    q_lat = absorb(qn, wuk, dtype)
-    out = absorbed_latent_attention(q_lat, qr, c, kr, None, 0.07, False, kv_lens=lens, num_splits=splits)
+    q_lat, qr, c, kr = _check_absorbed_core_nan_tails(H, splits, T, dtype, None)
     if torch.cuda.get_device_capability() == (9, 0):
         assert hopper.applies(q_lat.device, dtype, H, 1, 512, 64, False)
         assert hopper.tma_ready(q_lat, qr, c, kr)
-    for b in range(B):
-        n = int(lens[b])
-        sc = (q_lat[b, :, 0].double() @ c[b, 0, :n].double().T + qr[b, :, 0].double() @ kr[b, 0, :n].double().T) * 0.07
-        ref = torch.softmax(sc, -1) @ c[b, 0, :n].double()
-        assert rel_err(out[b, :, 0], ref.cpu()) < tol(dtype), b
 
 
 @pytest.mark.gpu
@@ -532,6 +517,8 @@ def test_gpu_absorbed_keys_major_path(H, splits, T, dtype, mask):
 
 
 def _check_absorbed_core_nan_tails(H, splits, T, dtype, mask):
+    """The absorbed core against float64, batch by batch, over a [.., 576] cache row viewed as latent
+    and RoPE with valid lengths T, 777, 1, 64 and NaN in every slot past them; returns the inputs."""
     from mla_compile.kernels.absorbed_decode import absorb, absorbed_latent_attention
 
     B = 4
@@ -554,7 +541,9 @@ def _check_absorbed_core_nan_tails(H, splits, T, dtype, mask):
     if m is not None:
         add = add.masked_fill(~m.cpu(), float("-inf")) if m.dtype == torch.bool else m
     ref = softmax_ref_f64(q_lat, qr, c[:, 0], kr[:, 0], add, 0.07, lens.tolist())
-    assert rel_err(out, ref) < tol(dtype)
+    for b in range(B):
+        assert rel_err(out[b], ref[b]) < tol(dtype), b
+    return q_lat, qr, c, kr
 
 
 @pytest.mark.gpu
