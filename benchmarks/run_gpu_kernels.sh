@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call (nvidia-h200-x2) for kernel work, in parallel:
 #   GPU 0  the GPU test tier (kernels at real sizes, triton_op tracing, HF families end to end on CUDA;
-#          TESTS_K="expr" selects tests as pytest -k does)
-#   GPU 1  the small-head split sweep (H=16,32; SWEEP=0 skips it), then `python3 benchmarks/$EXTRA` if set,
+#          TESTS_K="expr" selects tests as pytest -k does; TESTS_ENV2="VAR=value ..." runs the selection
+#          a second time with those variables set, e.g. a kernel variant's switch)
+#   GPU 1  the small-head split sweep (H=16,32; SWEEP=0 skips it), then `python3 benchmarks/$EXTRA` if set (several: ';' between),
 #          then, with NCU="B T H[;B T H]", Nsight Compute over one absorbed-kernel launch (profile_absorbed.py)
 # Results: $OUT/results.tgz (benchmarks/results/* and the logs) and $OUT/summary.txt.
 source benchmarks/gpu_env.sh
@@ -11,6 +12,12 @@ source benchmarks/gpu_env.sh
   timeout -k 5 ${TESTS_TIMEOUT:-420} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py \
     tests/test_triton_ops.py tests/test_gpu.py tests/test_reliability.py ${TESTS_K:+-k "$TESTS_K"} > "$OUT/logs/gpu-tests.log" 2>&1
   echo "tests rc=$?" >> "$OUT/logs/gpu-tests.log"
+  if [ -n "${TESTS_ENV2:-}" ]; then
+    echo "== again with $TESTS_ENV2" >> "$OUT/logs/gpu-tests.log"
+    env $TESTS_ENV2 timeout -k 5 ${TESTS_TIMEOUT:-420} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py \
+      tests/test_triton_ops.py tests/test_gpu.py tests/test_reliability.py ${TESTS_K:+-k "$TESTS_K"} >> "$OUT/logs/gpu-tests.log" 2>&1
+    echo "tests ($TESTS_ENV2) rc=$?" >> "$OUT/logs/gpu-tests.log"
+  fi
 ) &
 (
   export CUDA_VISIBLE_DEVICES=1
@@ -18,9 +25,12 @@ source benchmarks/gpu_env.sh
     timeout -k 5 ${SWEEP_TIMEOUT:-300} python3 benchmarks/split_sweep.py --heads ${HEADS:-16,32} > "$OUT/logs/sweep.log" 2>&1
     echo "sweep rc=$?" >> "$OUT/logs/sweep.log"
   fi
-  if [ -n "${EXTRA:-}" ]; then
-    timeout -k 5 ${EXTRA_TIMEOUT:-240} python3 benchmarks/$EXTRA > "$OUT/logs/extra.log" 2>&1
-    echo "extra rc=$?" >> "$OUT/logs/extra.log"
+  if [ -n "${EXTRA:-}" ]; then   # "script args[;script args...]", one after another
+    IFS=';' read -ra extras <<< "$EXTRA"
+    for ex in "${extras[@]}"; do
+      timeout -k 5 ${EXTRA_TIMEOUT:-240} python3 benchmarks/$ex >> "$OUT/logs/extra.log" 2>&1
+      echo "extra ($ex) rc=$?" >> "$OUT/logs/extra.log"
+    done
   fi
   if [ -n "${NCU:-}" ]; then   # "B T H[;B T H...]"; stall reasons by regex, retried without if refused
     IFS=';' read -ra points <<< "$NCU"
@@ -40,7 +50,7 @@ source benchmarks/gpu_env.sh
 wait
 {
   cat "$OUT/logs/versions.txt"
-  grep -E "passed|failed|error|FAIL|rc=" "$OUT/logs/gpu-tests.log" | tail -n 15
+  grep -E "passed|failed|error|FAIL|rc=|== again" "$OUT/logs/gpu-tests.log" | tail -n 25
   [ -f "$OUT/logs/sweep.log" ] && grep -E "^\||rc=|!" "$OUT/logs/sweep.log"
   [ -f "$OUT/logs/extra.log" ] && grep -vE "^W1121|^  warnings|UserWarning" "$OUT/logs/extra.log" | tail -n 90
   [ -f "$OUT/logs/ncu.txt" ] && grep -E "_kernel \(|compiled|Duration|Throughput|Pipe|stalled|Registers Per|Warp Cycles Per Issued|rc=" "$OUT/logs/ncu.txt" | head -n 90
