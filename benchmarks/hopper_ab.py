@@ -6,8 +6,7 @@ floor. The keys-major kernel is off throughout (keys_major_ab.py compares it).
 
     python benchmarks/hopper_ab.py [--small-heads-only] [--qreg]
 
---qreg: only the Gluon kernel's variants (Q_REG_CHUNKS pieces of Q in registers, DEFER_L, EARLY_S) against
-FlashMLA, without a mask and with HF's float decode mask.
+--qreg: only the Gluon kernel's variants (Q_REG_CHUNKS pieces of Q in registers, DEFER_L) against FlashMLA.
 """
 import datetime
 import math
@@ -79,47 +78,39 @@ def small_heads_table():
                 torch.cuda.empty_cache()
 
 
-VARIANTS = ((1, True, False), (1, True, True), (1, False, True), (0, True, True))   # (Q_REG_CHUNKS, DEFER_L, EARLY_S)
+VARIANTS = ((0, False), (2, False), (1, True), (2, True))   # (Q_REG_CHUNKS, DEFER_L)
 
 
 def qreg_table():
-    names = [f"q{n}{'+L' if d else ''}{'+E' if e else ''}" for n, d, e in VARIANTS]
-    print("Gluon variants: qN = N 64-column pieces of Q in registers, +L = row sums reduced after the loop, "
-          "+E = the next tile's Q K^T issued right behind this tile's P V\n")
-    print(f"| H | B | T | mask | FlashMLA us | {' | '.join(n + ' us' for n in names)} | best | best/FlashMLA | "
-          "max rel diff |")
-    print("|---|---|---|---|---|" + "---|" * len(names) + "---|---|---|")
+    names = [f"q{n}{'+L' if d else ''}" for n, d in VARIANTS]
+    print(f"Gluon variants: qN = N 64-column pieces of Q in registers, +L = row sums reduced after the loop\n")
+    print(f"| H | B | T | FlashMLA us | {' | '.join(n + ' us' for n in names)} | best | best/FlashMLA | max rel diff |")
+    print("|---|---|---|---|" + "---|" * len(names) + "---|---|---|")
     os.environ["MLA_COMPILE_GLUON"] = "1"
     hopper.MIN_HEADS = 1
-    saved = hopper.Q_REG_CHUNKS, hopper.DEFER_L, hopper.EARLY_S
-    for H, B, T, kind in ((128, 8, 4096, "none"), (128, 8, 16384, "none"), (128, 32, 4096, "none"),
-                          (128, 64, 4096, "none"), (128, 32, 16384, "none"), (128, 64, 16384, "none"),
-                          (64, 32, 16384, "none"), (128, 8, 4096, "float"), (128, 32, 16384, "float")):
+    saved = hopper.Q_REG_CHUNKS, hopper.DEFER_L
+    for H, B, T in ((128, 8, 4096), (128, 8, 16384), (128, 32, 4096), (128, 64, 4096), (128, 32, 16384),
+                    (32, 32, 16384), (32, 8, 65536)):
         x = inputs(B, H, 1, T)
         q = torch.einsum("bhsd,hdr->bhsr", x["q_nope"], x["w_uk"])
         scale = 1 / math.sqrt(DN + DR)
         fm = None
         if H >= 64:
             fm = bench(flash_mla_fn(q, x["q_rope"], x["latent"], x["k_rope"], scale), graph=True)
-        m = None
-        if kind == "float":      # HF's additive decode mask: 0 or finfo.min
-            m = torch.zeros(B, 1, 1, T, device="cuda", dtype=torch.bfloat16)
-            m[..., T - 100:] = torch.finfo(torch.bfloat16).min
-            fm = None            # FlashMLA takes no mask
-        fn = lambda: absorbed_latent_attention(q, x["q_rope"], x["latent"], x["k_rope"], m,  # noqa: E731
+        fn = lambda: absorbed_latent_attention(q, x["q_rope"], x["latent"], x["k_rope"], None,  # noqa: E731
                                                scale, False)
         ts, outs = [], []
-        for n, d, e in VARIANTS:
-            hopper.Q_REG_CHUNKS, hopper.DEFER_L, hopper.EARLY_S = n, d, e
+        for n, d in VARIANTS:
+            hopper.Q_REG_CHUNKS, hopper.DEFER_L = n, d
             outs.append(fn().float())
             ts.append(bench(fn, graph=True))
         d = max(((o - outs[0]).abs().max() / outs[0].abs().max()).item() for o in outs[1:])
         best = min(range(len(ts)), key=lambda i: float("inf") if ts[i] is None else ts[i])
-        print(f"| {H} | {B} | {T} | {kind} | {fmt(fm)} | {' | '.join(fmt(t) for t in ts)} | {names[best]} | "
+        print(f"| {H} | {B} | {T} | {fmt(fm)} | {' | '.join(fmt(t) for t in ts)} | {names[best]} | "
               f"{'n/a' if fm is None else f'{ts[best] / fm:.2f}'} | {d:.1e} |", flush=True)
         del x, q
         torch.cuda.empty_cache()
-    hopper.Q_REG_CHUNKS, hopper.DEFER_L, hopper.EARLY_S = saved
+    hopper.Q_REG_CHUNKS, hopper.DEFER_L = saved
 
 
 print(f"# {torch.cuda.get_device_name()}: absorbed core, Triton vs Gluon kernel (CUDA-graph replays, us)\n")

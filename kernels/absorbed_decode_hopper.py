@@ -91,7 +91,6 @@ NUM_WARPS = 8      # two warpgroups
 MIN_HEADS = 33
 Q_REG_CHUNKS = int(os.environ.get("MLA_COMPILE_GLUON_QREG", "1"))   # see the kernel; A/B knobs for now
 DEFER_L = os.environ.get("MLA_COMPILE_GLUON_DEFER_L", "1") == "1"
-EARLY_S = os.environ.get("MLA_COMPILE_GLUON_EARLY_S", "0") == "1"
 
 
 _CAPABILITY: dict = {}
@@ -269,7 +268,7 @@ if HAVE_GLUON:
         s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_mb, s_mt, s_ob, s_oh,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, DR: gl.constexpr,
         NUM_STAGES: gl.constexpr, MASK_KIND: gl.constexpr, HAS_KVLEN: gl.constexpr, ONE_SPLIT: gl.constexpr,
-        Q_REG_CHUNKS: gl.constexpr = 0, DEFER_L: gl.constexpr = False, EARLY_S: gl.constexpr = False,
+        Q_REG_CHUNKS: gl.constexpr = 0, DEFER_L: gl.constexpr = False,
     ):
         dtype: gl.constexpr = C.dtype.element_ty
         pid_m = gl.program_id(0)
@@ -312,76 +311,28 @@ if HAVE_GLUON:
             qr_reg = qr_smem.load(a_layout)
         if Q_REG_CHUNKS >= 2:
             qh_reg = q_smem.index(1).slice(HI_SMEM, 64, dim=1).load(a_layout)
-        SCORE_GROUPS: gl.constexpr = 5 if Q_REG_CHUNKS >= 2 else 3   # wgmma groups of one tile's Q K^T
-
-        if EARLY_S:
-            # Tile i+1's Q K^T is issued right behind tile i's P V, so the tensor cores run the two
-            # back to back instead of idling through the wait, the CTA barrier and the refill between
-            # them; wgmma groups retire in order, so leaving the score MMAs outstanding waits for P V
-            # alone. The refill of tile i's stage still follows its P V, as in the loop below, so the
-            # loads get the same head start. A split with no key (n_tiles <= 0) skips it all.
-            if n_tiles > 0:
-                mbarrier.wait(kv_bar.index(0), 0)
-                qk = _issue_scores(q_smem, qr_smem, qr_reg, qh_reg, lo_smem.index(0), hi_smem.index(0),
-                                   kr_smem.index(0), s_zero, Q_REG_CHUNKS, HI_SMEM)
-                for i in range(0, n_tiles - 1):
-                    s = i % NUM_STAGES
-                    nx = (i + 1) % NUM_STAGES
-                    lo = lo_smem.index(s)
-                    hi = hi_smem.index(s)
-                    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-                    p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, start + i * BLOCK_N, stop, scale,
-                                                       MASK + b * s_mb, s_mt, dtype, MASK_KIND, BLOCK_N, col_s,
-                                                       DEFER_L)
-                    p_smem.store(p)
-                    fence_async_shared()
-                    _cta_barrier()
-                    alpha_o = gl.convert_layout(alpha, row_o)
-                    acc_lo = warpgroup_mma(p_smem, lo, acc_lo * gl.expand_dims(alpha_o, 1), is_async=True)
-                    acc_hi = warpgroup_mma(p_smem, hi, acc_hi * gl.expand_dims(alpha_o, 1), is_async=True)
-                    mbarrier.wait(kv_bar.index(nx), ((i + 1) // NUM_STAGES) & 1)
-                    qk = _issue_scores(q_smem, qr_smem, qr_reg, qh_reg, lo_smem.index(nx), hi_smem.index(nx),
-                                       kr_smem.index(nx), s_zero, Q_REG_CHUNKS, HI_SMEM)
-                    acc_lo, acc_hi = warpgroup_mma_wait(num_outstanding=SCORE_GROUPS, deps=(acc_lo, acc_hi))
-                    _cta_barrier()   # both warpgroups are done with stage s (and with p_smem): refill it
-                    _refill(c_desc, kr_desc, kv_bar.index(s), lo, hi, kr_smem.index(s),
-                            start + (i + NUM_STAGES) * BLOCK_N, i + NUM_STAGES < n_tiles)
-                last = (n_tiles - 1) % NUM_STAGES
-                qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-                p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, start + (n_tiles - 1) * BLOCK_N, stop, scale,
-                                                   MASK + b * s_mb, s_mt, dtype, MASK_KIND, BLOCK_N, col_s, DEFER_L)
-                p_smem.store(p)
-                fence_async_shared()
-                _cta_barrier()
-                alpha_o = gl.convert_layout(alpha, row_o)
-                acc_lo = warpgroup_mma(p_smem, lo_smem.index(last), acc_lo * gl.expand_dims(alpha_o, 1),
-                                       is_async=True)
-                acc_hi = warpgroup_mma(p_smem, hi_smem.index(last), acc_hi * gl.expand_dims(alpha_o, 1),
-                                       is_async=True)
-                acc_lo, acc_hi = warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, acc_hi))
-        else:
-            for i in range(0, n_tiles):
-                s = i % NUM_STAGES
-                mbarrier.wait(kv_bar.index(s), (i // NUM_STAGES) & 1)
-                lo = lo_smem.index(s)
-                hi = hi_smem.index(s)
-                kr = kr_smem.index(s)
-                qk = _issue_scores(q_smem, qr_smem, qr_reg, qh_reg, lo, hi, kr, s_zero, Q_REG_CHUNKS, HI_SMEM)
-                qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-                p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, start + i * BLOCK_N, stop, scale, MASK + b * s_mb,
-                                                   s_mt, dtype, MASK_KIND, BLOCK_N, col_s, DEFER_L)
-                # The previous tile's P V was waited for and followed by a CTA barrier, so p_smem is free;
-                # the barrier below makes every warp's P visible before either warpgroup's P V reads it.
-                p_smem.store(p)
-                fence_async_shared()
-                _cta_barrier()
-                alpha_o = gl.convert_layout(alpha, row_o)
-                acc_lo = warpgroup_mma(p_smem, lo, acc_lo * gl.expand_dims(alpha_o, 1), is_async=True)
-                acc_hi = warpgroup_mma(p_smem, hi, acc_hi * gl.expand_dims(alpha_o, 1), is_async=True)
-                acc_lo, acc_hi = warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, acc_hi))
-                _cta_barrier()   # both warpgroups are done with stage s: refill it
-                _refill(c_desc, kr_desc, kv_bar.index(s), lo, hi, kr, start + (i + NUM_STAGES) * BLOCK_N,
-                        i + NUM_STAGES < n_tiles)
+        for i in range(0, n_tiles):
+            s = i % NUM_STAGES
+            mbarrier.wait(kv_bar.index(s), (i // NUM_STAGES) & 1)
+            lo = lo_smem.index(s)
+            hi = hi_smem.index(s)
+            kr = kr_smem.index(s)
+            qk = _issue_scores(q_smem, qr_smem, qr_reg, qh_reg, lo, hi, kr, s_zero, Q_REG_CHUNKS, HI_SMEM)
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+            p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, start + i * BLOCK_N, stop, scale, MASK + b * s_mb,
+                                               s_mt, dtype, MASK_KIND, BLOCK_N, col_s, DEFER_L)
+            # The previous tile's P V was waited for and followed by a CTA barrier, so p_smem is free;
+            # the barrier below makes every warp's P visible before either warpgroup's P V reads it.
+            p_smem.store(p)
+            fence_async_shared()
+            _cta_barrier()
+            alpha_o = gl.convert_layout(alpha, row_o)
+            acc_lo = warpgroup_mma(p_smem, lo, acc_lo * gl.expand_dims(alpha_o, 1), is_async=True)
+            acc_hi = warpgroup_mma(p_smem, hi, acc_hi * gl.expand_dims(alpha_o, 1), is_async=True)
+            acc_lo, acc_hi = warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, acc_hi))
+            _cta_barrier()   # both warpgroups are done with stage s: refill it
+            _refill(c_desc, kr_desc, kv_bar.index(s), lo, hi, kr, start + (i + NUM_STAGES) * BLOCK_N,
+                    i + NUM_STAGES < n_tiles)
 
         mbarrier.invalidate(q_bar)
         for st in gl.static_range(NUM_STAGES):
@@ -415,14 +366,14 @@ if HAVE_GLUON:
 
 
 def compile_for_sm90(mask_kind: int = 1, has_kvlen: bool = True, one_split: bool = False, q_reg_chunks: int = None,
-                     defer_l: bool = None, early_s: bool = None):
+                     defer_l: bool = None):
     """Compile the kernel ahead of time for sm_90 with the installed Triton; no GPU needed (Triton's
     wheel carries ptxas). Returns the compiled kernel (`.asm["ptx"]`, `.metadata.shared`). Run it in a
     process without TRITON_INTERPRET=1: the interpreter's patched builtins break Gluon's compiler."""
     consts = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, NUM_STAGES=NUM_STAGES, MASK_KIND=mask_kind,
                   HAS_KVLEN=has_kvlen, ONE_SPLIT=one_split,
                   Q_REG_CHUNKS=Q_REG_CHUNKS if q_reg_chunks is None else q_reg_chunks,
-                  DEFER_L=DEFER_L if defer_l is None else defer_l, EARLY_S=EARLY_S if early_s is None else early_s)
+                  DEFER_L=DEFER_L if defer_l is None else defer_l)
     return compile_gluon_for_sm90(_hopper_split_kernel, consts, mask_kind, NUM_WARPS)
 
 
@@ -459,5 +410,5 @@ def hopper_split_attention(q_lat, q_rope, c, kr, mask_kind: int, mask, mask_stri
         out.stride(0), out.stride(1),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, NUM_STAGES=NUM_STAGES, MASK_KIND=mask_kind,
         HAS_KVLEN=kv_lens is not None, ONE_SPLIT=splits == 1, Q_REG_CHUNKS=Q_REG_CHUNKS, DEFER_L=DEFER_L,
-        EARLY_S=EARLY_S, num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
