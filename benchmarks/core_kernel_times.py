@@ -1,7 +1,7 @@
 """Where the absorbed core's time goes at the small points (issue 4's 80%-of-floor target at 16/32 heads):
-per point, the CUDA-graph time of one call, the GPU time of each of its kernels (torch.profiler, the
-split kernel and the merge of splits), what is left between them (launch and drain gaps inside the
-graph), and the same with one split forced (no merge kernel, one program per batch).
+per point, the CUDA-graph time of one call, the GPU time of each of its kernels (torch.profiler: the
+split kernel and the merge of splits) and what is left between them (launch and drain gaps inside the
+graph), with the merge in two passes and in one (absorbed_decode.MERGE_ONE_PASS).
 
     python benchmarks/core_kernel_times.py
 """
@@ -16,6 +16,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import DN, DR, R, bench, copy_rate, fmt, inputs  # noqa: E402
 
+from mla_compile.kernels import absorbed_decode  # noqa: E402
 from mla_compile.kernels.absorbed_decode import absorbed_latent_attention, choose_splits  # noqa: E402
 
 
@@ -35,13 +36,6 @@ def kernel_times(fn, reps: int = 20):
     return out
 
 
-def short(name: str) -> str:
-    for key in ("keys_major", "hopper_split", "absorbed_split", "merge_splits"):
-        if key in name:
-            return key
-    return name[:30]
-
-
 def main():
     bw = copy_rate()
     print(f"# {torch.cuda.get_device_name()}: absorbed core, kernel times at small points\n")
@@ -49,26 +43,34 @@ def main():
           f"triton {triton.__version__}; command: `python benchmarks/core_kernel_times.py`")
     print(f"- floor = bytes / measured copy rate ({bw / 1e12:.2f} TB/s); graph = CUDA-graph replay (us); "
           "kernels = torch.profiler GPU time per call; gap = graph - sum of kernels\n")
-    print("| H | B | T | splits | graph us | kernels (us) | gap us | 1 split: graph us | 1 split: kernel us | floor us |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| H | B | T | splits | merge | graph us | split kernel us | merge us | gap us | floor us | floor/graph |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for H, B, T in ((32, 8, 1024), (32, 8, 4096), (32, 8, 16384), (32, 32, 4096), (16, 8, 4096), (16, 8, 16384),
                     (16, 32, 4096), (128, 8, 4096), (128, 8, 16384)):
         x = inputs(B, H, 1, T)
         q = torch.einsum("bhsd,hdr->bhsr", x["q_nope"], x["w_uk"])
         scale = 1 / math.sqrt(DN + DR)
         splits, _ = choose_splits(q.device, B, 1 if H <= 32 else triton.cdiv(H, 64), T)
-        fn = lambda n=None: absorbed_latent_attention(q, x["q_rope"], x["latent"], x["k_rope"], None,  # noqa: E731
-                                                      scale, False, num_splits=n)
-        g = bench(fn, graph=True)
-        ks = kernel_times(fn)
-        g1 = bench(lambda: fn(1), graph=True)
-        k1 = kernel_times(lambda: fn(1))
+        fn = lambda: absorbed_latent_attention(q, x["q_rope"], x["latent"], x["k_rope"], None,  # noqa: E731
+                                               scale, False)
         floor = 2 * (B * T * (R + DR) + B * H * (R + DR) + B * H * R) / bw * 1e6
-        kstr = ", ".join(f"{short(k)} {v:.1f}" for k, v in ks.items())
-        print(f"| {H} | {B} | {T} | {splits} | {fmt(g)} | {kstr} | {fmt(g - sum(ks.values()))} | {fmt(g1)} | "
-              f"{fmt(sum(k1.values()))} | {fmt(floor)} |", flush=True)
+        outs = []
+        for one_pass in (False, True):
+            absorbed_decode.MERGE_ONE_PASS = one_pass
+            outs.append(fn().float())
+            g = bench(fn, graph=True)
+            ks = kernel_times(fn)
+            split = sum(v for k, v in ks.items() if "merge" not in k)
+            merge = sum(v for k, v in ks.items() if "merge" in k)
+            print(f"| {H} | {B} | {T} | {splits} | {'one pass' if one_pass else 'two passes'} | {fmt(g)} | "
+                  f"{fmt(split)} | {fmt(merge)} | {fmt(g - split - merge)} | {fmt(floor)} | {100 * floor / g:.0f}% |",
+                  flush=True)
+        d = ((outs[0] - outs[1]).abs().max() / outs[0].abs().max()).item()
+        if d > 1e-2:
+            print(f"  ! the two merges differ: max rel diff {d:.1e}", flush=True)
         del x, q
         torch.cuda.empty_cache()
+    absorbed_decode.MERGE_ONE_PASS = True
 
 
 if __name__ == "__main__":

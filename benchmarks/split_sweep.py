@@ -25,6 +25,7 @@ RESULTS = os.path.join(HERE, "results")
 
 from bench_kernels import R, DR, DN, bench, copy_rate, fmt, inputs  # noqa: E402
 
+from mla_compile.kernels import absorbed_decode_keys_major as keys_major  # noqa: E402
 from mla_compile.kernels.absorbed_decode import (  # noqa: E402
     absorbed_latent_attention, block_m_for, choose_splits,
 )
@@ -60,7 +61,8 @@ def main():
         for B, T in points:
             x = inputs(B, H, 1, T)
             q_lat = torch.einsum("bhsd,hdr->bhsr", x["q_nope"], x["w_uk"])
-            bm = block_m_for(H)
+            # the dispatch's row tile: a keys-major program takes all heads of a batch (as 64 rows)
+            bm = 64 if keys_major.applies(q_lat.device, q_lat.dtype, H, 1, R, DR, False) else block_m_for(H)
             chosen, _ = choose_splits(q_lat.device, B, math.ceil(H / bm), T, bm)
             counts = sorted({max(1, chosen // 2), chosen, chosen * 2, chosen * 4, chosen * 8, chosen * 16} - {0})
             times = {}

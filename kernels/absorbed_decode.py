@@ -40,6 +40,9 @@ from mla_compile.kernels.launch import launcher
 from mla_compile.passes.forms.common import as_tokens, check_args, is_traced
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The merge of splits in one pass where the splits fit one block (see _merge_splits_kernel); 0 = the two
+# passes everywhere (an A/B knob, benchmarks/core_kernel_times.py)
+MERGE_ONE_PASS = os.environ.get("MLA_COMPILE_MERGE_ONE_PASS", "1") != "0"
 LOG2E = 1.4426950408889634
 
 if INTERPRET:
@@ -152,7 +155,7 @@ def _merge_splits_kernel(
     OP, ML, O, S, R, P, M,
     s_pb, s_pp,
     s_ob, s_oh, s_os, s_od,
-    R_PAD: tl.constexpr, RB: tl.constexpr, PB: tl.constexpr,
+    R_PAD: tl.constexpr, RB: tl.constexpr, PB: tl.constexpr, ONE_PASS: tl.constexpr = False,
 ):
     # One flat axis over (batch, row): either alone can pass the 65535 limit of grid axes 1 and 2.
     pid = tl.program_id(0).to(tl.int64)
@@ -164,35 +167,54 @@ def _merge_splits_kernel(
     # ML [B, P, M, 2] fp32: (m_p, l_p) of row `row` in split p at 2 * ((b * P + p) * M + row)
     ml_base = ML + 2 * ((b * s_pb) // R_PAD + row)
     ml_pp = 2 * (s_pp // R_PAD)
-    # pass 1: the largest m_p over the splits that saw a key (l_p > 0)
-    mx = tl.full([PB], float("-inf"), tl.float32)
-    for p0 in range(0, P, PB):
-        offs_p = (p0 + tl.arange(0, PB)).to(tl.int64)
+    if ONE_PASS:
+        # All splits in one block (P <= PB): (m_p, l_p) and the split outputs are loaded together, one
+        # round of memory latency where the two passes below take two (the merge of a small point is
+        # latency, not bytes).
+        offs_p = tl.arange(0, PB).to(tl.int64)
         p_ok = offs_p < P
         m_p = tl.load(ml_base + offs_p * ml_pp, mask=p_ok, other=float("-inf"))
         l_p = tl.load(ml_base + offs_p * ml_pp + 1, mask=p_ok, other=0.0)
-        mx = tl.maximum(mx, tl.where(l_p > 0, m_p, float("-inf")))
-    m = tl.max(mx, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    # pass 2: weights w_p = l_p exp(m_p - m) (0 for an empty split) and the weighted sum of the
-    # (normalised) split outputs, PB splits at a time
-    total = tl.zeros([PB], tl.float32)
-    acc = tl.zeros([RB], tl.float32)
-    for p0 in range(0, P, PB):
-        offs_p = (p0 + tl.arange(0, PB)).to(tl.int64)
-        p_ok = offs_p < P
-        m_p = tl.load(ml_base + offs_p * ml_pp, mask=p_ok, other=float("-inf"))
-        l_p = tl.load(ml_base + offs_p * ml_pp + 1, mask=p_ok, other=0.0)
-        has = l_p > 0
-        w = tl.where(has, l_p * tl.exp(tl.where(has, m_p, m) - m), 0.0)
-        total += w
         o = tl.load(OP + b * s_pb + offs_p[:, None] * s_pp + row * R_PAD + offs_r[None, :], mask=p_ok[:, None],
                     other=0.0)
-        acc += tl.sum(w[:, None] * o, 0)
-    tot = tl.sum(total, 0)
-    tot = tl.where(tot > 0, tot, 1.0)
-    tl.store(O + b * s_ob + h * s_oh + s * s_os + offs_r * s_od, (acc / tot).to(O.dtype.element_ty),
-             mask=offs_r < R)
+        has = l_p > 0
+        m = tl.max(tl.where(has, m_p, float("-inf")), 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.where(has, l_p * tl.exp(tl.where(has, m_p, m) - m), 0.0)
+        tot = tl.sum(w, 0)
+        tot = tl.where(tot > 0, tot, 1.0)
+        tl.store(O + b * s_ob + h * s_oh + s * s_os + offs_r * s_od,
+                 (tl.sum(w[:, None] * o, 0) / tot).to(O.dtype.element_ty), mask=offs_r < R)
+    else:
+        # pass 1: the largest m_p over the splits that saw a key (l_p > 0)
+        mx = tl.full([PB], float("-inf"), tl.float32)
+        for p0 in range(0, P, PB):
+            offs_p = (p0 + tl.arange(0, PB)).to(tl.int64)
+            p_ok = offs_p < P
+            m_p = tl.load(ml_base + offs_p * ml_pp, mask=p_ok, other=float("-inf"))
+            l_p = tl.load(ml_base + offs_p * ml_pp + 1, mask=p_ok, other=0.0)
+            mx = tl.maximum(mx, tl.where(l_p > 0, m_p, float("-inf")))
+        m = tl.max(mx, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        # pass 2: weights w_p = l_p exp(m_p - m) (0 for an empty split) and the weighted sum of the
+        # (normalised) split outputs, PB splits at a time
+        total = tl.zeros([PB], tl.float32)
+        acc = tl.zeros([RB], tl.float32)
+        for p0 in range(0, P, PB):
+            offs_p = (p0 + tl.arange(0, PB)).to(tl.int64)
+            p_ok = offs_p < P
+            m_p = tl.load(ml_base + offs_p * ml_pp, mask=p_ok, other=float("-inf"))
+            l_p = tl.load(ml_base + offs_p * ml_pp + 1, mask=p_ok, other=0.0)
+            has = l_p > 0
+            w = tl.where(has, l_p * tl.exp(tl.where(has, m_p, m) - m), 0.0)
+            total += w
+            o = tl.load(OP + b * s_pb + offs_p[:, None] * s_pp + row * R_PAD + offs_r[None, :], mask=p_ok[:, None],
+                        other=0.0)
+            acc += tl.sum(w[:, None] * o, 0)
+        tot = tl.sum(total, 0)
+        tot = tl.where(tot > 0, tot, 1.0)
+        tl.store(O + b * s_ob + h * s_oh + s * s_os + offs_r * s_od, (acc / tot).to(O.dtype.element_ty),
+                 mask=offs_r < R)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,7 +296,7 @@ def merge_splits(o_part, ml, out_view, S: int, R: int, splits: int):
         o_part, ml, out_view, S, R, splits, M,
         o_part.stride(0), o_part.stride(1),
         *out_view.stride(),
-        R_PAD=R_PAD, RB=RB, PB=PB,
+        R_PAD=R_PAD, RB=RB, PB=PB, ONE_PASS=MERGE_ONE_PASS and P <= PB,
         num_warps=4,
     )
 
