@@ -3,7 +3,10 @@ per point, the CUDA-graph time of one call, the GPU time of each of its kernels 
 split kernel and the merge of splits) and what is left between them (launch and drain gaps inside the
 graph), with the merge in two passes and in one (absorbed_decode.MERGE_ONE_PASS).
 
-    python benchmarks/core_kernel_times.py
+    python benchmarks/core_kernel_times.py [--merge]
+
+--merge: only the merge kernel, on random split outputs of those points' shapes, over its row-block
+width RB and warp count (CUDA-graph replays).
 """
 import datetime
 import math
@@ -73,5 +76,29 @@ def main():
     absorbed_decode.MERGE_ONE_PASS = True
 
 
+def merge_table():
+    print(f"# {torch.cuda.get_device_name()}: merge of splits alone, RB x num_warps (CUDA-graph replays, us)\n")
+    print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; command: "
+          "`python benchmarks/core_kernel_times.py --merge`; default = the launcher's choice\n")
+    configs = [(rb, w) for rb in (128, 256, 512) for w in (2, 4, 8)]
+    print("| H | B | splits | default us | " + " | ".join(f"RB{rb} w{w}" for rb, w in configs) + " |")
+    print("|---|---|---|---|" + "---|" * len(configs))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for H, B, P in ((32, 8, 4), (32, 8, 16), (32, 32, 4), (16, 8, 16), (16, 32, 4), (128, 8, 8)):
+        o_part = torch.randn(B, P, H, R, device="cuda", generator=g)
+        ml = torch.rand(B, P, H, 2, device="cuda", generator=g) + 0.5
+        out = torch.empty(B, H, 1, R, device="cuda", dtype=torch.bfloat16)
+        run = lambda rb=None, w=4: absorbed_decode.merge_splits(o_part, ml, out, 1, R, P, rb, w)  # noqa: E731
+        run()
+        ref = out.float().clone()
+        ts = []
+        for rb, w in configs:
+            run(rb, w)
+            assert (out.float() - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
+            ts.append(bench(lambda: run(rb, w), graph=True))
+        print(f"| {H} | {B} | {P} | {fmt(bench(run, graph=True))} | " + " | ".join(fmt(t) for t in ts) + " |",
+              flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    merge_table() if "--merge" in sys.argv else main()

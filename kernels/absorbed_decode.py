@@ -282,7 +282,7 @@ def choose_splits(device, B: int, row_tiles: int, T: int, block_m: int = 64, flo
     return triton.cdiv(max(T, 1), chunk), chunk
 
 
-def merge_splits(o_part, ml, out_view, S: int, R: int, splits: int):
+def merge_splits(o_part, ml, out_view, S: int, R: int, splits: int, rb: int | None = None, num_warps: int = 4):
     """o_part [B, P, M, R_PAD] fp32 contiguous (each split's output, normalised by its own sum l_p) and
     ml [B, P, M, 2] fp32 contiguous (each split's row max m_p and sum l_p of exp(x - m_p), natural
     units; m_p = -inf, l_p = 0 for a split that saw no key) -> out_view [B, H, S, R] (any strides):
@@ -290,14 +290,14 @@ def merge_splits(o_part, ml, out_view, S: int, R: int, splits: int):
     B, P, M, R_PAD = o_part.shape
     # Many rows: one program per row over the whole r (few, fat programs). Few rows (small batch, many
     # splits): split r across programs too, so the merge is not a handful of long serial loops.
-    RB = R_PAD if B * M >= 1024 else min(R_PAD, 128)
+    RB = rb or (R_PAD if B * M >= 1024 else min(R_PAD, 128))   # rb: a benchmark's override
     PB = max(2, min(16, triton.next_power_of_2(P)))
     launcher(_merge_splits_kernel, o_part)[(B * M, R_PAD // RB)](
         o_part, ml, out_view, S, R, splits, M,
         o_part.stride(0), o_part.stride(1),
         *out_view.stride(),
         R_PAD=R_PAD, RB=RB, PB=PB, ONE_PASS=MERGE_ONE_PASS and P <= PB,
-        num_warps=4,
+        num_warps=num_warps,
     )
 
 
