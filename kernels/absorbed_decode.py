@@ -288,9 +288,12 @@ def merge_splits(o_part, ml, out_view, S: int, R: int, splits: int, rb: int | No
     units; m_p = -inf, l_p = 0 for a split that saw no key) -> out_view [B, H, S, R] (any strides):
     sum_p w_p o_p / sum_p w_p with w_p = l_p exp(m_p - max_p m_p); zeros for a row with no key at all."""
     B, P, M, R_PAD = o_part.shape
-    # Many rows: one program per row over the whole r (few, fat programs). Few rows (small batch, many
-    # splits): split r across programs too, so the merge is not a handful of long serial loops.
-    RB = rb or (R_PAD if B * M >= 1024 else min(R_PAD, 128))   # rb: a benchmark's override
+    # One program per row over the whole r (4 warps): the fastest or within 0.5 us of it at every shape
+    # of `python benchmarks/core_kernel_times.py --merge` (128-1024 rows, 4-16 splits; H200, 20:04 UTC),
+    # where a quarter of r a program (the old rule below 1024 rows) took up to 3.3x as long. Very few
+    # rows (B*M < 64: small batch, many splits): r is still split across programs, so that the merge is
+    # not a handful of long serial loops (not measured there).
+    RB = rb or (R_PAD if B * M >= 64 else min(R_PAD, 128))   # rb: a benchmark's override
     PB = max(2, min(16, triton.next_power_of_2(P)))
     launcher(_merge_splits_kernel, o_part)[(B * M, R_PAD // RB)](
         o_part, ml, out_view, S, R, splits, M,
