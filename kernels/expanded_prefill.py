@@ -34,6 +34,9 @@ from mla_compile.kernels.launch import launcher
 from mla_compile.passes.forms.common import as_tokens, check_args
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The listed (masked) key blocks through one copy of the block's code, the mask load predicated on the
+# block's flag, instead of two copies (an A/B knob: benchmarks/prefill_mask_profile.py)
+ONE_BODY = os.environ.get("MLA_COMPILE_PREFILL_ONE_BODY", "0") == "1"
 
 if INTERPRET:
     _CONFIGS = [triton.Config({}, num_warps=4, num_stages=1)]
@@ -46,11 +49,12 @@ else:
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base,
+def _attend_block(acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base, need_mask,
                   sm_scale, T, DN, DV, DR, s_kt, s_kd, s_vt, s_vd, s_krt, s_krd, s_mt,
                   BLOCK_N: tl.constexpr, DN_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                   DR_PAD: tl.constexpr, HAS_ROPE: tl.constexpr, MASK_KIND: tl.constexpr,
-                  LOAD_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+                  LOAD_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                  NEED_FLAG: tl.constexpr = False):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < T
     offs_n = offs_n.to(tl.int64)      # key x token stride (H*(dn+dv) in the expansion) passes 2**31 at long T
@@ -69,11 +73,17 @@ def _attend_block(acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_ba
     if IS_CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
     if LOAD_MASK:
+        # NEED_FLAG: the runtime flag need_mask says whether to read the tile at all; where it is
+        # False the loads are predicated off and read as "allowed" / 0 (out-of-range entries stay
+        # excluded by `valid`)
+        ld = valid
+        if NEED_FLAG:
+            ld = tl.where(need_mask != 0, valid, False)   # (valid & scalar trips the interpreter)
         if MASK_KIND == 1:
-            mv = tl.load(mask_base + offs_m[:, None] * 0 + offs_n[None, :] * s_mt, mask=valid, other=0)
+            mv = tl.load(mask_base + offs_m[:, None] * 0 + offs_n[None, :] * s_mt, mask=ld, other=1)
             valid = valid & (mv != 0)
         if MASK_KIND == 2:
-            mv = tl.load(mask_base + offs_n[None, :] * s_mt, mask=valid, other=0.0)
+            mv = tl.load(mask_base + offs_n[None, :] * s_mt, mask=ld, other=0.0)
             qk += mv.to(tl.float32)
     qk = tl.where(valid, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -87,7 +97,7 @@ def _attend_block(acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_ba
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=_CONFIGS, key=["DN_PAD", "DV_PAD", "DR_PAD", "MASK_KIND", "IS_CAUSAL", "BLOCK_M",
+@triton.autotune(configs=_CONFIGS, key=["DN_PAD", "DV_PAD", "DR_PAD", "MASK_KIND", "IS_CAUSAL", "ONE_BODY", "BLOCK_M",
                                         "BLOCK_N", "DOT_PREC"])
 @triton.jit
 def _expanded_fwd_kernel(
@@ -102,7 +112,7 @@ def _expanded_fwd_kernel(
     s_ob, s_oh, s_os, s_od,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DN_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     DR_PAD: tl.constexpr, HAS_ROPE: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, ONE_BODY: tl.constexpr = False,
 ):
     sm_scale = tl.cast(sm_scale, tl.float32)   # Inductor passes a Python float as an fp64 scalar: keep the tiles' math fp32
     pid_m = n_mblocks - 1 - tl.program_id(0)          # heaviest (causal) query tiles first
@@ -133,7 +143,7 @@ def _expanded_fwd_kernel(
             hi = tl.minimum(T, (pid_m + 1) * BLOCK_M)
         for n0 in range(0, hi, BLOCK_N):
             acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base,
+                acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base, True,
                 sm_scale, T, DN, DV, DR, s_kt, s_kd, s_vt, s_vd, s_krt, s_krd, s_mt,
                 BLOCK_N, DN_PAD, DV_PAD, DR_PAD, HAS_ROPE, MASK_KIND, False, IS_CAUSAL, DOT_PREC)
     else:
@@ -144,20 +154,25 @@ def _expanded_fwd_kernel(
         # plain loop, which Triton software-pipelines; then the listed blocks, reading the mask
         for n0 in range(0, pre * BLOCK_N, BLOCK_N):
             acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base,
+                acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base, True,
                 sm_scale, T, DN, DV, DR, s_kt, s_kd, s_vt, s_vd, s_krt, s_krd, s_mt,
                 BLOCK_N, DN_PAD, DV_PAD, DR_PAD, HAS_ROPE, MASK_KIND, False, IS_CAUSAL, DOT_PREC)
         for i in range(pre, cnt):
             e = tl.load(LIST + lbase * n_nblocks + i)
             n0 = (e // 2) * BLOCK_N
-            if e % 2 == 1:          # entirely allowed, zero bias: no mask tile to read
+            if ONE_BODY:            # one copy of the block's code, the mask load predicated on the flag
                 acc, m_i, l_i = _attend_block(
-                    acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base,
+                    acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base, 1 - e % 2,
+                    sm_scale, T, DN, DV, DR, s_kt, s_kd, s_vt, s_vd, s_krt, s_krd, s_mt,
+                    BLOCK_N, DN_PAD, DV_PAD, DR_PAD, HAS_ROPE, MASK_KIND, True, IS_CAUSAL, DOT_PREC, True)
+            elif e % 2 == 1:        # entirely allowed, zero bias: no mask tile to read
+                acc, m_i, l_i = _attend_block(
+                    acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base, True,
                     sm_scale, T, DN, DV, DR, s_kt, s_kd, s_vt, s_vd, s_krt, s_krd, s_mt,
                     BLOCK_N, DN_PAD, DV_PAD, DR_PAD, HAS_ROPE, MASK_KIND, False, IS_CAUSAL, DOT_PREC)
             else:
                 acc, m_i, l_i = _attend_block(
-                    acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base,
+                    acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base, True,
                     sm_scale, T, DN, DV, DR, s_kt, s_kd, s_vt, s_vd, s_krt, s_krd, s_mt,
                     BLOCK_N, DN_PAD, DV_PAD, DR_PAD, HAS_ROPE, MASK_KIND, True, IS_CAUSAL, DOT_PREC)
 
@@ -293,6 +308,7 @@ def expanded_attention(q_nope, q_rope, k_nope, v, k_rope, mask=None, scale=1.0, 
         BLOCK_M=BM, BLOCK_N=BN, DN_PAD=max(16, triton.next_power_of_2(dn)),
         DV_PAD=max(16, triton.next_power_of_2(dv)), DR_PAD=max(16, triton.next_power_of_2(max(dr, 1))),
         HAS_ROPE=dr > 0, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), DOT_PREC=dot_precision(dt),
+        ONE_BODY=ONE_BODY,
     )
     return out
 
