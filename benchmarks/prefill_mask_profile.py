@@ -1,8 +1,7 @@
 """Why expanded prefill with HF's float causal mask is slower than with is_causal (issue 4: 3.3x Inductor
 against 4.2x): per variant, the time (do_bench, L2 flushed, as bench_kernels.py), the GPU time of each
 kernel (torch.profiler: the expansion GEMM, the mask's block map, the attention kernel), the
-autotuner's pick and the attention kernel's registers and spills; with the float mask, the listed
-blocks in two copies of the block code (as before) and in one (expanded_prefill.ONE_BODY).
+autotuner's pick and the attention kernel's registers and spills.
 
     python benchmarks/prefill_mask_profile.py
 """
@@ -54,9 +53,7 @@ def main():
         fmask = torch.full((S, S), torch.finfo(DT).min, device="cuda", dtype=DT).triu(1)[None, None]
         a = (x["q_nope"], x["q_rope"], x["latent"], x["k_rope"], x["w_uk"], x["w_uv"])
         ref = None
-        for name, mask, causal, one_body in (("is_causal", None, True, False), ("float mask, two bodies", fmask, False, False),
-                                             ("float mask, one body", fmask, False, True)):
-            ep.ONE_BODY = one_body
+        for name, mask, causal in (("is_causal", None, True), ("HF float causal mask", fmask, False)):
             fn = lambda: ep.expanded_prefill(*a, mask, scale, causal)  # noqa: E731
             o = fn().float()
             ref = o if ref is None else ref
@@ -68,7 +65,6 @@ def main():
             print(f"| {H} | {name} | {fmt(t)} | {kstr} | {pick} | {d:.1e} |", flush=True)
         del x, fmask
         torch.cuda.empty_cache()
-    ep.ONE_BODY = False
     print("\ncompiled attention kernels:", *compiled_info(), sep="\n- ")
 
 

@@ -13,11 +13,11 @@ shared by every head (never broadcast into a [B, H, T, dr] copy); the dot produc
 K_nope and V are the two halves of the expansion's rows, read in place through their strides.
 
 Skipping work: with is_causal and no mask, a query tile stops at its diagonal (the upper triangle
-is never loaded). With a mask, `_block_map_kernel` (grid (query tiles, B), one read of the mask, no
-host sync, so CUDA graphs can capture it) first lists, per query tile, the key blocks that hold any
-allowed entry, each flagged "entirely allowed with zero bias"; the attention kernel visits only those
-blocks (so HF's causal-shaped masks skip their dead triangle) and reads the mask tile only in
-partially masked blocks. Float entries <= finfo.min / 2 count as masked; a query tile with a row
+is never loaded). With a mask, `block_map` (one read of the mask by (key block, query tile, batch)
+programs, then one list per query tile; no host sync, so CUDA graphs can capture it) first lists, per
+query tile, the key blocks that hold any allowed entry, each flagged "entirely allowed with zero
+bias"; the attention kernel visits only those blocks (so HF's causal-shaped masks skip their dead
+triangle) and reads the mask tile only in partially masked blocks. Float entries <= finfo.min / 2 count as masked; a query tile with a row
 masked everywhere keeps every block (the reference's uniform-row semantics for float masks).
 """
 
@@ -34,9 +34,6 @@ from mla_compile.kernels.launch import launcher
 from mla_compile.passes.forms.common import as_tokens, check_args
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# The listed (masked) key blocks through one copy of the block's code, the mask load predicated on the
-# block's flag, instead of two copies (an A/B knob: benchmarks/prefill_mask_profile.py)
-ONE_BODY = os.environ.get("MLA_COMPILE_PREFILL_ONE_BODY", "0") == "1"
 
 if INTERPRET:
     _CONFIGS = [triton.Config({}, num_warps=4, num_stages=1)]
@@ -53,8 +50,7 @@ def _attend_block(acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_ba
                   sm_scale, T, DN, DV, DR, s_kt, s_kd, s_vt, s_vd, s_krt, s_krd, s_mt,
                   BLOCK_N: tl.constexpr, DN_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                   DR_PAD: tl.constexpr, HAS_ROPE: tl.constexpr, MASK_KIND: tl.constexpr,
-                  LOAD_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                  NEED_FLAG: tl.constexpr = False):
+                  LOAD_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < T
     offs_n = offs_n.to(tl.int64)      # key x token stride (H*(dn+dv) in the expansion) passes 2**31 at long T
@@ -73,12 +69,9 @@ def _attend_block(acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_ba
     if IS_CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
     if LOAD_MASK:
-        # NEED_FLAG: the runtime flag need_mask says whether to read the tile at all; where it is
-        # False the loads are predicated off and read as "allowed" / 0 (out-of-range entries stay
-        # excluded by `valid`)
-        ld = valid
-        if NEED_FLAG:
-            ld = tl.where(need_mask != 0, valid, False)   # (valid & scalar trips the interpreter)
+        # need_mask (a runtime flag) 0: the loads are predicated off and read as "allowed" / 0
+        # (out-of-range entries stay excluded by `valid`); tl.where, as valid & scalar trips the interpreter
+        ld = tl.where(need_mask != 0, valid, False)
         if MASK_KIND == 1:
             mv = tl.load(mask_base + offs_m[:, None] * 0 + offs_n[None, :] * s_mt, mask=ld, other=1)
             valid = valid & (mv != 0)
@@ -97,7 +90,7 @@ def _attend_block(acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_ba
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=_CONFIGS, key=["DN_PAD", "DV_PAD", "DR_PAD", "MASK_KIND", "IS_CAUSAL", "ONE_BODY", "BLOCK_M",
+@triton.autotune(configs=_CONFIGS, key=["DN_PAD", "DV_PAD", "DR_PAD", "MASK_KIND", "IS_CAUSAL", "BLOCK_M",
                                         "BLOCK_N", "DOT_PREC"])
 @triton.jit
 def _expanded_fwd_kernel(
@@ -112,7 +105,7 @@ def _expanded_fwd_kernel(
     s_ob, s_oh, s_os, s_od,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DN_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     DR_PAD: tl.constexpr, HAS_ROPE: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    DOT_PREC: tl.constexpr, ONE_BODY: tl.constexpr = False,
+    DOT_PREC: tl.constexpr,
 ):
     sm_scale = tl.cast(sm_scale, tl.float32)   # Inductor passes a Python float as an fp64 scalar: keep the tiles' math fp32
     pid_m = n_mblocks - 1 - tl.program_id(0)          # heaviest (causal) query tiles first
@@ -160,21 +153,14 @@ def _expanded_fwd_kernel(
         for i in range(pre, cnt):
             e = tl.load(LIST + lbase * n_nblocks + i)
             n0 = (e // 2) * BLOCK_N
-            if ONE_BODY:            # one copy of the block's code, the mask load predicated on the flag
-                acc, m_i, l_i = _attend_block(
-                    acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base, 1 - e % 2,
-                    sm_scale, T, DN, DV, DR, s_kt, s_kd, s_vt, s_vd, s_krt, s_krd, s_mt,
-                    BLOCK_N, DN_PAD, DV_PAD, DR_PAD, HAS_ROPE, MASK_KIND, True, IS_CAUSAL, DOT_PREC, True)
-            elif e % 2 == 1:        # entirely allowed, zero bias: no mask tile to read
-                acc, m_i, l_i = _attend_block(
-                    acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base, True,
-                    sm_scale, T, DN, DV, DR, s_kt, s_kd, s_vt, s_vd, s_krt, s_krd, s_mt,
-                    BLOCK_N, DN_PAD, DV_PAD, DR_PAD, HAS_ROPE, MASK_KIND, False, IS_CAUSAL, DOT_PREC)
-            else:
-                acc, m_i, l_i = _attend_block(
-                    acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base, True,
-                    sm_scale, T, DN, DV, DR, s_kt, s_kd, s_vt, s_vd, s_krt, s_krd, s_mt,
-                    BLOCK_N, DN_PAD, DV_PAD, DR_PAD, HAS_ROPE, MASK_KIND, True, IS_CAUSAL, DOT_PREC)
+            # one copy of the block's code for both kinds of listed block: the mask tile is read only
+            # where the block is not entirely allowed with zero bias (the flag; the loads predicated off
+            # otherwise). Two copies (a branch on the flag) took 2034 against 1755 us at H=128, S=T=4096
+            # (prefill-mask-profile-NVIDIA-H200.md).
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base, 1 - e % 2,
+                sm_scale, T, DN, DV, DR, s_kt, s_kd, s_vt, s_vd, s_krt, s_krd, s_mt,
+                BLOCK_N, DN_PAD, DV_PAD, DR_PAD, HAS_ROPE, MASK_KIND, True, IS_CAUSAL, DOT_PREC)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -217,56 +203,92 @@ def _mask_tile(MASK, b, offs_m, m_ok, nb, T, s_mb, s_ms, s_mt, min_half,
 
 
 @triton.jit
-def _block_map_kernel(
-    MASK, LIST, CNT, S, T, n_mblocks, n_nblocks, s_mb, s_ms, s_mt, min_half,
+def _block_flags_kernel(
+    MASK, FLAGS, ROWANY, S, T, n_mblocks, n_nblocks, s_mb, s_ms, s_mt, min_half,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    # One program per (key block, query tile, batch): the mask is read once, by every SM at once.
+    # FLAGS[b, m, n] = 0 dead (no allowed entry), 1 live, 2 live and entirely allowed with zero bias;
+    # float masks also mark in ROWANY[b, row] (zeroed by the launcher) the rows with an allowed entry.
+    nb = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < S
-    base = (b * n_mblocks + pid_m) * n_nblocks
-    # Float masks: a query row masked everywhere makes its tile keep every block (pass 1, a first
-    # read of the mask rows). Nothing written here is read back, so no barrier is needed.
+    allowed, free = _mask_tile(MASK, b, offs_m, m_ok, nb, T, s_mb, s_ms, s_mt, min_half,
+                               BLOCK_N, IS_BOOL, IS_CAUSAL)
+    row_any = tl.max(allowed.to(tl.int32), 1)
+    live = tl.max(row_any, 0)
+    all_free = tl.min(tl.min(free.to(tl.int32), 1), 0)
+    tl.store(FLAGS + (b * n_mblocks + pid_m) * n_nblocks + nb, (live * (1 + all_free)).to(tl.int8))
+    if not IS_BOOL:
+        tl.atomic_max(ROWANY + b * S + offs_m, row_any, mask=m_ok & (row_any > 0))
+
+
+@triton.jit
+def _block_list_kernel(
+    FLAGS, ROWANY, LIST, CNT, S, n_mblocks, n_nblocks,
+    BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, IS_BOOL: tl.constexpr,
+):
+    # One program per (query tile, batch): the live key blocks in order, each 2 * block + (entirely
+    # allowed with zero bias), their count, and how many leading blocks 0, 1, ... are live and entirely
+    # allowed. A float-masked query row with no allowed entry at all makes its tile keep every block
+    # (the reference's uniform-row semantics).
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
     keep_all = 0
     if not IS_BOOL:
-        row_any = tl.zeros([BLOCK_M], tl.int32)
-        for nb in range(0, n_nblocks):
-            allowed, free = _mask_tile(MASK, b, offs_m, m_ok, nb, T, s_mb, s_ms, s_mt, min_half,
-                                       BLOCK_N, IS_BOOL, IS_CAUSAL)
-            row_any = tl.maximum(row_any, tl.max(allowed.to(tl.int32), 1))
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < S
+        row_any = tl.load(ROWANY + b * S + offs_m, mask=m_ok, other=1)
         keep_all = tl.max((m_ok & (row_any == 0)).to(tl.int32), 0)
-    # pass 2: the live blocks, in order, each 2 * block + (entirely allowed with zero bias)
+    base = (b * n_mblocks + pid_m) * n_nblocks
     cnt = 0
-    prefix = 0          # leading blocks 0, 1, ... that are all live and entirely allowed
-    run = 1
-    for nb in range(0, n_nblocks):
-        allowed, free = _mask_tile(MASK, b, offs_m, m_ok, nb, T, s_mb, s_ms, s_mt, min_half,
-                                   BLOCK_N, IS_BOOL, IS_CAUSAL)
-        live = tl.max(tl.max(allowed.to(tl.int32), 1), 0) | keep_all
-        all_free = tl.min(tl.min(free.to(tl.int32), 1), 0)
-        tl.store(LIST + base + cnt, nb * 2 + all_free, mask=live != 0)
-        cnt += live
-        run = run & live & all_free
-        prefix += run
+    prefix = 0
+    open_run = 1          # no dead or partial block seen yet
+    for c0 in range(0, n_nblocks, CHUNK):
+        offs_n = c0 + tl.arange(0, CHUNK)
+        n_ok = offs_n < n_nblocks
+        f = tl.load(FLAGS + base + offs_n, mask=n_ok, other=0).to(tl.int32)
+        live = (f > 0) & n_ok
+        if not IS_BOOL:     # tl.where, not `| scalar`: a tensor-scalar mask trips the interpreter
+            live = tl.where(keep_all != 0, n_ok, live)
+        li = live.to(tl.int32)
+        pos = cnt + tl.cumsum(li, 0) - li
+        tl.store(LIST + base + pos, offs_n * 2 + (f == 2).to(tl.int32), mask=live)
+        cnt += tl.sum(li, 0)
+        # the prefix: up to the first block in the chunk that is not live-and-free, if the run is open
+        first_bad = tl.min(tl.where(n_ok & (f != 2), offs_n, n_nblocks), 0)
+        prefix = tl.where(open_run != 0, tl.minimum(first_bad, c0 + CHUNK), prefix)
+        prefix = tl.minimum(prefix, n_nblocks)
+        open_run = open_run & (first_bad >= c0 + CHUNK).to(tl.int32)
     tl.store(CNT + (b * n_mblocks + pid_m) * 2, cnt)
     tl.store(CNT + (b * n_mblocks + pid_m) * 2 + 1, prefix)
 
 
-def block_map(view, S, T, is_causal, BM, BN):
+def block_map(view, S, T, is_causal, BM, BN, chunk: int | None = None):
     """Live key blocks per query tile of a mask, given as `mask_view`'s (kind, [B, S, T] view, strides):
     (entries [B, nM, nN] int32, the first counts[b, m, 0] of them live, each 2*block + entirely_allowed;
     counts [B, nM, 2] int32: the live count, and how many leading blocks 0, 1, ... are live and
-    entirely allowed), built on the device in one launch."""
+    entirely allowed), built on the device without a host sync: one read of the mask by (key block,
+    query tile, batch) programs, then the lists from the per-block flags. (A single kernel per query
+    tile walking its row of blocks read the mask twice with 32 programs: 400 us of a 2.65 ms prefill at
+    S=T=4096, prefill-mask-profile-NVIDIA-H200.md.) chunk: blocks a list program takes at a time (tests)."""
     kind, m, (s_mb, s_ms, s_mt) = view
     B = m.shape[0]
     nM, nN = triton.cdiv(S, BM), triton.cdiv(T, BN)
+    flags = torch.empty(B, nM, nN, dtype=torch.int8, device=m.device)
+    row_any = torch.zeros(B, S if kind == 2 else 1, dtype=torch.int32, device=m.device)
     entries = torch.empty(B, nM, nN, dtype=torch.int32, device=m.device)
     counts = torch.empty(B, nM, 2, dtype=torch.int32, device=m.device)
     min_half = float(torch.finfo(m.dtype).min / 2) if kind == 2 else 0.0
-    launcher(_block_map_kernel, m)[(nM, B)](
-        m, entries, counts, S, T, nM, nN, s_mb, s_ms, s_mt, min_half,
+    launcher(_block_flags_kernel, m)[(nN, nM, B)](
+        m, flags, row_any, S, T, nM, nN, s_mb, s_ms, s_mt, min_half,
         BLOCK_M=BM, BLOCK_N=BN, IS_BOOL=kind == 1, IS_CAUSAL=bool(is_causal), num_warps=4,
+    )
+    launcher(_block_list_kernel, m)[(nM, B)](
+        flags, row_any, entries, counts, S, nM, nN,
+        BLOCK_M=BM, CHUNK=chunk or min(1024, max(16, triton.next_power_of_2(nN))), IS_BOOL=kind == 1, num_warps=4,
     )
     return entries, counts
 
@@ -308,7 +330,6 @@ def expanded_attention(q_nope, q_rope, k_nope, v, k_rope, mask=None, scale=1.0, 
         BLOCK_M=BM, BLOCK_N=BN, DN_PAD=max(16, triton.next_power_of_2(dn)),
         DV_PAD=max(16, triton.next_power_of_2(dv)), DR_PAD=max(16, triton.next_power_of_2(max(dr, 1))),
         HAS_ROPE=dr > 0, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), DOT_PREC=dot_precision(dt),
-        ONE_BODY=ONE_BODY,
     )
     return out
 

@@ -307,6 +307,67 @@ def test_expanded_causal_mask_skips_triangle():
     assert counts[0, 5 // BM, 0].item() == nN
 
 
+def _block_map_reference(m, S, T, is_causal, BM, BN):
+    """The block map's contract in torch: per (batch, query tile) the live key blocks in order, each
+    2 * block + (entirely allowed with zero bias), the live count, and the leading live-and-free run;
+    out-of-range entries count as free, not allowed; a float-masked row with nothing allowed keeps
+    every block of its tile."""
+    is_bool = m.dtype == torch.bool
+    B = m.shape[0]
+    nM, nN = triton.cdiv(S, BM), triton.cdiv(T, BN)
+    allowed = (m != 0) if is_bool else (m > torch.finfo(m.dtype).min / 2)
+    free = allowed.clone() if is_bool else (m == 0)
+    if is_causal:
+        tri = torch.ones(S, T, dtype=torch.bool).tril()
+        allowed, free = allowed & tri, free & tri
+    pad = lambda x, v: torch.nn.functional.pad(x, (0, nN * BN - T, 0, nM * BM - S), value=v)  # noqa: E731
+    a, f = pad(allowed, False), pad(free, True)
+    row_dead = ~allowed.any(-1)                                              # [B, S]
+    out = []
+    for b in range(B):
+        for i in range(nM):
+            keep = (not is_bool) and bool(row_dead[b, i * BM:(i + 1) * BM].any())
+            ents, prefix, run = [], 0, True
+            for n in range(nN):
+                ta, tf = a[b, i * BM:(i + 1) * BM, n * BN:(n + 1) * BN], f[b, i * BM:(i + 1) * BM, n * BN:(n + 1) * BN]
+                live, all_free = bool(ta.any()), bool(tf.all())
+                if live or keep:
+                    ents.append(2 * n + int(live and all_free))
+                run = run and live and all_free
+                prefix += int(run)
+            out.append((ents, prefix))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_block_map_matches_reference(kind, is_causal, chunk):
+    from mla_compile.kernels.absorbed_decode import mask_view
+    from mla_compile.kernels.expanded_prefill import block_map
+    B, S, T, BM, BN = 2, 37, 70, 16, 16
+    g = torch.Generator().manual_seed(11 + 2 * int(is_causal) + (chunk or 0))
+    if kind == "bool":
+        m = torch.rand(B, S, T, generator=g) > 0.6
+        m[:, :, :16] &= torch.ones(S, 16, dtype=torch.bool).tril()      # a causal-shaped corner
+        m[0, 20:30] = True                                             # wholly allowed rows
+        m[1, 4] = False                                                # a row with nothing allowed
+    else:
+        m = torch.where(torch.rand(B, S, T, generator=g) > 0.5, 0.0, torch.finfo(torch.float32).min)
+        m[:, 16:32, :48] = 0.0                                         # free blocks, a leading run
+        m[0, 33, :] = torch.finfo(torch.float32).min                   # a row masked everywhere
+        m[1, 2, 5] = -3.0                                              # a bias: allowed, not free
+    entries, counts = block_map(mask_view(m[:, None].to(DEV), B, S, T), S, T, is_causal, BM, BN, chunk)
+    ref = _block_map_reference(m, S, T, is_causal, BM, BN)
+    nM = triton.cdiv(S, BM)
+    for b in range(B):
+        for i in range(nM):
+            ents, prefix = ref[b * nM + i]
+            n = counts[b, i, 0].item()
+            assert entries[b, i, :n].cpu().tolist() == ents, (b, i)
+            assert counts[b, i, 1].item() == prefix, (b, i)
+
+
 def test_unsplit_weights():
     qn, qr, c, kr, wuk, wuv = make(1, 3, 9, 9)
     args = (qn, qr, c, kr, wuk.contiguous(), wuv.contiguous())
