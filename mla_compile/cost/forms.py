@@ -68,7 +68,8 @@ SOFTMAX_PASSES_UNFUSED = 12     # fp32 score-matrix reads+writes of the referenc
 # launches per kernel, fused (GPU kernels) vs unfused (one per torch op in passes/forms references)
 LAUNCHES = {
     True: {
-        "expanded": {"expand": 1, "attention": 1, "block_map": 1, "dsa_mask": 3},
+        # block_map: the per-block flags, then the lists (kernels/expanded_prefill.py)
+        "expanded": {"expand": 1, "attention": 1, "block_map": 2, "dsa_mask": 3},
         # absorb: the [H, B*S, dn] copy of q_nope + the bmm; attention: split kernel + log-sum-exp
         # merge; output: the bmm + the [B, H, S, dv] contiguous copy (kernels/absorbed_decode.py)
         "absorbed": {"absorb": 2, "attention": 2, "output": 2, "dsa_mask": 3},
@@ -160,11 +161,12 @@ def form_steps(form: str, *, causal: bool = True, fused: bool = True, mask: bool
         if form == "absorbed":
             steps.append(Step("output", "output", 2 * B * H * S * r * dv, 0, q_lat + w_uv + out))
         if (mask or dsa_mask) and form == "expanded" and fused:
-            # the block map reads the mask (twice at most: float masks first look for dead rows); the
-            # attention kernel then reads only partially masked tiles, once per head (its programs
-            # run head by head): a causal mask's diagonal (counted as none), but every tile of a
-            # top-k mask, whose allowed keys are scattered
-            steps.append(Step("block_map", "block_map", 0, 2 * B * S * T, 2 * B * S * T * e))
+            # the block map reads the mask once (per-block flags; the second launch, the lists, reads
+            # B*S*T / (64*128) flags, left out of the bytes); the attention kernel then reads
+            # only partially masked tiles, once per head (its programs run head by head): a causal
+            # mask's diagonal (counted as none), but every tile of a top-k mask, whose allowed keys
+            # are scattered
+            steps.append(Step("block_map", "block_map", 0, B * S * T, B * S * T * e))
             steps.append(Step("mask", u("softmax"), 0, B * H * L, H * B * S * T * e if dsa_mask else 0))
         elif (mask or dsa_mask) and fused:
             # absorbed: a tile of ROW_TILE rows (head, query) reads the mask rows of its queries, so
