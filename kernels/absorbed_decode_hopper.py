@@ -46,7 +46,9 @@ one-warp TMA producer; the row max, P and its rescale factor handed between them
 memory), was built and measured at commit 93255aa (benchmarks/results/seesaw-ab-NVIDIA-H200.md,
 18:27-18:34 UTC, its GPU tests all passing): with 64-key tiles in two stages 1.04-1.12x this kernel's
 time (a pair of tiles holds both stages, so the next pair's loads start late), with 32-key tiles in
-four stages 0.98-1.01x. Neither was kept.
+four stages 0.98-1.01x. Neither was kept. Issuing tile i+1's Q K^T right behind tile i's P V in this
+loop (the tensor cores then run the two back to back) took 0.98-1.07x its time (hopper-variants run 3,
+commit df642d5) and was not kept either.
 hopper-ab-NVIDIA-H200.md compares it with the Triton kernel (0.58-0.73x its time) and, forced to 16
 and 32 heads (its 64-row tile then 75% / 50% padding), finds it slower at H=16 (1.10-1.33x) and at
 H=32 0.92-1.08x. Those head counts go to the keys-major kernel (absorbed_decode_keys_major), which

@@ -27,7 +27,9 @@ ring of 64-key tiles (2 x 72 KB) keeps one tile in flight while the other is com
 Measured on an H200 (keys-major-ab-NVIDIA-H200.md, 18:03 UTC): 0.67-1.00x the Triton kernel's time at
 8-32 heads, 85-105% of the bytes floor from 32 key tiles a program, 66-77% at 16 tiles (B=8 T=16K,
 B=32 T=4K) and 43-57% at B=8 T=4K (4 tiles a program): there a fixed ~10-15 us (descriptors, the
-first tiles' latency, the split outputs and their merge) weighs against 9-36 us of streaming. ncu at
+first tiles' latency, the split outputs and their merge) weighs against 9-36 us of streaming
+(core-kernel-times-NVIDIA-H200.md: at 16 tiles a program the kernel alone reaches 79-85% of the floor,
+the merge and the graph's gaps take 3-5 us more; at 4 tiles it takes 12.7-15.6 us for 9 us). ncu at
 H=32 B=8 T=16K (ncu-keys-major-H200.txt): DRAM 67% busy (3.2 TB/s) over the kernel's 47.8 us.
 Prefetching 1, 2 or 4 further key tiles into L2 ahead of the ring (cp.async.bulk.prefetch.L2 from
 one thread; commit a57c35b) was 2-50% slower at every point (keys-major-ab-prefetch-NVIDIA-H200.md)
