@@ -128,6 +128,30 @@ def test_absorbed_many_splits_merge():
     assert rel_err(many, one.double().cpu()) < 1e-5
 
 
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_merge_passes_against_float64(one_pass, monkeypatch):
+    # the merge's one-pass and two-pass forms, with a split past a row's valid length (m = -inf, l = 0)
+    # and a bool-masked row, against float64 softmax attention over each batch's valid keys
+    from mla_compile.kernels import absorbed_decode
+    monkeypatch.setattr(absorbed_decode, "MERGE_ONE_PASS", one_pass)
+    B, H, S, T = 2, 3, 1, 90
+    qn, qr, c, kr, wuk, wuv = make(B, H, S, T)
+    q_lat = torch.einsum("bhsd,hdr->bhsr", qn, wuk)
+    lens = torch.tensor([90, 20], dtype=torch.int32, device=DEV)
+    m = torch.rand(B, 1, 1, T, generator=torch.Generator().manual_seed(5)) > 0.3
+    m[1, 0, 0, :] = False                                       # batch 1: nothing allowed at all
+    o = absorbed_latent_attention(q_lat, qr, c, kr, m.to(DEV), 0.2, False, kv_lens=lens, num_splits=4)
+    for b in range(B):
+        n = int(lens[b])
+        sc = (q_lat[b, :, 0] @ c[b, 0, :n].T + qr[b, :, 0] @ kr[b, 0, :n].T).double().cpu() * 0.2
+        sc = sc.masked_fill(~m[b, 0, 0, :n], float("-inf"))
+        if bool(m[b, 0, 0, :n].any()):
+            ref = torch.softmax(sc, -1) @ c[b, 0, :n].double().cpu()
+        else:                                                   # a row with no allowed key: zeros
+            ref = torch.zeros(H, c.shape[-1], dtype=torch.float64)
+        assert (o[b, :, 0].double().cpu() - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
+
+
 def test_absorbed_fully_masked_row_is_zero():
     B, H, S, T = 1, 3, 2, 20
     args = make(B, H, S, T)
