@@ -278,7 +278,9 @@ def block_map(view, S, T, is_causal, BM, BN, chunk: int | None = None):
     B = m.shape[0]
     nM, nN = triton.cdiv(S, BM), triton.cdiv(T, BN)
     flags = torch.empty(B, nM, nN, dtype=torch.int8, device=m.device)
-    row_any = torch.zeros(B, S if kind == 2 else 1, dtype=torch.int32, device=m.device)
+    # float masks only: rows with an allowed entry (zero-filled: a third launch); unused for bool masks
+    row_any = (torch.zeros(B, S, dtype=torch.int32, device=m.device) if kind == 2
+               else torch.empty(B, 1, dtype=torch.int32, device=m.device))
     entries = torch.empty(B, nM, nN, dtype=torch.int32, device=m.device)
     counts = torch.empty(B, nM, 2, dtype=torch.int32, device=m.device)
     min_half = float(torch.finfo(m.dtype).min / 2) if kind == 2 else 0.0

@@ -130,26 +130,46 @@ def test_absorbed_many_splits_merge():
 
 @pytest.mark.parametrize("one_pass", [False, True])
 def test_merge_passes_against_float64(one_pass, monkeypatch):
-    # the merge's one-pass and two-pass forms, with a split past a row's valid length (m = -inf, l = 0)
-    # and a bool-masked row, against float64 softmax attention over each batch's valid keys
+    # the merge's one-pass and two-pass forms against float64 attention over each batch's valid,
+    # allowed keys: 5 splits (8 lanes: padding in the one-pass form); batch 1's rows mix splits with
+    # keys and splits past its valid length (m = -inf, l = 0); batch 2 allows no key at all (zeros)
     from mla_compile.kernels import absorbed_decode
     monkeypatch.setattr(absorbed_decode, "MERGE_ONE_PASS", one_pass)
-    B, H, S, T = 2, 3, 1, 90
+    B, H, S, T = 3, 3, 1, 300
     qn, qr, c, kr, wuk, wuv = make(B, H, S, T)
     q_lat = torch.einsum("bhsd,hdr->bhsr", qn, wuk)
-    lens = torch.tensor([90, 20], dtype=torch.int32, device=DEV)
+    lens = torch.tensor([300, 100, 50], dtype=torch.int32, device=DEV)
     m = torch.rand(B, 1, 1, T, generator=torch.Generator().manual_seed(5)) > 0.3
-    m[1, 0, 0, :] = False                                       # batch 1: nothing allowed at all
-    o = absorbed_latent_attention(q_lat, qr, c, kr, m.to(DEV), 0.2, False, kv_lens=lens, num_splits=4)
+    m[2] = False
+    o = absorbed_latent_attention(q_lat, qr, c, kr, m.to(DEV), 0.2, False, kv_lens=lens, num_splits=5)
+    ql, qrd, cd, krd = (f64(x).cpu() for x in (q_lat, qr, c, kr))
     for b in range(B):
         n = int(lens[b])
-        sc = (q_lat[b, :, 0] @ c[b, 0, :n].T + qr[b, :, 0] @ kr[b, 0, :n].T).double().cpu() * 0.2
-        sc = sc.masked_fill(~m[b, 0, 0, :n], float("-inf"))
-        if bool(m[b, 0, 0, :n].any()):
-            ref = torch.softmax(sc, -1) @ c[b, 0, :n].double().cpu()
-        else:                                                   # a row with no allowed key: zeros
-            ref = torch.zeros(H, c.shape[-1], dtype=torch.float64)
-        assert (o[b, :, 0].double().cpu() - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
+        allowed = m[b, 0, 0, :n]
+        if not bool(allowed.any()):                            # a row with no allowed key: zeros
+            assert o[b].abs().max().item() == 0
+            continue
+        sc = (ql[b, :, 0] @ cd[b, 0, :n].T + qrd[b, :, 0] @ krd[b, 0, :n].T) * 0.2
+        ref = torch.softmax(sc.masked_fill(~allowed, float("-inf")), -1) @ cd[b, 0, :n]
+        assert rel_err(o[b, :, 0], ref) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_expanded_free_blocks_after_a_partial_one(kind):
+    # key block 0 partly masked, the blocks after it entirely allowed: they are listed (not the free
+    # prefix) and take the attention kernel's predicated-off mask load
+    B, H, S, T = 1, 3, 20, 70
+    args = make(B, H, S, T)
+    if kind == "bool":
+        m = torch.ones(B, 1, S, T, dtype=torch.bool)
+        m[..., 3] = False
+    else:
+        m = torch.zeros(B, 1, S, T)
+        m[..., 3] = torch.finfo(torch.float32).min
+    m = m.to(DEV)
+    out = expanded_prefill(*args, m, 0.19, False)
+    ref = expanded_reference(*map(f64, args), f64(m), 0.19, False)
+    assert rel_err(out, ref) < 1e-4
 
 
 def test_absorbed_fully_masked_row_is_zero():
@@ -363,7 +383,7 @@ def _block_map_reference(m, S, T, is_causal, BM, BN):
     return out
 
 
-@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("kind", ["bool", "float", "bf16-broadcast"])
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("chunk", [None, 2])
 def test_block_map_matches_reference(kind, is_causal, chunk):
@@ -381,6 +401,10 @@ def test_block_map_matches_reference(kind, is_causal, chunk):
         m[:, 16:32, :48] = 0.0                                         # free blocks, a leading run
         m[0, 33, :] = torch.finfo(torch.float32).min                   # a row masked everywhere
         m[1, 2, 5] = -3.0                                              # a bias: allowed, not free
+        m[1, 7, 9] = float("-inf")
+        if kind == "bf16-broadcast":      # one mask for both batches (stride 0), in bf16 (its finfo.min)
+            m = m[:1].to(torch.bfloat16).masked_fill(m[:1] == torch.finfo(torch.float32).min,
+                                                     torch.finfo(torch.bfloat16).min).expand(B, S, T)
     entries, counts = block_map(mask_view(m[:, None].to(DEV), B, S, T), S, T, is_causal, BM, BN, chunk)
     ref = _block_map_reference(m, S, T, is_causal, BM, BN)
     nM = triton.cdiv(S, BM)

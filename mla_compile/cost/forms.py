@@ -68,8 +68,9 @@ SOFTMAX_PASSES_UNFUSED = 12     # fp32 score-matrix reads+writes of the referenc
 # launches per kernel, fused (GPU kernels) vs unfused (one per torch op in passes/forms references)
 LAUNCHES = {
     True: {
-        # block_map: the per-block flags, then the lists (kernels/expanded_prefill.py)
-        "expanded": {"expand": 1, "attention": 1, "block_map": 2, "dsa_mask": 3},
+        # block_map: a float mask's zero-filled row flags, the per-block flags, then the lists
+        # (kernels/expanded_prefill.py; a bool mask skips the fill)
+        "expanded": {"expand": 1, "attention": 1, "block_map": 3, "dsa_mask": 3},
         # absorb: the [H, B*S, dn] copy of q_nope + the bmm; attention: split kernel + log-sum-exp
         # merge; output: the bmm + the [B, H, S, dv] contiguous copy (kernels/absorbed_decode.py)
         "absorbed": {"absorb": 2, "attention": 2, "output": 2, "dsa_mask": 3},
@@ -161,8 +162,8 @@ def form_steps(form: str, *, causal: bool = True, fused: bool = True, mask: bool
         if form == "absorbed":
             steps.append(Step("output", "output", 2 * B * H * S * r * dv, 0, q_lat + w_uv + out))
         if (mask or dsa_mask) and form == "expanded" and fused:
-            # the block map reads the mask once (per-block flags; the second launch, the lists, reads
-            # B*S*T / (64*128) flags, left out of the bytes); the attention kernel then reads
+            # the block map reads the mask once (per-block flags; the list launch reads B*S*T / (64*128)
+            # flags, left out of the bytes); the attention kernel then reads
             # only partially masked tiles, once per head (its programs run head by head): a causal
             # mask's diagonal (counted as none), but every tile of a top-k mask, whose allowed keys
             # are scattered
