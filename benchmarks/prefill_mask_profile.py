@@ -15,19 +15,9 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import DN, DR, DT, bench, fmt, inputs  # noqa: E402
+from core_kernel_times import kernel_times  # noqa: E402
 
 from mla_compile.kernels import expanded_prefill as ep  # noqa: E402
-
-
-def kernel_times(fn, reps=5):
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    return {ev.key[:40]: getattr(ev, "device_time_total", 0) / reps for ev in prof.key_averages()
-            if getattr(ev, "device_time_total", 0) > 0 and ev.device_type == torch.autograd.DeviceType.CUDA}
 
 
 def compiled_info():
@@ -59,9 +49,9 @@ def main():
             ref = o if ref is None else ref
             d = ((o - ref).abs().max() / ref.abs().max()).item()
             t = bench(fn)
-            ks = kernel_times(fn)
+            ks = kernel_times(fn, reps=5)
             pick = getattr(ep._expanded_fwd_kernel, "best_config", "?")
-            kstr = ", ".join(f"{k} {v:.0f}" for k, v in sorted(ks.items(), key=lambda kv: -kv[1]))
+            kstr = ", ".join(f"{k[:40]} {v:.0f}" for k, v in sorted(ks.items(), key=lambda kv: -kv[1]))
             print(f"| {H} | {name} | {fmt(t)} | {kstr} | {pick} | {d:.1e} |", flush=True)
         del x, fmask
         torch.cuda.empty_cache()

@@ -7,15 +7,18 @@
 #          then, with NCU="B T H[;B T H]", Nsight Compute over one absorbed-kernel launch (profile_absorbed.py)
 # Results: $OUT/results.tgz (benchmarks/results/* and the logs) and $OUT/summary.txt.
 source benchmarks/gpu_env.sh
+# gpu_tests [VAR=value ...]: the GPU test selection, with those variables set, appended to the log
+gpu_tests() {
+  env "$@" timeout -k 5 ${TESTS_TIMEOUT:-420} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py \
+    tests/test_triton_ops.py tests/test_gpu.py tests/test_reliability.py ${TESTS_K:+-k "$TESTS_K"} >> "$OUT/logs/gpu-tests.log" 2>&1
+}
 (
   export CUDA_VISIBLE_DEVICES=0
-  timeout -k 5 ${TESTS_TIMEOUT:-420} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py \
-    tests/test_triton_ops.py tests/test_gpu.py tests/test_reliability.py ${TESTS_K:+-k "$TESTS_K"} > "$OUT/logs/gpu-tests.log" 2>&1
+  gpu_tests
   echo "tests rc=$?" >> "$OUT/logs/gpu-tests.log"
   if [ -n "${TESTS_ENV2:-}" ]; then
     echo "== again with $TESTS_ENV2" >> "$OUT/logs/gpu-tests.log"
-    env $TESTS_ENV2 timeout -k 5 ${TESTS_TIMEOUT:-420} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py \
-      tests/test_triton_ops.py tests/test_gpu.py tests/test_reliability.py ${TESTS_K:+-k "$TESTS_K"} >> "$OUT/logs/gpu-tests.log" 2>&1
+    gpu_tests $TESTS_ENV2
     echo "tests ($TESTS_ENV2) rc=$?" >> "$OUT/logs/gpu-tests.log"
   fi
 ) &
