@@ -401,6 +401,11 @@ def hopper_split_attention(q_lat, q_rope, c, kr, mask_kind: int, mask, mask_stri
     mask as `absorbed_decode.mask_view` gives it ([B, 1, T] view: kind 0 none, 1 bytes, 2 float), kv_lens
     int32 [B] or None; with one split it writes `out` [B, H, 1, r], else o_part [B, P, H, r] fp32 and ml
     [B, P, H, 2] fp32, each split's row max m and sum l (what `merge_splits` takes)."""
+    from mla_compile.kernels import absorbed_decode_seesaw as seesaw   # it imports this module
+
+    if seesaw.enabled():   # MLA_COMPILE_SEESAW=1: FlashMLA's schedule (A/B)
+        return seesaw.seesaw_split_attention(q_lat, q_rope, c, kr, mask_kind, mask, mask_strides, kv_lens, out,
+                                             o_part, ml, scale, chunk, splits)
     B, H, _, _ = q_lat.shape
     T = c.shape[1]
     ensure_allocator()

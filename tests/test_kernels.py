@@ -625,6 +625,24 @@ def test_gpu_absorbed_keys_major_path(H, splits, T, dtype, mask):
     _check_absorbed_core_nan_tails(H, splits, T, dtype, mask)
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,splits,T", [(128, None, 4100), (128, 9, 4100), (128, 1, 700), (40, None, 4100),
+                                        (64, 3, 333), (128, 1, 64), (128, 2, 4100)])
+@pytest.mark.parametrize("mask", [None, "bool", "hf_min"])
+def test_gpu_absorbed_seesaw_path(H, splits, T, dtype, mask, monkeypatch):
+    """The heads-major kernel on FlashMLA's schedule (MLA_COMPILE_SEESAW=1), the same cases: odd tile
+    counts (a pair's second tile past the split's end), splits of one tile, a single key (a pair wholly
+    masked but for one key), empty splits past a short valid length."""
+    from mla_compile.kernels import absorbed_decode_hopper as hopper
+
+    monkeypatch.setenv("MLA_COMPILE_SEESAW", "1")
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert hopper.applies(torch.device(DEV), dtype, H, 1, 512, 64, False)
+    _check_absorbed_core_nan_tails(H, splits, T, dtype, mask)
+
+
 def _check_absorbed_core_nan_tails(H, splits, T, dtype, mask):
     """The absorbed core against float64, batch by batch, over a [.., 576] cache row viewed as latent
     and RoPE with valid lengths T, 777, 1, 64 and NaN in every slot past them; returns the inputs."""
