@@ -39,7 +39,9 @@ def main():
     out("- bf16, S=1, r=512, dr=64, no mask; CUDA-graph replay medians (us), kernel and split merge; rel diff: "
         "max |a - b| / max |b| against the lockstep kernel")
     out("- seesaw: kernels/absorbed_decode_seesaw.py as committed with this table (FlashMLA's schedule: 64-column "
-        "pieces on their own mbarriers, each warpgroup's own P from registers, no producer warp)\n")
+        "pieces on their own mbarriers, each warpgroup's own P from registers, no producer warp); "
+        f"MLA_COMPILE_SEESAW_PIECES={os.environ.get('MLA_COMPILE_SEESAW_PIECES', '9')} (3: one mbarrier per "
+        "latent half and one for RoPE)\n")
     out("| H | B | T | lockstep us | seesaw us | FlashMLA us | seesaw/lockstep | lockstep/FlashMLA | "
         "seesaw/FlashMLA | rel diff |")
     out("|---|---|---|---|---|---|---|---|---|---|")

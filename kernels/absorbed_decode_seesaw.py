@@ -74,44 +74,66 @@ def enabled() -> bool:
 if hopper.HAVE_GLUON:
     @gluon.jit
     def _load_pieces(c_desc, kr_desc, bars, STAGE: gl.constexpr, lo, hi, kr, key0, FIRST: gl.constexpr,
-                     LAST: gl.constexpr, pred):
-        # pieces FIRST..LAST-1 of one key tile, each on its own mbarrier (0-3 the latent's low half,
-        # 4-7 its high half, 8 the RoPE part)
+                     LAST: gl.constexpr, pred, GROUPED: gl.constexpr):
+        # pieces FIRST..LAST-1 of one key tile (0-3 the latent's low half, 4-7 its high half, 8 the RoPE
+        # part), each on its own mbarrier, or (GROUPED) on one per half and one for the RoPE piece
         for j in gl.static_range(FIRST, LAST):
-            bar = bars.index(16 * STAGE + j)
-            if j < 8:
-                mbarrier.expect(bar, c_desc.block_type.nbytes, pred=pred)
-                if j < 4:
-                    _tma_load(c_desc, [key0, j * 64], bar, lo.slice(j * 64, 64, dim=1), pred=pred)
-                else:
-                    _tma_load(c_desc, [key0, j * 64], bar, hi.slice((j - 4) * 64, 64, dim=1), pred=pred)
+            if GROUPED:
+                bar = bars.index(16 * STAGE + j // 4)
+                if j % 4 == 0:   # the first piece of its group: expect the group's bytes
+                    if j < 8:
+                        mbarrier.expect(bar, 4 * c_desc.block_type.nbytes, pred=pred)
+                    else:
+                        mbarrier.expect(bar, kr_desc.block_type.nbytes, pred=pred)
             else:
-                mbarrier.expect(bar, kr_desc.block_type.nbytes, pred=pred)
+                bar = bars.index(16 * STAGE + j)
+                if j < 8:
+                    mbarrier.expect(bar, c_desc.block_type.nbytes, pred=pred)
+                else:
+                    mbarrier.expect(bar, kr_desc.block_type.nbytes, pred=pred)
+            if j < 4:
+                _tma_load(c_desc, [key0, j * 64], bar, lo.slice(j * 64, 64, dim=1), pred=pred)
+            elif j < 8:
+                _tma_load(c_desc, [key0, j * 64], bar, hi.slice((j - 4) * 64, 64, dim=1), pred=pred)
+            else:
                 _tma_load(kr_desc, [key0, 0], bar, kr, pred=pred)
 
     @gluon.jit
-    def _score_piece(q_smem, qr_reg, lo, hi, kr, bars, STAGE: gl.constexpr, phase, s, J: gl.constexpr,
-                     USE_ACC: gl.constexpr):
-        mbarrier.wait(bars.index(16 * STAGE + J), phase)
+    def _score_piece(q0, q1, qr_reg, lo, hi, kr, bars, STAGE: gl.constexpr, phase, s, J: gl.constexpr,
+                     USE_ACC: gl.constexpr, GROUPED: gl.constexpr):
+        if GROUPED:   # pieces are issued in whole groups (0-3, 4-7, 8): wait at a group's first
+            if J % 4 == 0:
+                mbarrier.wait(bars.index(16 * STAGE + J // 4), phase)
+        else:
+            mbarrier.wait(bars.index(16 * STAGE + J), phase)
         if J < 4:
-            s = warpgroup_mma(q_smem.index(0).slice(J * 64, 64, dim=1), lo.slice(J * 64, 64, dim=1).permute((1, 0)),
+            s = warpgroup_mma(q0.slice(J * 64, 64, dim=1), lo.slice(J * 64, 64, dim=1).permute((1, 0)),
                               s, use_acc=USE_ACC, is_async=True)
         elif J < 8:
-            s = warpgroup_mma(q_smem.index(1).slice((J - 4) * 64, 64, dim=1),
+            s = warpgroup_mma(q1.slice((J - 4) * 64, 64, dim=1),
                               hi.slice((J - 4) * 64, 64, dim=1).permute((1, 0)), s, use_acc=USE_ACC, is_async=True)
         else:
             s = warpgroup_mma(qr_reg, kr.permute((1, 0)), s, use_acc=USE_ACC, is_async=True)
         return s
 
     @gluon.jit
-    def _score_pieces(q_smem, qr_reg, lo, hi, kr, bars, STAGE: gl.constexpr, phase, s, FIRST: gl.constexpr,
-                      LAST: gl.constexpr, ZERO_FIRST: gl.constexpr):
+    def _score_pieces(q0, q1, qr_reg, lo, hi, kr, bars, STAGE: gl.constexpr, phase, s, FIRST: gl.constexpr,
+                      LAST: gl.constexpr, ZERO_FIRST: gl.constexpr, GROUPED: gl.constexpr):
         # S (+)= Q K^T over pieces FIRST..LAST-1 (mod 9), each issued as soon as its piece has landed;
         # one wgmma group a piece. Q's RoPE piece is the register operand qr_reg.
-        s = _score_piece(q_smem, qr_reg, lo, hi, kr, bars, STAGE, phase, s, FIRST % 9, not ZERO_FIRST)
+        s = _score_piece(q0, q1, qr_reg, lo, hi, kr, bars, STAGE, phase, s, FIRST % 9, not ZERO_FIRST, GROUPED)
         for jj in gl.static_range(FIRST + 1, LAST):
-            s = _score_piece(q_smem, qr_reg, lo, hi, kr, bars, STAGE, phase, s, jj % 9, True)
+            s = _score_piece(q0, q1, qr_reg, lo, hi, kr, bars, STAGE, phase, s, jj % 9, True, GROUPED)
         return s
+
+    @gluon.jit
+    def _views(q_smem, lo_smem, hi_smem, kr_smem, z):
+        # The two halves of Q and both stages' pieces, at index offset z. Inside the loops z = k >> 30,
+        # which is 0 for any real pair count but which the compiler cannot prove: the 72 shared-memory
+        # descriptors of a tile's score MMAs are then computed where they are used, each iteration,
+        # rather than hoisted out of the loop, where they held 144 registers and made ptxas spill.
+        return (q_smem.index(z), q_smem.index(z + 1), lo_smem.index(z), hi_smem.index(z), kr_smem.index(z),
+                lo_smem.index(z + 1), hi_smem.index(z + 1), kr_smem.index(z + 1))
 
     @gluon.jit
     def _probs(s, m_prev, n0, stop, scale, MASK, s_mt, MASK_KIND: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -160,7 +182,7 @@ if hopper.HAVE_GLUON:
     def _even_warpgroup(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, pe_smem, vec_smem, kbar, sync, q_bar,
                         c_desc, kr_desc, O, OP, ML, MASK, s_mt, scale, H, start, stop, n_pairs, row0, b, pid_p,
                         splits, s_ob, s_oh, ONE_SPLIT: gl.constexpr, MASK_KIND: gl.constexpr,
-                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr):
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, GROUPED: gl.constexpr):
         # Warpgroup E: scores of the even tiles (stage 0), output columns 0-255 (the latent's low half,
         # pieces 0-3 of each stage, which E refills).
         dtype: gl.constexpr = q_smem.dtype
@@ -173,21 +195,17 @@ if hopper.HAVE_GLUON:
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         a_s: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
         a_o: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        lo0 = lo_smem.index(0)
-        hi0 = hi_smem.index(0)
-        kr0 = kr_smem.index(0)
-        lo1 = lo_smem.index(1)
-        hi1 = hi_smem.index(1)
-        kr1 = kr_smem.index(1)
+        q0, q1, lo0, hi0, kr0, lo1, hi1, kr1 = _views(q_smem, lo_smem, hi_smem, kr_smem, 0)
 
         mbarrier.wait(q_bar, 0)
         qr_reg = qr_smem.load(a_s)
         acc = gl.zeros([BLOCK_M, HALF], gl.float32, layout=o_layout)
         l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
         s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-        s = _score_pieces(q_smem, qr_reg, lo0, hi0, kr0, kbar, 0, 0, s, 0, 9, True)
+        s = _score_pieces(q0, q1, qr_reg, lo0, hi0, kr0, kbar, 0, 0, s, 0, 9, True, GROUPED)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         for k in range(n_pairs):
+            q0, q1, lo0, hi0, kr0, lo1, hi1, kr1 = _views(q_smem, lo_smem, hi_smem, kr_smem, k >> 30)
             ph = k & 1
             has_next = k + 1 < n_pairs
             m_prev = vec_smem.slice(V_M * BLOCK_M, BLOCK_M).load(row_s)
@@ -203,7 +221,8 @@ if hopper.HAVE_GLUON:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.wait(sync.index(S_SCALE_O), ph)
             # stage 0's low half is free (tile 2k's scores and P V there done): tile 2k+2's pieces 0-3
-            _load_pieces(c_desc, kr_desc, kbar, 0, lo0, hi0, kr0, start + (2 * k + 2) * BLOCK_N, 0, 4, has_next)
+            _load_pieces(c_desc, kr_desc, kbar, 0, lo0, hi0, kr0, start + (2 * k + 2) * BLOCK_N, 0, 4, has_next,
+                         GROUPED)
             alpha_o = vec_smem.slice(V_SCALE_O * BLOCK_M, BLOCK_M).load(row_s)
             pe_smem.store((p * gl.expand_dims(alpha_o, 1)).to(dtype))
             fence_async_shared()
@@ -214,11 +233,12 @@ if hopper.HAVE_GLUON:
             # P_2k+1 (O's, over Q's RoPE slot) V_2k+1 on the low half
             pv = warpgroup_mma(qr_smem, lo1, acc, is_async=True)
             if has_next:
-                s = _score_pieces(q_smem, qr_reg, lo0, hi0, kr0, kbar, 0, ph ^ 1, s, 0, 4, True)
+                s = _score_pieces(q0, q1, qr_reg, lo0, hi0, kr0, kbar, 0, ph ^ 1, s, 0, 4, True, GROUPED)
                 acc = warpgroup_mma_wait(num_outstanding=4, deps=(pv, ))
                 # stage 1's low half is free: tile 2k+3's pieces 0-3
-                _load_pieces(c_desc, kr_desc, kbar, 1, lo1, hi1, kr1, start + (2 * k + 3) * BLOCK_N, 0, 4, True)
-                s = _score_pieces(q_smem, qr_reg, lo0, hi0, kr0, kbar, 0, ph ^ 1, s, 4, 9, False)
+                _load_pieces(c_desc, kr_desc, kbar, 1, lo1, hi1, kr1, start + (2 * k + 3) * BLOCK_N, 0, 4, True,
+                             GROUPED)
+                s = _score_pieces(q0, q1, qr_reg, lo0, hi0, kr0, kbar, 0, ph ^ 1, s, 4, 9, False, GROUPED)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             else:
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
@@ -234,7 +254,7 @@ if hopper.HAVE_GLUON:
     def _odd_warpgroup(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, pe_smem, vec_smem, kbar, sync, q_bar,
                        c_desc, kr_desc, O, OP, ML, MASK, s_mt, scale, H, start, stop, n_pairs, row0, b, pid_p,
                        splits, s_ob, s_oh, ONE_SPLIT: gl.constexpr, MASK_KIND: gl.constexpr,
-                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr):
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, GROUPED: gl.constexpr):
         # Warpgroup O: scores of the odd tiles (stage 1), output columns 256-511 (the latent's high half
         # and the RoPE piece, pieces 4-8 of each stage, which O refills).
         dtype: gl.constexpr = q_smem.dtype
@@ -247,12 +267,7 @@ if hopper.HAVE_GLUON:
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         a_s: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
         a_o: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        lo0 = lo_smem.index(0)
-        hi0 = hi_smem.index(0)
-        kr0 = kr_smem.index(0)
-        lo1 = lo_smem.index(1)
-        hi1 = hi_smem.index(1)
-        kr1 = kr_smem.index(1)
+        q0, q1, lo0, hi0, kr0, lo1, hi1, kr1 = _views(q_smem, lo_smem, hi_smem, kr_smem, 0)
 
         mbarrier.wait(q_bar, 0)
         qr_reg = qr_smem.load(a_s)
@@ -260,9 +275,10 @@ if hopper.HAVE_GLUON:
         l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
         m_new = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
         s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-        s = _score_pieces(q_smem, qr_reg, lo1, hi1, kr1, kbar, 1, 0, s, 0, 9, True)
+        s = _score_pieces(q0, q1, qr_reg, lo1, hi1, kr1, kbar, 1, 0, s, 0, 9, True, GROUPED)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         for k in range(n_pairs):
+            q0, q1, lo0, hi0, kr0, lo1, hi1, kr1 = _views(q_smem, lo_smem, hi_smem, kr_smem, k >> 30)
             ph = k & 1
             has_next = k + 1 < n_pairs
             mbarrier.wait(sync.index(S_SCALE_E), ph)
@@ -287,12 +303,14 @@ if hopper.HAVE_GLUON:
             mbarrier.arrive(sync.index(S_P_O), count=1)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
             # stage 1's high half and RoPE piece are free: tile 2k+3's pieces 4-8
-            _load_pieces(c_desc, kr_desc, kbar, 1, lo1, hi1, kr1, start + (2 * k + 3) * BLOCK_N, 4, 9, has_next)
+            _load_pieces(c_desc, kr_desc, kbar, 1, lo1, hi1, kr1, start + (2 * k + 3) * BLOCK_N, 4, 9, has_next,
+                         GROUPED)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             # stage 0's too (E's scores of tile 2k and this P V on it done): tile 2k+2's pieces 4-8
-            _load_pieces(c_desc, kr_desc, kbar, 0, lo0, hi0, kr0, start + (2 * k + 2) * BLOCK_N, 4, 9, has_next)
+            _load_pieces(c_desc, kr_desc, kbar, 0, lo0, hi0, kr0, start + (2 * k + 2) * BLOCK_N, 4, 9, has_next,
+                         GROUPED)
             if has_next:
-                s = _score_pieces(q_smem, qr_reg, lo1, hi1, kr1, kbar, 1, ph ^ 1, s, 4, 13, True)
+                s = _score_pieces(q0, q1, qr_reg, lo1, hi1, kr1, kbar, 1, ph ^ 1, s, 4, 13, True, GROUPED)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
 
         vec_smem.slice(V_L_O * BLOCK_M, BLOCK_M).store(l_i)
@@ -307,7 +325,7 @@ if hopper.HAVE_GLUON:
         Q, QR, C, KR, MASK, KVLEN, O, OP, ML, scale, H, T, chunk, splits,
         s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_mb, s_mt, s_ob, s_oh,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, DR: gl.constexpr,
-        MASK_KIND: gl.constexpr, HAS_KVLEN: gl.constexpr, ONE_SPLIT: gl.constexpr,
+        MASK_KIND: gl.constexpr, HAS_KVLEN: gl.constexpr, ONE_SPLIT: gl.constexpr, GROUPED: gl.constexpr = False,
     ):
         dtype: gl.constexpr = C.dtype.element_ty
         pid_m = gl.program_id(0)
@@ -361,24 +379,25 @@ if hopper.HAVE_GLUON:
         _tma_load(qr_desc, [row0, 0], q_bar, qr_smem)
         # the first pair (both warpgroups score it before their loops; past t_end TMA reads zeros)
         _load_pieces(c_desc, kr_desc, kbar, 0, lo_smem.index(0), hi_smem.index(0), kr_smem.index(0),
-                     start, 0, 9, True)
+                     start, 0, 9, True, GROUPED)
         _load_pieces(c_desc, kr_desc, kbar, 1, lo_smem.index(1), hi_smem.index(1), kr_smem.index(1),
-                     start + BLOCK_N, 0, 9, True)
+                     start + BLOCK_N, 0, 9, True, GROUPED)
 
         mask = MASK + b * s_mb
         gl.warp_specialize([
             (_even_warpgroup, (q_smem, qr_smem, lo_smem, hi_smem, kr_smem, pe_smem, vec_smem, kbar, sync, q_bar,
                                c_desc, kr_desc, O, OP, ML, mask, s_mt, scale, H, start, stop, n_pairs, row0, b,
-                               pid_p, splits, s_ob, s_oh, ONE_SPLIT, MASK_KIND, BLOCK_M, BLOCK_N, HALF)),
+                               pid_p, splits, s_ob, s_oh, ONE_SPLIT, MASK_KIND, BLOCK_M, BLOCK_N, HALF, GROUPED)),
             (_odd_warpgroup, (q_smem, qr_smem, lo_smem, hi_smem, kr_smem, pe_smem, vec_smem, kbar, sync, q_bar,
                               c_desc, kr_desc, O, OP, ML, mask, s_mt, scale, H, start, stop, n_pairs, row0, b,
-                              pid_p, splits, s_ob, s_oh, ONE_SPLIT, MASK_KIND, BLOCK_M, BLOCK_N, HALF)),
+                              pid_p, splits, s_ob, s_oh, ONE_SPLIT, MASK_KIND, BLOCK_M, BLOCK_N, HALF, GROUPED)),
         ], [4], [WORKER_REGS])
 
 
 def _consts(mask_kind: int, has_kvlen: bool, one_split: bool) -> dict:
+    # MLA_COMPILE_SEESAW_PIECES=3: a tile's loads on three mbarriers (latent halves, RoPE), not nine (A/B)
     return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, MASK_KIND=mask_kind, HAS_KVLEN=has_kvlen,
-                ONE_SPLIT=one_split)
+                ONE_SPLIT=one_split, GROUPED=os.environ.get("MLA_COMPILE_SEESAW_PIECES", "9") == "3")
 
 
 def compile_for_sm90(mask_kind: int = 1, has_kvlen: bool = True, one_split: bool = False):
