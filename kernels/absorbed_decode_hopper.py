@@ -1,5 +1,9 @@
 """The absorbed split kernel for Hopper (sm_90), written in Gluon: FlashMLA's layout of the work.
 
+Where it applies, `hopper_split_attention` now runs `absorbed_decode_seesaw` (the same layout on
+FlashMLA's schedule: 0.82-0.91x this kernel's time at H=128); this lockstep kernel stays as the
+baseline of that A/B (MLA_COMPILE_SEESAW=0) and as the home of `applies` and the TMA helpers.
+
 Same math and the same split/merge scheme as `absorbed_decode._absorbed_split_kernel` (see that
 module's docstring): per batch b and split p, the rows i = heads of one 64-row tile,
 
@@ -403,7 +407,7 @@ def hopper_split_attention(q_lat, q_rope, c, kr, mask_kind: int, mask, mask_stri
     [B, P, H, 2] fp32, each split's row max m and sum l (what `merge_splits` takes)."""
     from mla_compile.kernels import absorbed_decode_seesaw as seesaw   # it imports this module
 
-    if seesaw.enabled():   # MLA_COMPILE_SEESAW=1: FlashMLA's schedule (A/B)
+    if seesaw.enabled():   # FlashMLA's schedule, 0.82-0.91x this kernel's time (MLA_COMPILE_SEESAW=0: this one)
         return seesaw.seesaw_split_attention(q_lat, q_rope, c, kr, mask_kind, mask, mask_strides, kv_lens, out,
                                              o_part, ml, scale, chunk, splits)
     B, H, _, _ = q_lat.shape

@@ -24,10 +24,18 @@ Here, as in FlashMLA's `splitkv_mla.cuh` (sm90 dense decode), per pair of tiles 
 - each warpgroup keeps the row sums of its own tiles, rescaled by both factors; the two are added
   at the end. A pair's second tile past the split's end (an odd tile count) is masked to nothing.
 
-An earlier version of this schedule (commit 93255aa: a one-warp TMA producer, whole-tile barriers,
-P always through shared memory) measured 1.04-1.12x the lockstep kernel's time with 64-key tiles
-(seesaw-ab-NVIDIA-H200.md). MLA_COMPILE_SEESAW=1 selects this kernel inside
-`absorbed_decode_hopper.hopper_split_attention` (same `applies`).
+Measured on an H200 (benchmarks/results/seesaw-ab-NVIDIA-H200.md, run 5, 21:33 UTC; CUDA-graph
+replays, kernel and merge): 0.82-0.91x the lockstep kernel's time at H=128 (B=1-64, T=4K-64K) and
+0.95x at H=64, and 0.99-1.07x FlashMLA's at H=128 (31.9 against 32.4 us at B=8 T=4K; 562 against
+531 at B=64 T=16K). An earlier version of this schedule (commit 93255aa: a one-warp TMA producer,
+whole-tile barriers, P always through shared memory) measured 1.04-1.12x the lockstep kernel's time
+(runs 1-3), and this one, before its descriptors were kept in the loop (run 4: 500 bytes of spills),
+1.06-1.36x.
+
+It is `absorbed_decode_hopper.hopper_split_attention`'s kernel (same `applies`: a Hopper GPU,
+bf16/fp16, r=512, dr=64, one query position, more than 32 heads); MLA_COMPILE_SEESAW=0 runs the
+lockstep kernel instead, MLA_COMPILE_SEESAW_PIECES=3 waits on three mbarriers a tile (the latent's
+halves and the RoPE piece) rather than nine (tested, not timed).
 """
 
 from __future__ import annotations
@@ -68,7 +76,8 @@ SYNCS = tl.constexpr(8)   # 5 used (power-of-2 shapes)
 
 
 def enabled() -> bool:
-    return os.environ.get("MLA_COMPILE_SEESAW") == "1"
+    """The default for the heads-major Hopper kernel; MLA_COMPILE_SEESAW=0 runs the lockstep one."""
+    return os.environ.get("MLA_COMPILE_SEESAW") != "0"
 
 
 if hopper.HAVE_GLUON:

@@ -491,7 +491,7 @@ def test_hopper_kernel_size_rule():
 
 
 def test_hopper_kernel_compiles_for_sm90(tmp_path):
-    """The Gluon kernel runs on Hopper GPUs only, but builds anywhere: compile it ahead of time for
+    """The Gluon kernels run on Hopper GPUs only, but build anywhere: compile them ahead of time for
     sm_90 with the installed Triton (CI has no GPU; Gluon's names change between Triton versions, and
     this is where a rename shows) and check that it uses warpgroup MMAs and fits in shared memory.
     In a fresh process: this module may have set TRITON_INTERPRET=1, which Gluon's compiler breaks under."""
@@ -512,6 +512,10 @@ def test_hopper_kernel_compiles_for_sm90(tmp_path):
               "from mla_compile.kernels import absorbed_decode_keys_major as km\n"   # <= 32 heads
               "for bh, kind, one in ((16, 1, False), (32, 2, True)):\n"
               "    k = km.compile_for_sm90(bh, kind, one_split=one)\n"
+              "    print(kind, 'wgmma.mma_async' in k.asm['ptx'], k.metadata.shared)\n"
+              "from mla_compile.kernels import absorbed_decode_seesaw as ss\n"   # FlashMLA's schedule
+              "for kind in (0, 1, 2):\n"
+              "    k = ss.compile_for_sm90(kind, one_split=kind == 2)\n"
               "    print(kind, 'wgmma.mma_async' in k.asm['ptx'], k.metadata.shared)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)     # a cached build would hide a source that no longer compiles
@@ -519,7 +523,8 @@ def test_hopper_kernel_compiles_for_sm90(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [ln.split() for ln in res.stdout.splitlines() if ln[:1] in "012"]
     assert [ln[:2] for ln in lines] == ([["0", "True"], ["1", "True"]] + [["2", "True"]] * 3
-                                        + [["1", "True"], ["2", "True"]]), res.stdout
+                                        + [["1", "True"], ["2", "True"]]
+                                        + [["0", "True"], ["1", "True"], ["2", "True"]]), res.stdout
     assert all(int(ln[2]) <= 232448 for ln in lines), res.stdout      # an H100/H200 block's shared memory
 
 
@@ -631,13 +636,14 @@ def test_gpu_absorbed_keys_major_path(H, splits, T, dtype, mask):
 @pytest.mark.parametrize("H,splits,T", [(128, None, 4100), (128, 9, 4100), (128, 1, 700), (40, None, 4100),
                                         (64, 3, 333), (128, 1, 64), (128, 2, 4100)])
 @pytest.mark.parametrize("mask", [None, "bool", "hf_min"])
-def test_gpu_absorbed_seesaw_path(H, splits, T, dtype, mask, monkeypatch):
-    """The heads-major kernel on FlashMLA's schedule (MLA_COMPILE_SEESAW=1), the same cases: odd tile
-    counts (a pair's second tile past the split's end), splits of one tile, a single key (a pair wholly
-    masked but for one key), empty splits past a short valid length."""
+@pytest.mark.parametrize("seesaw", ["1", "0"])
+def test_gpu_absorbed_seesaw_path(H, splits, T, dtype, mask, seesaw, monkeypatch):
+    """The heads-major kernel on FlashMLA's schedule (the default) and in lockstep (MLA_COMPILE_SEESAW=0),
+    the same cases: odd tile counts (a pair's second tile past the split's end), splits of one tile, a
+    single key (a pair wholly masked but for one key), empty splits past a short valid length."""
     from mla_compile.kernels import absorbed_decode_hopper as hopper
 
-    monkeypatch.setenv("MLA_COMPILE_SEESAW", "1")
+    monkeypatch.setenv("MLA_COMPILE_SEESAW", seesaw)
     if torch.cuda.get_device_capability() == (9, 0):
         assert hopper.applies(torch.device(DEV), dtype, H, 1, 512, 64, False)
     _check_absorbed_core_nan_tails(H, splits, T, dtype, mask)
