@@ -163,12 +163,14 @@ def ensure_allocator() -> None:
 
 if HAVE_GLUON:
     @gluon.jit
-    def _softmax_step(qk, m_i, l_i, n0, stop, scale, MASK, s_mt, dtype: gl.constexpr, MASK_KIND: gl.constexpr,
-                      BLOCK_N: gl.constexpr, col_layout: gl.constexpr, DEFER_L: gl.constexpr):
-        # Online softmax with scores in natural units (x = q.k * scale + float mask) and exp2 for the
-        # exponentials: an HF float mask's finfo.min stays finite here, as in the reference (a row
-        # masked everywhere by it averages all keys, like softmax over equal scores). m_safe keeps a
-        # row that has seen only -inf (bool-masked) keys at m = -inf, l = 0 (zeros, weight 0 in the merge).
+    def _probs(qk, m_prev, n0, stop, scale, MASK, s_mt, MASK_KIND: gl.constexpr, BLOCK_N: gl.constexpr,
+               col_layout: gl.constexpr):
+        # One key tile of the online softmax, shared by both heads-major Gluon kernels: scores in natural
+        # units (x = q.k * scale + float mask) and exp2 for the exponentials, so that an HF float mask's
+        # finfo.min stays finite here, as in the reference (a row masked everywhere by it averages all
+        # keys, like softmax over equal scores). m_safe keeps a row that has seen only -inf (bool-masked)
+        # keys at m = -inf, p = 0 (zeros, weight 0 in the merge). Returns fp32 p, alpha = exp(m_prev -
+        # m_new) and m_new.
         offs_n = n0 + gl.arange(0, BLOCK_N, layout=col_layout)
         valid = offs_n < stop
         x = qk * scale
@@ -177,11 +179,18 @@ if HAVE_GLUON:
         if MASK_KIND == 2:
             x = x + gl.expand_dims(gl.load(MASK + offs_n * s_mt, mask=valid, other=0.0).to(gl.float32), 0)
         x = gl.where(gl.expand_dims(valid, 0), x, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(x, axis=1))
+        m_new = gl.maximum(m_prev, gl.max(x, axis=1))
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
         # subtract before scaling by log2(e): finfo.min * log2(e) overflows fp32
-        alpha = gl.exp2((m_i - m_safe) * 1.4426950408889634)
+        alpha = gl.exp2((m_prev - m_safe) * 1.4426950408889634)
         p = gl.exp2((x - gl.expand_dims(m_safe, 1)) * 1.4426950408889634)
+        return p, alpha, m_new
+
+    @gluon.jit
+    def _softmax_step(qk, m_i, l_i, n0, stop, scale, MASK, s_mt, dtype: gl.constexpr, MASK_KIND: gl.constexpr,
+                      BLOCK_N: gl.constexpr, col_layout: gl.constexpr, DEFER_L: gl.constexpr):
+        # `_probs` and the row sums: P in the input dtype for P V, the updated (m, l)
+        p, alpha, m_new = _probs(qk, m_i, n0, stop, scale, MASK, s_mt, MASK_KIND, BLOCK_N, col_layout)
         if DEFER_L:   # l_i is a [BLOCK_M, BLOCK_N] tile of column sums, reduced once after the loop
             l_new = l_i * gl.expand_dims(alpha, 1) + p
         else:

@@ -54,7 +54,7 @@ if hopper.HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                   warpgroup_mma, warpgroup_mma_wait)
-    from mla_compile.kernels.absorbed_decode_hopper import _tma_load
+    from mla_compile.kernels.absorbed_decode_hopper import _probs, _tma_load
 
 R, DR, HALF = hopper.R, hopper.DR, hopper.HALF
 BLOCK_M = 64
@@ -144,25 +144,6 @@ if hopper.HAVE_GLUON:
         # rather than hoisted out of the loop, where they held 144 registers and made ptxas spill.
         return (q_smem.index(z), q_smem.index(z + 1), lo_smem.index(z), hi_smem.index(z), kr_smem.index(z),
                 lo_smem.index(z + 1), hi_smem.index(z + 1), kr_smem.index(z + 1))
-
-    @gluon.jit
-    def _probs(s, m_prev, n0, stop, scale, MASK, s_mt, MASK_KIND: gl.constexpr, BLOCK_N: gl.constexpr,
-               col_layout: gl.constexpr):
-        # x in natural units (an HF float mask's finfo.min stays finite), exp2 after subtracting; a row
-        # that has seen only -inf keys keeps m = -inf and p = 0 (m_safe). Returns fp32 p.
-        offs_n = n0 + gl.arange(0, BLOCK_N, layout=col_layout)
-        valid = offs_n < stop
-        x = s * scale
-        if MASK_KIND == 1:
-            valid = valid & (gl.load(MASK + offs_n * s_mt, mask=valid, other=0) != 0)
-        if MASK_KIND == 2:
-            x = x + gl.expand_dims(gl.load(MASK + offs_n * s_mt, mask=valid, other=0.0).to(gl.float32), 0)
-        x = gl.where(gl.expand_dims(valid, 0), x, float("-inf"))
-        m_new = gl.maximum(m_prev, gl.max(x, axis=1))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2((m_prev - m_safe) * 1.4426950408889634)
-        p = gl.exp2((x - gl.expand_dims(m_safe, 1)) * 1.4426950408889634)
-        return p, alpha, m_new
 
     @gluon.jit
     def _write_out(acc, l_tot, m_fin, O, OP, ML, H, row0, b, pid_p, splits, s_ob, s_oh, COL0: gl.constexpr,

@@ -29,7 +29,7 @@ then "form", then "default"; `mem_efficiency` likewise scales the copy bandwidth
 kernels' values are fitted from measurement (`benchmarks/bench_forms.py`; see DEFAULT_EFFICIENCY):
 our Triton kernels reach 0.21-0.31 of the matmul ceiling where compute-bound (FlashMLA reaches ~0.7)
 and 0.53-0.77 of the copy rate where memory-bound; the Hopper Gluon kernel of the absorbed decode
-0.69 (HOPPER_DECODE_KEY, on the sm_90 entries; plan() uses it where that kernel runs), the keys-major one
+0.89 (HOPPER_DECODE_KEY, on the sm_90 entries; plan() uses it where that kernel runs), the keys-major one
 at <= 32 heads 0.39 and 1.12 of the copy rate (KEYS_MAJOR_DECODE_KEY).  The cuBLAS GEMMs keep 0.85 (expansion) and 0.60
 (the small per-head GEMMs of absorption and output), and the default 0.85 of the copy rate.
 """
@@ -70,14 +70,17 @@ DEFAULT_MEM_EFFICIENCY = {
     "sparse_absorbed.attention": 0.64,
     "sparse_expanded.attention": 0.02,
 }
-# The Hopper Gluon kernel (kernels/absorbed_decode_hopper.py) runs the absorbed attention at one query
-# position on sm_90 (more than 32 heads, r = 512, dr = 64, bf16/fp16) and is faster than the Triton
-# kernel the figures above describe. Its compute efficiency, fitted like them on
-# `python benchmarks/bench_kernels.py` (H200, 2026-11-21 16:37 UTC, the eight H=128 points with
-# B >= 8 and T >= 4096; per-point fits 0.676-0.707, geometric mean 0.686): plan() uses it for
-# "absorbed.attention" where that kernel applies, on the entries that carry it (h100, h200).
+# The heads-major Hopper Gluon kernel (kernels/absorbed_decode_seesaw.py, FlashMLA's schedule) runs the
+# absorbed attention at one query position on sm_90 (more than 32 heads, r = 512, dr = 64, bf16/fp16)
+# and is faster than the Triton kernel the figures above describe. Its compute efficiency, fitted on
+# `python benchmarks/bench_kernels.py` (H200, 2026-11-21 21:38 UTC, the eight H=128 points with
+# B >= 8 and T >= 4096, each point's efficiency solved so that plan()'s attention step equals the
+# measured core time; per-point 0.85-0.93, geometric mean 0.889): plan() uses it for
+# "absorbed.attention" where that kernel applies, on the entries that carry it (h100, h200). The
+# lockstep kernel it replaced (absorbed_decode_hopper.py) fitted 0.69 the same way (16:37 UTC; 0.683-0.718
+# on the 20:06 UTC figures).
 HOPPER_DECODE_KEY = "absorbed.attention@sm90_decode"
-HOPPER_DECODE_EFFICIENCY = 0.69
+HOPPER_DECODE_EFFICIENCY = 0.89
 # The keys-major Gluon kernel (kernels/absorbed_decode_keys_major.py) takes the same calls at <= 32 heads,
 # where they are memory-bound. Fitted on `python benchmarks/keys_major_ab.py` (H200, 2026-11-21 18:03 UTC,
 # the 48 points with B >= 8, H = 8/16/20/32; RMS log error 0.13 against 0.29 with the Triton figures):
