@@ -24,13 +24,14 @@ Here, as in FlashMLA's `splitkv_mla.cuh` (sm90 dense decode), per pair of tiles 
 - each warpgroup keeps the row sums of its own tiles, rescaled by both factors; the two are added
   at the end. A pair's second tile past the split's end (an odd tile count) is masked to nothing.
 
-Measured on an H200 (benchmarks/results/seesaw-ab-NVIDIA-H200.md, run 5, 21:33 UTC; CUDA-graph
-replays, kernel and merge): 0.82-0.91x the lockstep kernel's time at H=128 (B=1-64, T=4K-64K) and
-0.95x at H=64, and 0.99-1.07x FlashMLA's at H=128 (31.9 against 32.4 us at B=8 T=4K; 562 against
-531 at B=64 T=16K). An earlier version of this schedule (commit 93255aa: a one-warp TMA producer,
-whole-tile barriers, P always through shared memory) measured 1.04-1.12x the lockstep kernel's time
-(runs 1-3), and this one, before its descriptors were kept in the loop (run 4: 500 bytes of spills),
-1.06-1.36x.
+Measured on an H200 (benchmarks/results/seesaw-ab-NVIDIA-H200.md, runs 5-7, 21:33-21:55 UTC;
+CUDA-graph replays, kernel and merge): 0.77-0.91x the lockstep kernel's time at H=128 (B=1-64,
+T=4K-64K) and 0.95-0.96x at H=64, 0.97-1.08x FlashMLA's; in `bench_kernels.py` (21:38 UTC,
+kernels-NVIDIA-H200.md) 1.00-1.07x FlashMLA's at the eight H=128 points with B >= 8 and T >= 4096
+(32.3 against 32.3 us at B=8 T=4K, 530 against 520 at B=64 T=16K). An earlier version of this
+schedule (commit 93255aa: a one-warp TMA producer, whole-tile barriers, P always through shared
+memory) measured 1.04-1.12x the lockstep kernel's time (runs 1-3), and this one, before its
+descriptors were kept in the loop (run 4: 500 bytes of spills), 1.06-1.36x.
 
 It is `absorbed_decode_hopper.hopper_split_attention`'s kernel (same `applies`: a Hopper GPU,
 bf16/fp16, r=512, dr=64, one query position, more than 32 heads); MLA_COMPILE_SEESAW=0 runs the
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
 import triton.language as tl
 
@@ -59,15 +59,15 @@ if hopper.HAVE_GLUON:
 R, DR, HALF = hopper.R, hopper.DR, hopper.HALF
 BLOCK_M = 64
 BLOCK_N = 64
-PIECE = 64                 # columns a TMA piece: 128 bytes, the swizzle's width
-PIECES = (R + DR) // PIECE  # 9: eight latent pieces, then the RoPE piece
+# a key tile arrives as nine 64-column TMA pieces (128 bytes, the swizzle's width): eight of the
+# latent, then the RoPE part
 NUM_WARPS = 4              # warpgroup E (the default partition); O is a 4-warp worker
 WORKER_REGS = tl.constexpr(248)   # O's registers (setmaxnreg); E gets MAXNREG
 MAXNREG = 248
-LOG2E = 1.4426950408889634
 
-# rows of the fp32 vector scratch (vec_smem [VEC_ROWS * BLOCK_M], a row a BLOCK_M slice): the running max, each warpgroup's
-# rescale factor of this pair, each one's final row sum (constexpr: read inside the kernels)
+# rows of the fp32 vector scratch (vec_smem [VEC_ROWS * BLOCK_M], a row a BLOCK_M slice): the running
+# max, each warpgroup's rescale factor of this pair, each one's final row sum (constexpr: read inside
+# the kernels)
 V_M, V_SCALE_E, V_SCALE_O, V_L_E, V_L_O = (tl.constexpr(i) for i in range(5))
 VEC_ROWS = tl.constexpr(8)
 # the hand-off mbarriers (sync [SYNCS, 1]): E's scale ready, O's scale ready, E's P ready, O's P
@@ -348,7 +348,8 @@ if hopper.HAVE_GLUON:
         pe_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], qr_sl)   # E's P
         vec_smem = gl.allocate_shared_memory(gl.float32, [VEC_ROWS * BLOCK_M], vec_sl)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        kbar = gl.allocate_shared_memory(gl.int64, [32, 1], mbarrier.MBarrierLayout())   # stage st, piece j: 16 * st + j
+        # stage st, piece j: mbarrier 16 * st + j (power-of-two shapes; 9 used a stage)
+        kbar = gl.allocate_shared_memory(gl.int64, [32, 1], mbarrier.MBarrierLayout())
         sync = gl.allocate_shared_memory(gl.int64, [SYNCS, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         for st in gl.static_range(2):
