@@ -169,6 +169,28 @@ if hopper.HAVE_GLUON:
                 gl.store(ml, m_fin, mask=rows_s < H)
                 gl.store(ml + 1, l_tot, mask=rows_s < H)
 
+    # the MMA layouts of one warpgroup (4 warps): a 64 x 64 score tile and a 64 x 256 output half
+    S_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_N, 16]))
+    O_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, HALF, 16]))
+
+    @gluon.jit
+    def _warpgroup_start(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, kbar, q_bar, STAGE: gl.constexpr,
+                         GROUPED: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                         HALF: gl.constexpr):
+        # Both warpgroups' start: Q's RoPE piece into registers (the A operand of its score MMA), a zero
+        # output half and row sums, and the scores of the first tile of this warpgroup's stage.
+        mbarrier.wait(q_bar, 0)
+        qr_reg = qr_smem.load(gl.DotOperandLayout(operand_index=0, parent=S_LAYOUT, k_width=2))
+        acc = gl.zeros([BLOCK_M, HALF], gl.float32, layout=O_LAYOUT)
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, S_LAYOUT))
+        s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT)
+        s = _score_pieces(q_smem.index(0), q_smem.index(1), qr_reg, lo_smem.index(STAGE), hi_smem.index(STAGE),
+                          kr_smem.index(STAGE), kbar, STAGE, 0, s, 0, 9, True, GROUPED)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        return qr_reg, acc, l_i, s
+
     @gluon.jit
     def _even_warpgroup(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, pe_smem, vec_smem, kbar, sync, q_bar,
                         c_desc, kr_desc, O, OP, ML, MASK, s_mt, scale, H, start, stop, n_pairs, row0, b, pid_p,
@@ -177,24 +199,12 @@ if hopper.HAVE_GLUON:
         # Warpgroup E: scores of the even tiles (stage 0), output columns 0-255 (the latent's low half,
         # pieces 0-3 of each stage, which E refills).
         dtype: gl.constexpr = q_smem.dtype
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HALF, 16])
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        a_s: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
-        a_o: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        q0, q1, lo0, hi0, kr0, lo1, hi1, kr1 = _views(q_smem, lo_smem, hi_smem, kr_smem, 0)
-
-        mbarrier.wait(q_bar, 0)
-        qr_reg = qr_smem.load(a_s)
-        acc = gl.zeros([BLOCK_M, HALF], gl.float32, layout=o_layout)
-        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
-        s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-        s = _score_pieces(q0, q1, qr_reg, lo0, hi0, kr0, kbar, 0, 0, s, 0, 9, True, GROUPED)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        row_s: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
+        col_s: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
+        row_o: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+        a_o: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
+        qr_reg, acc, l_i, s = _warpgroup_start(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, kbar, q_bar, 0, GROUPED,
+                                               BLOCK_M, BLOCK_N, HALF)
         for k in range(n_pairs):
             q0, q1, lo0, hi0, kr0, lo1, hi1, kr1 = _views(q_smem, lo_smem, hi_smem, kr_smem, k >> 30)
             ph = k & 1
@@ -239,7 +249,7 @@ if hopper.HAVE_GLUON:
         mbarrier.wait(sync.index(S_FIN), 0)
         l_tot = l_i + vec_smem.slice(V_L_O * BLOCK_M, BLOCK_M).load(row_s)
         _write_out(acc, l_tot, l_tot, O, OP, ML, H, row0, b, pid_p, splits, s_ob, s_oh, 0, False, ONE_SPLIT,
-                   BLOCK_M, HALF, o_layout, row_s)
+                   BLOCK_M, HALF, O_LAYOUT, row_s)
 
     @gluon.jit
     def _odd_warpgroup(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, pe_smem, vec_smem, kbar, sync, q_bar,
@@ -249,25 +259,13 @@ if hopper.HAVE_GLUON:
         # Warpgroup O: scores of the odd tiles (stage 1), output columns 256-511 (the latent's high half
         # and the RoPE piece, pieces 4-8 of each stage, which O refills).
         dtype: gl.constexpr = q_smem.dtype
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HALF, 16])
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        a_s: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
-        a_o: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        q0, q1, lo0, hi0, kr0, lo1, hi1, kr1 = _views(q_smem, lo_smem, hi_smem, kr_smem, 0)
-
-        mbarrier.wait(q_bar, 0)
-        qr_reg = qr_smem.load(a_s)
-        acc = gl.zeros([BLOCK_M, HALF], gl.float32, layout=o_layout)
-        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+        row_s: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
+        col_s: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
+        row_o: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+        a_o: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
+        qr_reg, acc, l_i, s = _warpgroup_start(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, kbar, q_bar, 1, GROUPED,
+                                               BLOCK_M, BLOCK_N, HALF)
         m_new = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
-        s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-        s = _score_pieces(q0, q1, qr_reg, lo1, hi1, kr1, kbar, 1, 0, s, 0, 9, True, GROUPED)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         for k in range(n_pairs):
             q0, q1, lo0, hi0, kr0, lo1, hi1, kr1 = _views(q_smem, lo_smem, hi_smem, kr_smem, k >> 30)
             ph = k & 1
@@ -309,7 +307,7 @@ if hopper.HAVE_GLUON:
         mbarrier.wait(sync.index(S_FIN), 0)
         l_tot = l_i + vec_smem.slice(V_L_E * BLOCK_M, BLOCK_M).load(row_s)
         _write_out(acc, l_tot, m_new, O, OP, ML, H, row0, b, pid_p, splits, s_ob, s_oh, HALF, True, ONE_SPLIT,
-                   BLOCK_M, HALF, o_layout, row_s)
+                   BLOCK_M, HALF, O_LAYOUT, row_s)
 
     @gluon.jit
     def _seesaw_split_kernel(
