@@ -227,17 +227,19 @@ if HAVE_GLUON:
         return qk
 
     @gluon.jit
-    def _split_descriptors(Q, QR, C, KR, KVLEN, b, H, T, s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt,
-                           Q_ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, DR: gl.constexpr,
-                           HAS_KVLEN: gl.constexpr):
-        # The per-batch TMA descriptors of the Gluon split kernels: Q's rows past H and the latent's past
-        # the valid length read as zeros. Returns the valid length and the descriptors of Q's latent
-        # halves, Q's RoPE part, the latent's halves and the RoPE keys.
+    def _split_prologue(Q, QR, C, KR, KVLEN, b, pid_p, row0, H, T, chunk, s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb,
+                        s_kt, Q_ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, DR: gl.constexpr,
+                        NUM_STAGES: gl.constexpr, HAS_KVLEN: gl.constexpr, P_SHAPE: gl.constexpr):
+        # Shared by both Gluon split kernels: the per-batch TMA descriptors (Q's rows past H and the
+        # latent's past the valid length read as zeros), the shared memory (Q_ROWS rows of Q, the key
+        # tiles' ring, P of P_SHAPE), the barriers, and the first loads: Q and the ring's first tiles.
         dtype: gl.constexpr = C.dtype.element_ty
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([Q_ROWS, HALF], dtype)
         qr_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([Q_ROWS, DR], dtype)
         half_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HALF], dtype)
         rope_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DR], dtype)
+        p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for(P_SHAPE, dtype)
+
         t_end = T
         if HAS_KVLEN:
             t_end = gl.minimum(t_end, gl.load(KVLEN + b))
@@ -247,32 +249,13 @@ if HAVE_GLUON:
                                             [BLOCK_N, HALF], half_sl)
         kr_desc = tma.make_tensor_descriptor(KR + b * s_kb, [gl.maximum(t_end, 1), DR], [s_kt, 1],
                                              [BLOCK_N, DR], rope_sl)
-        return t_end, q_desc, qr_desc, c_desc, kr_desc
 
-    @gluon.jit
-    def _load_q(q_desc, qr_desc, q_bar, q_smem, qr_smem, row0):
-        # Q's two latent halves and its RoPE part, on one mbarrier
-        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes + qr_desc.block_type.nbytes)
-        _tma_load(q_desc, [row0, 0], q_bar, q_smem.index(0))
-        _tma_load(q_desc, [row0, q_desc.block_type.shape[1]], q_bar, q_smem.index(1))
-        _tma_load(qr_desc, [row0, 0], q_bar, qr_smem)
-
-    @gluon.jit
-    def _split_prologue(Q, QR, C, KR, KVLEN, b, pid_p, row0, H, T, chunk, s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb,
-                        s_kt, Q_ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, DR: gl.constexpr,
-                        NUM_STAGES: gl.constexpr, HAS_KVLEN: gl.constexpr, P_SHAPE: gl.constexpr):
-        # Shared by both Gluon split kernels: the descriptors, the shared memory (Q_ROWS rows of Q, the
-        # key tiles' ring, P of P_SHAPE), the barriers, and the first loads: Q and the ring's first tiles.
-        dtype: gl.constexpr = C.dtype.element_ty
-        t_end, q_desc, qr_desc, c_desc, kr_desc = _split_descriptors(
-            Q, QR, C, KR, KVLEN, b, H, T, s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, Q_ROWS, BLOCK_N, HALF, DR,
-            HAS_KVLEN)
-        q_smem = gl.allocate_shared_memory(dtype, [2, Q_ROWS, HALF], q_desc.layout)
-        qr_smem = gl.allocate_shared_memory(dtype, [Q_ROWS, DR], qr_desc.layout)
-        lo_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HALF], c_desc.layout)
-        hi_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HALF], c_desc.layout)
-        kr_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, DR], kr_desc.layout)
-        p_smem = gl.allocate_shared_memory(dtype, P_SHAPE, gl.NVMMASharedLayout.get_default_for(P_SHAPE, dtype))
+        q_smem = gl.allocate_shared_memory(dtype, [2, Q_ROWS, HALF], q_sl)
+        qr_smem = gl.allocate_shared_memory(dtype, [Q_ROWS, DR], qr_sl)
+        lo_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HALF], half_sl)
+        hi_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HALF], half_sl)
+        kr_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, DR], rope_sl)
+        p_smem = gl.allocate_shared_memory(dtype, P_SHAPE, p_sl)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         kv_bar = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
@@ -284,7 +267,10 @@ if HAVE_GLUON:
         stop = gl.minimum(start + chunk, t_end)
         n_tiles = gl.cdiv(stop - start, BLOCK_N)   # <= 0 for a split wholly past a short valid length
 
-        _load_q(q_desc, qr_desc, q_bar, q_smem, qr_smem, row0)
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes + qr_desc.block_type.nbytes)
+        _tma_load(q_desc, [row0, 0], q_bar, q_smem.index(0))
+        _tma_load(q_desc, [row0, HALF], q_bar, q_smem.index(1))
+        _tma_load(qr_desc, [row0, 0], q_bar, qr_smem)
         for st in gl.static_range(NUM_STAGES):
             _refill(c_desc, kr_desc, kv_bar.index(st), lo_smem.index(st), hi_smem.index(st), kr_smem.index(st),
                     start + st * BLOCK_N, st < n_tiles)

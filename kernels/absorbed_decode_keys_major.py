@@ -59,21 +59,12 @@ if hopper.HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                   warpgroup_mma, warpgroup_mma_wait)
-    from mla_compile.kernels.absorbed_decode_hopper import (_cta_barrier, _load_q, _refill, _split_descriptors,
-                                                            _split_prologue, _tma_load)
+    from mla_compile.kernels.absorbed_decode_hopper import _cta_barrier, _refill, _split_prologue
 
 R, DR = hopper.R, hopper.DR
 HALF = R // 2
 BLOCK_N = 64        # keys a tile: the MMA's M
 NUM_STAGES = 2      # 2 x 72 KB of key tiles + Q (18 or 36 KB) + P^T: a third stage does not fit
-# The ring in latent halves (see the docstring): 5 x 32 KB halves + 3 x 8 KB RoPE tiles = 184 KB, with Q
-# and P^T 225 KB at 32 heads.
-HALF_SLOTS = 5
-
-
-def ring_half_slots() -> int:
-    """The ring's half slots; 0 (MLA_COMPILE_KEYS_MAJOR_RING=tiles) = two whole-tile stages, for A/B runs."""
-    return 0 if os.environ.get("MLA_COMPILE_KEYS_MAJOR_RING") == "tiles" else HALF_SLOTS
 NUM_WARPS = 4       # one warpgroup
 MAX_HEADS = 32
 
@@ -102,34 +93,13 @@ def applies(device: torch.device, dtype: torch.dtype, H: int, S: int, r: int, dr
 
 if hopper.HAVE_GLUON:
     @gluon.jit
-    def _refill_half(c_desc, kr_desc, half_bar, half_smem, kr_smem, g, start, n_tiles, HALF_SLOTS: gl.constexpr,
-                     PART: gl.constexpr):
-        # Half g of the split's key tiles into ring slot g % HALF_SLOTS: tile g // 2, and PART = g % 2 (a
-        # constexpr: the caller knows it) 0 for the latent's first 256 columns with the tile's RoPE keys,
-        # 1 for its last 256. Nothing is loaded past the split's last tile.
-        u = g // 2
-        pred = u < n_tiles
-        key0 = start + u * c_desc.block_type.shape[0]
-        slot = g % HALF_SLOTS
-        bar = half_bar.index(slot)
-        if PART == 0:
-            mbarrier.expect(bar, c_desc.block_type.nbytes + kr_desc.block_type.nbytes, pred=pred)
-            _tma_load(c_desc, [key0, 0], bar, half_smem.index(slot), pred=pred)
-            _tma_load(kr_desc, [key0, 0], bar, kr_smem.index(u % ((HALF_SLOTS + 1) // 2)), pred=pred)
-        else:
-            mbarrier.expect(bar, c_desc.block_type.nbytes, pred=pred)
-            _tma_load(c_desc, [key0, c_desc.block_type.shape[1]], bar, half_smem.index(slot), pred=pred)
-
-    @gluon.jit
     def _keys_major_split_kernel(
         Q, QR, C, KR, MASK, KVLEN, O, OP, ML, scale, H, T, chunk, splits,
         s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_mb, s_mt, s_ob, s_oh,
         BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, DR: gl.constexpr,
         NUM_STAGES: gl.constexpr, MASK_KIND: gl.constexpr, HAS_KVLEN: gl.constexpr, ONE_SPLIT: gl.constexpr,
-        HALF_SLOTS: gl.constexpr,
     ):
         dtype: gl.constexpr = C.dtype.element_ty
-        KR_SLOTS: gl.constexpr = (HALF_SLOTS + 1) // 2
         pid_p = gl.program_id(0)
         b = gl.program_id(1).to(gl.int64)
 
@@ -140,34 +110,9 @@ if hopper.HAVE_GLUON:
         head_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         dim_o: gl.constexpr = gl.SliceLayout(1, s_layout)
 
-        if HALF_SLOTS == 0:
-            (start, stop, n_tiles, c_desc, kr_desc, q_smem, qr_smem, lo_smem, hi_smem, kr_smem, p_smem, q_bar,
-             kv_bar) = _split_prologue(Q, QR, C, KR, KVLEN, b, pid_p, 0, H, T, chunk, s_qb, s_qh, s_rb, s_rh, s_cb,
-                                       s_ct, s_kb, s_kt, BLOCK_H, BLOCK_N, HALF, DR, NUM_STAGES, HAS_KVLEN,
-                                       [BLOCK_N, BLOCK_H])
-        else:
-            t_end, q_desc, qr_desc, c_desc, kr_desc = _split_descriptors(
-                Q, QR, C, KR, KVLEN, b, H, T, s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, BLOCK_H, BLOCK_N, HALF,
-                DR, HAS_KVLEN)
-            q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_H, HALF], q_desc.layout)
-            qr_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, DR], qr_desc.layout)
-            half_smem = gl.allocate_shared_memory(dtype, [HALF_SLOTS, BLOCK_N, HALF], c_desc.layout)
-            kr_smem = gl.allocate_shared_memory(dtype, [KR_SLOTS, BLOCK_N, DR], kr_desc.layout)
-            p_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_H],
-                                               gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_H], dtype))
-            q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            half_bar = gl.allocate_shared_memory(gl.int64, [HALF_SLOTS, 1], mbarrier.MBarrierLayout())
-            mbarrier.init(q_bar, count=1)
-            for st in gl.static_range(HALF_SLOTS):
-                mbarrier.init(half_bar.index(st), count=1)
-            fence_async_shared()   # the barrier inits must be visible to the TMA unit before the first copy
-            start = pid_p * chunk
-            stop = gl.minimum(start + chunk, t_end)
-            n_tiles = gl.cdiv(stop - start, BLOCK_N)   # <= 0 for a split wholly past a short valid length
-            _load_q(q_desc, qr_desc, q_bar, q_smem, qr_smem, 0)
-            for first in gl.static_range(HALF_SLOTS):
-                _refill_half(c_desc, kr_desc, half_bar, half_smem, kr_smem, first, start, n_tiles, HALF_SLOTS,
-                             first % 2)
+        (start, stop, n_tiles, c_desc, kr_desc, q_smem, qr_smem, lo_smem, hi_smem, kr_smem, p_smem, q_bar,
+         kv_bar) = _split_prologue(Q, QR, C, KR, KVLEN, b, pid_p, 0, H, T, chunk, s_qb, s_qh, s_rb, s_rh, s_cb, s_ct,
+                                   s_kb, s_kt, BLOCK_H, BLOCK_N, HALF, DR, NUM_STAGES, HAS_KVLEN, [BLOCK_N, BLOCK_H])
 
         m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=head_s)
         l_i = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, layout=s_layout)   # per-key partial sums
@@ -177,19 +122,11 @@ if hopper.HAVE_GLUON:
         mbarrier.wait(q_bar, 0)
 
         for i in range(0, n_tiles):
-            if HALF_SLOTS == 0:
-                s = i % NUM_STAGES
-                mbarrier.wait(kv_bar.index(s), (i // NUM_STAGES) & 1)
-                lo = lo_smem.index(s)
-                hi = hi_smem.index(s)
-                kr = kr_smem.index(s)
-            else:
-                g = 2 * i
-                mbarrier.wait(half_bar.index(g % HALF_SLOTS), (g // HALF_SLOTS) & 1)
-                mbarrier.wait(half_bar.index((g + 1) % HALF_SLOTS), ((g + 1) // HALF_SLOTS) & 1)
-                lo = half_smem.index(g % HALF_SLOTS)
-                hi = half_smem.index((g + 1) % HALF_SLOTS)
-                kr = kr_smem.index(i % KR_SLOTS)
+            s = i % NUM_STAGES
+            mbarrier.wait(kv_bar.index(s), (i // NUM_STAGES) & 1)
+            lo = lo_smem.index(s)
+            hi = hi_smem.index(s)
+            kr = kr_smem.index(s)
             xt = warpgroup_mma(lo, q_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             xt = warpgroup_mma(hi, q_smem.index(1).permute((1, 0)), xt, is_async=True)
             xt = warpgroup_mma(kr, qr_smem.permute((1, 0)), xt, is_async=True)
@@ -220,30 +157,14 @@ if hopper.HAVE_GLUON:
             a2 = gl.expand_dims(alpha, 0)
             acc_lo = warpgroup_mma(lo.permute((1, 0)), p_smem, acc_lo * a2, is_async=True)
             acc_hi = warpgroup_mma(hi.permute((1, 0)), p_smem, acc_hi * a2, is_async=True)
-            if HALF_SLOTS == 0:
-                acc_lo, acc_hi = warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, acc_hi))
-                _cta_barrier()   # every warp is done with stage s: refill it
-                _refill(c_desc, kr_desc, kv_bar.index(s), lo, hi, kr, start + (i + NUM_STAGES) * BLOCK_N,
-                        i + NUM_STAGES < n_tiles)
-            else:
-                # each half is refilled as soon as its o^T MMA is done (the RoPE tile's slot was freed by
-                # the scores); the refill of the first half goes to a half of parity HALF_SLOTS % 2
-                acc_lo = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
-                _cta_barrier()
-                _refill_half(c_desc, kr_desc, half_bar, half_smem, kr_smem, g + HALF_SLOTS, start, n_tiles,
-                             HALF_SLOTS, HALF_SLOTS % 2)
-                acc_hi = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, ))
-                _cta_barrier()
-                _refill_half(c_desc, kr_desc, half_bar, half_smem, kr_smem, g + 1 + HALF_SLOTS, start, n_tiles,
-                             HALF_SLOTS, (HALF_SLOTS + 1) % 2)
+            acc_lo, acc_hi = warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, acc_hi))
+            _cta_barrier()   # every warp is done with stage s: refill it
+            _refill(c_desc, kr_desc, kv_bar.index(s), lo, hi, kr, start + (i + NUM_STAGES) * BLOCK_N,
+                    i + NUM_STAGES < n_tiles)
 
         mbarrier.invalidate(q_bar)
-        if HALF_SLOTS == 0:
-            for st in gl.static_range(NUM_STAGES):
-                mbarrier.invalidate(kv_bar.index(st))
-        else:
-            for st in gl.static_range(HALF_SLOTS):
-                mbarrier.invalidate(half_bar.index(st))
+        for st in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(kv_bar.index(st))
 
         l_h = gl.sum(l_i, axis=0)
         has = l_h > 0    # a split with no key (l = 0, m = -inf) writes zeros, which the merge weighs as nothing
@@ -266,17 +187,14 @@ if hopper.HAVE_GLUON:
             gl.store(ml + 1, l_h, mask=heads < H)
 
 
-def _consts(block_h: int, mask_kind: int, has_kvlen: bool, one_split: bool, half_slots: int = None) -> dict:
+def _consts(block_h: int, mask_kind: int, has_kvlen: bool, one_split: bool) -> dict:
     return dict(BLOCK_H=block_h, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, NUM_STAGES=NUM_STAGES, MASK_KIND=mask_kind,
-                HAS_KVLEN=has_kvlen, ONE_SPLIT=one_split,
-                HALF_SLOTS=ring_half_slots() if half_slots is None else half_slots)
+                HAS_KVLEN=has_kvlen, ONE_SPLIT=one_split)
 
 
-def compile_for_sm90(block_h: int = 32, mask_kind: int = 1, has_kvlen: bool = True, one_split: bool = False,
-                     half_slots: int = None):
+def compile_for_sm90(block_h: int = 32, mask_kind: int = 1, has_kvlen: bool = True, one_split: bool = False):
     """Compile ahead of time for sm_90 (no GPU needed); see `absorbed_decode_hopper.compile_for_sm90`."""
-    return hopper.compile_gluon_for_sm90(_keys_major_split_kernel,
-                                         _consts(block_h, mask_kind, has_kvlen, one_split, half_slots),
+    return hopper.compile_gluon_for_sm90(_keys_major_split_kernel, _consts(block_h, mask_kind, has_kvlen, one_split),
                                          mask_kind, NUM_WARPS)
 
 
