@@ -227,13 +227,38 @@ if HAVE_GLUON:
         return qk
 
     @gluon.jit
+    def _q_to_registers(Q, QR, b, row0, H, s_qb, s_qh, s_rb, s_rh, Q_ROWS: gl.constexpr, HALF: gl.constexpr,
+                        DR: gl.constexpr):
+        # Q's rows row0.. row0 + Q_ROWS of batch b (its two latent halves and its RoPE part) by plain loads,
+        # rows past H as zeros (what TMA's bounds give the descriptor path)
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
+        rows = row0 + gl.arange(0, Q_ROWS, layout=gl.SliceLayout(1, ld))
+        ok = gl.expand_dims(rows < H, 1)
+        cols = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, ld)), 0)
+        q_ptrs = Q + b * s_qb + gl.expand_dims(rows, 1) * s_qh + cols
+        q_lo = gl.load(q_ptrs, mask=ok, other=0.0)
+        q_hi = gl.load(q_ptrs + HALF, mask=ok, other=0.0)
+        cols_r = gl.expand_dims(gl.arange(0, DR, layout=gl.SliceLayout(0, ld)), 0)
+        q_r = gl.load(QR + b * s_rb + gl.expand_dims(rows, 1) * s_rh + cols_r, mask=ok, other=0.0)
+        return q_lo, q_hi, q_r
+
+    @gluon.jit
     def _split_prologue(Q, QR, C, KR, KVLEN, b, pid_p, row0, H, T, chunk, s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb,
                         s_kt, Q_ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, DR: gl.constexpr,
-                        NUM_STAGES: gl.constexpr, HAS_KVLEN: gl.constexpr, P_SHAPE: gl.constexpr):
+                        NUM_STAGES: gl.constexpr, HAS_KVLEN: gl.constexpr, P_SHAPE: gl.constexpr,
+                        LEAN_START: gl.constexpr = False):
         # Shared by both Gluon split kernels: the per-batch TMA descriptors (Q's rows past H and the
         # latent's past the valid length read as zeros), the shared memory (Q_ROWS rows of Q, the key
         # tiles' ring, P of P_SHAPE), the barriers, and the first loads: Q and the ring's first tiles.
+        # LEAN_START (the keys-major kernel): each descriptor made on the device costs a global release
+        # fence, about 1 us in that kernel's timeline (keys-major-timeline-NVIDIA-H200.md), so Q goes
+        # through registers instead (plain loads, rows past H masked to zero, under the latent's
+        # descriptors; q_bar is then never armed: do not wait on it). Issuing the first tiles' latent
+        # halves before the RoPE descriptor was made as well gained nothing there (run 3): the first
+        # tile's arrival is the burst of every program's first loads, not the fences.
         dtype: gl.constexpr = C.dtype.element_ty
+        if LEAN_START:
+            q_lo, q_hi, q_r = _q_to_registers(Q, QR, b, row0, H, s_qb, s_qh, s_rb, s_rh, Q_ROWS, HALF, DR)
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([Q_ROWS, HALF], dtype)
         qr_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([Q_ROWS, DR], dtype)
         half_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HALF], dtype)
@@ -243,8 +268,9 @@ if HAVE_GLUON:
         t_end = T
         if HAS_KVLEN:
             t_end = gl.minimum(t_end, gl.load(KVLEN + b))
-        q_desc = tma.make_tensor_descriptor(Q + b * s_qb, [H, 2 * HALF], [s_qh, 1], [Q_ROWS, HALF], q_sl)
-        qr_desc = tma.make_tensor_descriptor(QR + b * s_rb, [H, DR], [s_rh, 1], [Q_ROWS, DR], qr_sl)
+        if not LEAN_START:
+            q_desc = tma.make_tensor_descriptor(Q + b * s_qb, [H, 2 * HALF], [s_qh, 1], [Q_ROWS, HALF], q_sl)
+            qr_desc = tma.make_tensor_descriptor(QR + b * s_rb, [H, DR], [s_rh, 1], [Q_ROWS, DR], qr_sl)
         c_desc = tma.make_tensor_descriptor(C + b * s_cb, [gl.maximum(t_end, 1), 2 * HALF], [s_ct, 1],
                                             [BLOCK_N, HALF], half_sl)
         kr_desc = tma.make_tensor_descriptor(KR + b * s_kb, [gl.maximum(t_end, 1), DR], [s_kt, 1],
@@ -267,13 +293,20 @@ if HAVE_GLUON:
         stop = gl.minimum(start + chunk, t_end)
         n_tiles = gl.cdiv(stop - start, BLOCK_N)   # <= 0 for a split wholly past a short valid length
 
-        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes + qr_desc.block_type.nbytes)
-        _tma_load(q_desc, [row0, 0], q_bar, q_smem.index(0))
-        _tma_load(q_desc, [row0, HALF], q_bar, q_smem.index(1))
-        _tma_load(qr_desc, [row0, 0], q_bar, qr_smem)
+        if not LEAN_START:
+            mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes + qr_desc.block_type.nbytes)
+            _tma_load(q_desc, [row0, 0], q_bar, q_smem.index(0))
+            _tma_load(q_desc, [row0, HALF], q_bar, q_smem.index(1))
+            _tma_load(qr_desc, [row0, 0], q_bar, qr_smem)
         for st in gl.static_range(NUM_STAGES):
             _refill(c_desc, kr_desc, kv_bar.index(st), lo_smem.index(st), hi_smem.index(st), kr_smem.index(st),
                     start + st * BLOCK_N, st < n_tiles)
+        if LEAN_START:
+            q_smem.index(0).store(q_lo)
+            q_smem.index(1).store(q_hi)
+            qr_smem.store(q_r)
+            fence_async_shared()   # generic-proxy stores, read by the warpgroup MMAs (async proxy)
+            _cta_barrier()
         return (start, stop, n_tiles, c_desc, kr_desc, q_smem, qr_smem, lo_smem, hi_smem, kr_smem, p_smem, q_bar,
                 kv_bar)
 

@@ -15,9 +15,9 @@ tensor cores' ridge), so the MMA work only has to stay under the load time, not 
 the other warpgroup's: one warpgroup (4 warps) does everything, in lockstep, and a two-stage TMA
 ring of 64-key tiles (2 x 72 KB) keeps one tile in flight while the other is computed.
 
-- Q (heads x 576, TMA zero-fills rows past H) sits in shared memory as the B operand of x^T;
 - the latent tile is the A operand of x^T (keys x latent, K-major) and, as a permuted view, the A
   operand of o^T (latent x keys, MN-major): one copy in shared memory serves both;
+- Q (heads x 576) comes through registers into shared memory (rows past H as zeros), the B operand of x^T;
 - the softmax runs down the columns (a max across the 4 warps, which Gluon does through shared
   memory), the row sums l stay a [64, heads] tile of partial sums reduced once after the loop;
 - P^T goes through 2-4 KB of shared memory as the B operand of o^T;
@@ -33,6 +33,12 @@ the merge and the graph's gaps take 3-5 us more; at 4 tiles it takes 12.7-15.6 u
 H=32 B=8 T=16K (ncu-keys-major-H200.txt): DRAM 67% busy (3.2 TB/s) over the kernel's 47.8 us.
 Prefetching 1, 2 or 4 further key tiles into L2 ahead of the ring (cp.async.bulk.prefetch.L2 from
 one thread; commit a57c35b) was 2-50% slower at every point (keys-major-ab-prefetch-NVIDIA-H200.md)
+and was not kept. A timeline of the programs from %globaltimer stamps (STAMPS=True, diagnostics only;
+benchmarks/keys_major_timeline.py, keys-major-timeline-NVIDIA-H200.md) shows the key loop at 4.4-5.3
+TB/s and about 10 us of a 45 us kernel outside it at 16 tiles a program. Part of that was the four TMA
+descriptors made on the device, each with a release fence. Q now comes through registers instead
+(`LEAN_START`): the prologue is about 1-1.5 us shorter, the kernel 0.7-1.9 us faster. A ring of five
+32 KB latent halves in place of the two tile stages was 1-15% slower (keys-major-ring-ab-NVIDIA-H200.md)
 and was not kept.
 
 An earlier keys-major kernel in plain Triton (split-sweep-NVIDIA-H200-keys-major.md) was slower
@@ -93,15 +99,30 @@ def applies(device: torch.device, dtype: torch.dtype, H: int, S: int, r: int, dr
 
 if hopper.HAVE_GLUON:
     @gluon.jit
+    def _stamp(STAMP, slot, x):
+        # Diagnostics (STAMPS=True only): this program's %globaltimer (ns) into int64 slot `slot` of its
+        # row of stamps (x: any scalar of the program, the asm's dummy operand)
+        t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [x], dtype=gl.int64, is_pure=False,
+                                      pack=1)
+        gl.store(STAMP + slot, t)
+
+    @gluon.jit
     def _keys_major_split_kernel(
         Q, QR, C, KR, MASK, KVLEN, O, OP, ML, scale, H, T, chunk, splits,
         s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_mb, s_mt, s_ob, s_oh,
         BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, DR: gl.constexpr,
         NUM_STAGES: gl.constexpr, MASK_KIND: gl.constexpr, HAS_KVLEN: gl.constexpr, ONE_SPLIT: gl.constexpr,
+        STAMPS: gl.constexpr = False,
     ):
         dtype: gl.constexpr = C.dtype.element_ty
         pid_p = gl.program_id(0)
         b = gl.program_id(1).to(gl.int64)
+        if STAMPS:   # benchmarks/keys_major_timeline.py: 8 int64 a program past ML's [B, splits, H, 2] fp32
+            STAMP = (ML + gl.num_programs(1) * splits * H * 2).to(gl.pointer_type(gl.int64)) \
+                + (b * splits + pid_p) * 8
+            _stamp(STAMP, 0, pid_p)
+            gl.store(STAMP + 7, gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [pid_p], dtype=gl.int32,
+                                                          is_pure=False, pack=1).to(gl.int64))
 
         # x^T [keys, heads] and o^T [latent, heads]: the heads are the MMA's N in both
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -112,14 +133,21 @@ if hopper.HAVE_GLUON:
 
         (start, stop, n_tiles, c_desc, kr_desc, q_smem, qr_smem, lo_smem, hi_smem, kr_smem, p_smem, q_bar,
          kv_bar) = _split_prologue(Q, QR, C, KR, KVLEN, b, pid_p, 0, H, T, chunk, s_qb, s_qh, s_rb, s_rh, s_cb, s_ct,
-                                   s_kb, s_kt, BLOCK_H, BLOCK_N, HALF, DR, NUM_STAGES, HAS_KVLEN, [BLOCK_N, BLOCK_H])
+                                   s_kb, s_kt, BLOCK_H, BLOCK_N, HALF, DR, NUM_STAGES, HAS_KVLEN, [BLOCK_N, BLOCK_H],
+                                   LEAN_START=True)
 
+        if STAMPS:
+            _stamp(STAMP, 1, pid_p)   # descriptors made, Q's and the first tiles' loads issued
         m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=head_s)
         l_i = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, layout=s_layout)   # per-key partial sums
         acc_lo = gl.zeros([HALF, BLOCK_H], gl.float32, layout=s_layout)
         acc_hi = gl.zeros([HALF, BLOCK_H], gl.float32, layout=s_layout)
         s_zero = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, layout=s_layout)
-        mbarrier.wait(q_bar, 0)
+        if STAMPS:
+            _stamp(STAMP, 2, pid_p)   # Q landed (loaded by registers in the prologue)
+            if n_tiles > 0:
+                mbarrier.wait(kv_bar.index(0), 0)
+            _stamp(STAMP, 3, pid_p)   # the first key tile landed
 
         for i in range(0, n_tiles):
             s = i % NUM_STAGES
@@ -162,6 +190,8 @@ if hopper.HAVE_GLUON:
             _refill(c_desc, kr_desc, kv_bar.index(s), lo, hi, kr, start + (i + NUM_STAGES) * BLOCK_N,
                     i + NUM_STAGES < n_tiles)
 
+        if STAMPS:
+            _stamp(STAMP, 4, pid_p)   # the key loop done
         mbarrier.invalidate(q_bar)
         for st in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(kv_bar.index(st))
@@ -185,22 +215,29 @@ if hopper.HAVE_GLUON:
             ml = ML + 2 * (base + heads)
             gl.store(ml, m_i, mask=heads < H)
             gl.store(ml + 1, l_h, mask=heads < H)
+        if STAMPS:
+            _stamp(STAMP, 5, pid_p)   # the outputs stored
 
 
-def _consts(block_h: int, mask_kind: int, has_kvlen: bool, one_split: bool) -> dict:
+def _consts(block_h: int, mask_kind: int, has_kvlen: bool, one_split: bool, stamps: bool = False) -> dict:
     return dict(BLOCK_H=block_h, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, NUM_STAGES=NUM_STAGES, MASK_KIND=mask_kind,
-                HAS_KVLEN=has_kvlen, ONE_SPLIT=one_split)
+                HAS_KVLEN=has_kvlen, ONE_SPLIT=one_split, STAMPS=stamps)
 
 
-def compile_for_sm90(block_h: int = 32, mask_kind: int = 1, has_kvlen: bool = True, one_split: bool = False):
+def compile_for_sm90(block_h: int = 32, mask_kind: int = 1, has_kvlen: bool = True, one_split: bool = False,
+                     stamps: bool = False):
     """Compile ahead of time for sm_90 (no GPU needed); see `absorbed_decode_hopper.compile_for_sm90`."""
-    return hopper.compile_gluon_for_sm90(_keys_major_split_kernel, _consts(block_h, mask_kind, has_kvlen, one_split),
-                                         mask_kind, NUM_WARPS)
+    return hopper.compile_gluon_for_sm90(_keys_major_split_kernel,
+                                         _consts(block_h, mask_kind, has_kvlen, one_split, stamps), mask_kind,
+                                         NUM_WARPS)
 
 
 def keys_major_split_attention(q_lat, q_rope, c, kr, mask_kind: int, mask, mask_strides, kv_lens, out, o_part, ml,
-                               scale: float, chunk: int, splits: int) -> None:
-    """Launch it; the arguments and outputs are `absorbed_decode_hopper.hopper_split_attention`'s."""
+                               scale: float, chunk: int, splits: int, stamps: bool = False) -> None:
+    """Launch it; the arguments and outputs are `absorbed_decode_hopper.hopper_split_attention`'s. stamps
+    (diagnostics, several splits only): each program also writes 8 int64 past ml's [B, splits, H, 2]
+    fp32 (ml must have B * splits * 16 more floats): %globaltimer at its start, after its prologue,
+    when Q and when the first key tile landed, after the key loop, after its stores; slot 7 its SM."""
     B, H, _, _ = q_lat.shape
     T = c.shape[1]
     hopper.ensure_allocator()
@@ -210,6 +247,6 @@ def keys_major_split_attention(q_lat, q_rope, c, kr, mask_kind: int, mask, mask_
         q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
         c.stride(0), c.stride(1), kr.stride(0), kr.stride(1), mask_strides[0], mask_strides[2],
         out.stride(0), out.stride(1),
-        **_consts(block_heads(H), mask_kind, kv_lens is not None, splits == 1),
+        **_consts(block_heads(H), mask_kind, kv_lens is not None, splits == 1, stamps),
         num_warps=NUM_WARPS,
     )

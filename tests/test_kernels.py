@@ -513,6 +513,8 @@ def test_hopper_kernel_compiles_for_sm90(tmp_path):
               "for bh, kind, one in ((16, 1, False), (32, 2, True)):\n"
               "    k = km.compile_for_sm90(bh, kind, one_split=one)\n"
               "    print(kind, 'wgmma.mma_async' in k.asm['ptx'], k.metadata.shared)\n"
+              "k = km.compile_for_sm90(32, 0, has_kvlen=False, stamps=True)\n"   # keys_major_timeline.py's build
+              "print(0, '%globaltimer' in k.asm['ptx'], k.metadata.shared)\n"
               "from mla_compile.kernels import absorbed_decode_seesaw as ss\n"   # FlashMLA's schedule
               "for kind in (0, 1, 2):\n"
               "    k = ss.compile_for_sm90(kind, one_split=kind == 2)\n"
@@ -523,7 +525,7 @@ def test_hopper_kernel_compiles_for_sm90(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [ln.split() for ln in res.stdout.splitlines() if ln[:1] in "012"]
     assert [ln[:2] for ln in lines] == ([["0", "True"], ["1", "True"]] + [["2", "True"]] * 3
-                                        + [["1", "True"], ["2", "True"]]
+                                        + [["1", "True"], ["2", "True"], ["0", "True"]]
                                         + [["0", "True"], ["1", "True"], ["2", "True"]]), res.stdout
     assert all(int(ln[2]) <= 232448 for ln in lines), res.stdout      # an H100/H200 block's shared memory
 
