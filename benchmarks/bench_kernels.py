@@ -53,6 +53,21 @@ def bench(fn, rep=60, graph=False):
         return None
 
 
+def save_results(stem: str, lines: list[str], append: bool = False) -> str:
+    """Write a report to benchmarks/results/<stem>-<device>.md (appended with append=True) and copy the
+    file to $OUT where set (the device machine's way back). Returns the path."""
+    dev = torch.cuda.get_device_name().replace(" ", "-").replace("/", "-")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{stem}-{dev}.md")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a" if append else "w") as f:
+        f.write("\n".join(lines) + "\n")
+    if os.environ.get("OUT"):
+        import shutil
+
+        shutil.copy(path, os.path.join(os.environ["OUT"], os.path.basename(path)))
+    return path
+
+
 def fmt(x, nd=1):
     return "n/a" if x is None else (f"{x:.{nd}f}" if x < 1e4 else f"{x:.0f}")
 
@@ -276,14 +291,7 @@ def main():
             traceback.print_exc()
             out(f"({part.__name__} failed; see stderr)")
         print(f"[{time.time() - t0:.0f}s]", file=sys.stderr, flush=True)
-    text = "\n".join(LINES) + "\n"
-    dev = name.replace(" ", "-").replace("/", "-")
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", f"kernels-{dev}.md"), "w") as f:
-        f.write(text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], f"kernels-{dev}.md"), "w") as f:
-            f.write(text)
+    save_results("kernels", LINES)
 
 
 if __name__ == "__main__":

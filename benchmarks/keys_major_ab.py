@@ -16,7 +16,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import DN, DR, R, bench, copy_rate, fmt, inputs  # noqa: E402
+from bench_kernels import DN, DR, R, bench, copy_rate, fmt, inputs, save_results  # noqa: E402
 
 from mla_compile.kernels import absorbed_decode_hopper as hopper  # noqa: E402
 from mla_compile.kernels.absorbed_decode import absorbed_latent_attention  # noqa: E402
@@ -73,14 +73,7 @@ def main():
                 f"{100 * floor / t['keys-major']:.0f}% | {diff['keys-major']:.1e} | {diff['heads-major']:.1e} |")
             del x, q
             torch.cuda.empty_cache()
-    name = torch.cuda.get_device_name().replace(" ", "-")
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"keys-major-ab-{name}.md")
-    with open(path, "w") as f:
-        f.write("\n".join(LINES) + "\n")
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], os.path.basename(path)), "w") as f:
-            f.write("\n".join(LINES) + "\n")
-
+    save_results("keys-major-ab", LINES)
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import DN, DR, R, bench, copy_rate, fmt, inputs  # noqa: E402
+from bench_kernels import DN, DR, R, bench, copy_rate, fmt, inputs, save_results  # noqa: E402
 
 from mla_compile.kernels import absorbed_decode_keys_major as km  # noqa: E402
 from mla_compile.kernels.absorbed_decode import choose_splits, merge_splits  # noqa: E402
@@ -87,14 +87,7 @@ def main():
             f"{spread(ql)} | {spread(first)} | {spread(loop)} | {spread(stores)} | {spread(end)} | {rate:.2f} |")
         del x, q, c, kr, qr, o, o_part, ml
         torch.cuda.empty_cache()
-    name = torch.cuda.get_device_name().replace(" ", "-")
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"keys-major-timeline-{name}.md")
-    with open(path, "a") as f:
-        f.write("\n".join(LINES) + "\n")
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], os.path.basename(path)), "w") as f:
-            f.write("\n".join(LINES) + "\n")
-
+    save_results("keys-major-timeline", LINES, append=True)
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import DN, DR, bench, flash_mla_fn, fmt, inputs  # noqa: E402
+from bench_kernels import DN, DR, bench, flash_mla_fn, fmt, inputs, save_results  # noqa: E402
 
 from mla_compile.kernels.absorbed_decode import absorbed_latent_attention  # noqa: E402
 
@@ -63,11 +63,7 @@ def main():
             f"{d1:.1e} |")
         del x, q
         torch.cuda.empty_cache()
-    name = torch.cuda.get_device_name().replace(" ", "-")
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"seesaw-ab-{name}.md")
-    with open(path, "a") as f:
-        f.write("\n".join(LINES) + "\n")
-
+    save_results("seesaw-ab", LINES, append=True)
 
 if __name__ == "__main__":
     main()
