@@ -44,9 +44,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # passes everywhere (an A/B knob, benchmarks/core_kernel_times.py)
 MERGE_ONE_PASS = os.environ.get("MLA_COMPILE_MERGE_ONE_PASS", "1") != "0"
 LOG2E = 1.4426950408889634
-# The merge launched as a programmatic dependent of a Gluon split kernel (merge_splits' `dependent`);
-# 0 = launched after it as before (an A/B knob, benchmarks/bench_kernels.py --pdl-ab)
-PDL_MERGE = os.environ.get("MLA_COMPILE_PDL_MERGE", "1") != "0"
 
 if INTERPRET:
     _CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
@@ -159,13 +156,7 @@ def _merge_splits_kernel(
     s_pb, s_pp,
     s_ob, s_oh, s_os, s_od,
     R_PAD: tl.constexpr, RB: tl.constexpr, PB: tl.constexpr, ONE_PASS: tl.constexpr = False,
-    AFTER_PRIOR_GRID: tl.constexpr = False,
 ):
-    # AFTER_PRIOR_GRID: launched as a programmatic dependent of the split kernel (PDL, see merge_splits),
-    # so this program may be running before the split kernel is done: wait for that grid's completion
-    # and its writes before reading any split output. Only index arithmetic comes before the wait.
-    if AFTER_PRIOR_GRID:
-        tl.extra.cuda.gdc_wait()
     # One flat axis over (batch, row): either alone can pass the 65535 limit of grid axes 1 and 2.
     pid = tl.program_id(0).to(tl.int64)
     b = pid // M
@@ -291,16 +282,11 @@ def choose_splits(device, B: int, row_tiles: int, T: int, block_m: int = 64, flo
     return triton.cdiv(max(T, 1), chunk), chunk
 
 
-def merge_splits(o_part, ml, out_view, S: int, R: int, splits: int, rb: int | None = None, num_warps: int = 4,
-                 dependent: bool = False):
+def merge_splits(o_part, ml, out_view, S: int, R: int, splits: int, rb: int | None = None, num_warps: int = 4):
     """o_part [B, P, M, R_PAD] fp32 contiguous (each split's output, normalised by its own sum l_p) and
     ml [B, P, M, 2] fp32 contiguous (each split's row max m_p and sum l_p of exp(x - m_p), natural
     units; m_p = -inf, l_p = 0 for a split that saw no key) -> out_view [B, H, S, R] (any strides):
-    sum_p w_p o_p / sum_p w_p with w_p = l_p exp(m_p - max_p m_p); zeros for a row with no key at all.
-
-    dependent: launch as a programmatic dependent (PDL) of the kernel just before it on the stream, a
-    Gluon split kernel that lets its dependents launch at its start: the merge's programs are then
-    resident and waiting when the split kernel ends, instead of being launched after it."""
+    sum_p w_p o_p / sum_p w_p with w_p = l_p exp(m_p - max_p m_p); zeros for a row with no key at all."""
     B, P, M, R_PAD = o_part.shape
     # One program per row over the whole r (4 warps): the fastest or within 0.5 us of it at every shape
     # of `python benchmarks/core_kernel_times.py --merge` (128-1024 rows, 4-16 splits; H200, 20:04 UTC),
@@ -314,7 +300,7 @@ def merge_splits(o_part, ml, out_view, S: int, R: int, splits: int, rb: int | No
         o_part.stride(0), o_part.stride(1),
         *out_view.stride(),
         R_PAD=R_PAD, RB=RB, PB=PB, ONE_PASS=MERGE_ONE_PASS and P <= PB,
-        num_warps=num_warps, **({"AFTER_PRIOR_GRID": True, "launch_pdl": True} if dependent else {}),
+        num_warps=num_warps,
     )
 
 
@@ -387,7 +373,7 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
             DOT_PREC=dot_precision(dt),
         )
     if not one:
-        merge_splits(o_part, ml, out, S, r, splits, dependent=(use_keys_major or use_hopper) and PDL_MERGE)
+        merge_splits(o_part, ml, out, S, r, splits)
     return out
 
 

@@ -163,16 +163,6 @@ def ensure_allocator() -> None:
 
 if HAVE_GLUON:
     @gluon.jit
-    def _let_dependents_launch(x):
-        # Programmatic dependent launch (PDL): the merge that follows a split kernel is launched with
-        # launch_pdl and waits (griddepcontrol.wait) for this grid's end and its writes before it reads
-        # anything. Letting it launch at our start puts its programs on the SMs beside ours, waiting,
-        # instead of launching them after our last program ends. No effect on a kernel launched after
-        # us without launch_pdl. x: any scalar of the program, the asm's dummy operand.
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0 $1", "=r,r", [x], dtype=gl.int32,
-                                  is_pure=False, pack=1)
-
-    @gluon.jit
     def _probs(qk, m_prev, n0, stop, scale, MASK, s_mt, MASK_KIND: gl.constexpr, BLOCK_N: gl.constexpr,
                col_layout: gl.constexpr):
         # One key tile of the online softmax, shared by both heads-major Gluon kernels: scores in natural
@@ -332,8 +322,6 @@ if HAVE_GLUON:
         pid_m = gl.program_id(0)
         pid_p = gl.program_id(1)
         b = gl.program_id(2).to(gl.int64)
-        if not ONE_SPLIT:
-            _let_dependents_launch(pid_p)
 
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                            instr_shape=[16, BLOCK_N // 2, 16])

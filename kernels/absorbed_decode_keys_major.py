@@ -65,8 +65,7 @@ if hopper.HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                   warpgroup_mma, warpgroup_mma_wait)
-    from mla_compile.kernels.absorbed_decode_hopper import (_cta_barrier, _let_dependents_launch, _refill,
-                                                            _split_prologue)
+    from mla_compile.kernels.absorbed_decode_hopper import _cta_barrier, _refill, _split_prologue
 
 R, DR = hopper.R, hopper.DR
 HALF = R // 2
@@ -124,8 +123,6 @@ if hopper.HAVE_GLUON:
             _stamp(STAMP, 0, pid_p)
             gl.store(STAMP + 7, gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [pid_p], dtype=gl.int32,
                                                           is_pure=False, pack=1).to(gl.int64))
-        if not ONE_SPLIT:
-            _let_dependents_launch(pid_p)
 
         # x^T [keys, heads] and o^T [latent, heads]: the heads are the MMA's N in both
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],

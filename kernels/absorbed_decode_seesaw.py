@@ -54,7 +54,7 @@ if hopper.HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                   warpgroup_mma, warpgroup_mma_wait)
-    from mla_compile.kernels.absorbed_decode_hopper import _let_dependents_launch, _probs, _tma_load
+    from mla_compile.kernels.absorbed_decode_hopper import _probs, _tma_load
 
 R, DR, HALF = hopper.R, hopper.DR, hopper.HALF
 BLOCK_M = 64
@@ -320,8 +320,6 @@ if hopper.HAVE_GLUON:
         pid_m = gl.program_id(0)
         pid_p = gl.program_id(1)
         b = gl.program_id(2).to(gl.int64)
-        if not ONE_SPLIT:
-            _let_dependents_launch(pid_p)
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HALF], dtype)
         qr_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, DR], dtype)
         half_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HALF], dtype)
