@@ -379,7 +379,8 @@ def main():
              "v2lite = V2-Lite shapes (hidden 2048, 16 heads, no q_lora, MLP 10944); v32 = V3.2 shapes + DSA "
              "indexer (64x128, top-k 2048)",
              "- decode: one step (1 token per sequence) over a DynamicCache filled directly with T-1 random "
-             "latents (context T includes the new token); tokens/s = B / step time; CUDA graphs "
+             "latents (context T includes the new token), its tensors marked static (read in place by a CUDA-graph "
+             "replay, not copied first: see fill_cache); tokens/s = B / step time; CUDA graphs "
              "(mode=\"reduce-overhead\") for Inductor and mla decode, none for HF eager; prefill: "
              f"{PROMPT}-token prompt, empty cache, no CUDA graphs for any system",
              "- times: CUDA events around back-to-back steps (mean), after 3 warm-up calls; compile time excluded",
