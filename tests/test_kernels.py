@@ -425,6 +425,42 @@ def test_unsplit_weights():
 
 
 # ---------------------------------------------------------------------------------------------------
+# the absorbed form's per-head projections (kernels/head_projection.py)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("H,M,K,N", [(3, 1, 16, 8), (2, 5, 40, 24), (3, 17, 24, 72), (1, 64, 72, 40)])
+def test_per_head_matmul(H, M, K, N, dtype):
+    """Against float64, on strided views as the absorbed op passes them (q_nope's rows through a
+    permute, W_UV^T a transposed slice of kv_b_proj's weight, the output written through a permute);
+    K and N off the block sizes, M from 1 to the kernel's limit."""
+    from mla_compile.kernels.head_projection import per_head_matmul
+
+    g = torch.Generator().manual_seed(H * 1000 + M)
+    x = torch.randn(M, H, K, generator=g).to(DEV, dtype).transpose(0, 1)             # [H, M, K], strided
+    w = (torch.randn(H, N + 3, K, generator=g) / K ** 0.5).to(DEV, dtype)[:, 1:N + 1].transpose(1, 2)
+    y = torch.full((M, H, N), float("nan"), dtype=dtype, device=DEV).transpose(0, 1)
+    per_head_matmul(x, w, y)
+    ref = torch.bmm(f64(x), f64(w))
+    assert rel_err(y, ref) < tol(dtype)
+    with pytest.raises(ValueError, match="do not chain"):
+        per_head_matmul(x, w.transpose(1, 2), y)
+
+
+def test_absorbed_projections_bmm_past_row_limit():
+    """Above the kernel's row limit (B * S > 64) the projections stay on torch.bmm: the op agrees with
+    the reference on both sides of the limit."""
+    from mla_compile.kernels import head_projection
+
+    for B, S in ((4, 16), (5, 13)):      # 64 rows (the kernel), 65 (bmm)
+        args = make(B, 2, S, 19)
+        assert head_projection.takes(args[0], B * S) == (B * S <= head_projection.MAX_ROWS)
+        out = absorbed_decode(*args, None, 0.3, True)
+        ref = absorbed_reference(*[f64(a) for a in args], None, 0.3, True)
+        assert rel_err(out, ref) < tol(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
 # head and rank sizes below 16 or off the multiples of 16 (tiny test configs): the pads must hold
 
 
@@ -547,6 +583,25 @@ def test_gpu_absorbed(B, H, S, T, dtype):
     out = absorbed_decode(*args, None, 0.07, False)
     ref = absorbed_reference(*[a.double() for a in args], None, 0.07, False)
     assert rel_err(out, ref.cpu()) < tol(dtype)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 8, 33, 64])
+@pytest.mark.parametrize("which", ["absorb", "project"])
+def test_gpu_per_head_matmul(which, M, dtype):
+    """V3's projections at decode sizes (128 heads; W_UK [128, 512], W_UV^T [512, 128] as views of
+    kv_b_proj's weight) against float64."""
+    from mla_compile.kernels.head_projection import per_head_matmul
+
+    g = torch.Generator().manual_seed(M)
+    w = (torch.randn(128 * 256, 512, generator=g) / 512 ** 0.5).to(DEV, dtype).view(128, 256, 512)
+    w, K = (w[:, :128], 128) if which == "absorb" else (w[:, 128:].transpose(1, 2), 512)
+    x = torch.randn(M, 128, K, generator=g).to(DEV, dtype).transpose(0, 1)
+    y = torch.empty(128, M, w.shape[2], dtype=dtype, device=DEV)
+    per_head_matmul(x, w, y)
+    assert rel_err(y, torch.bmm(f64(x), f64(w))) < tol(dtype) / 4
 
 
 @pytest.mark.gpu
