@@ -381,15 +381,15 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
 def absorb(q_nope, w_uk, dt):
     """q_nope [B, H, S, dn] x W_UK [H, dn, r] -> q_lat as a [B, H, S, r] view of an [H, B*S, r] product."""
     B, H, S, dn = q_nope.shape
-    # cuBLAS's batched GEMM reads W_UK near the copy rate here (4.3 us at V3's 128 heads, B=8); the
-    # per-head kernel of `project` took 5.8 (head-projection-ab-NVIDIA-H200.md), so it is not used here
+    # cuBLAS's batched GEMM: the per-head kernel of `project` was slower here L2-warm (5.8 against 4.3 us
+    # at V3's 128 heads, B=8) and within 0.84-1.17x L2-cold (head-projection-ab-NVIDIA-H200.md)
     q = q_nope.to(dt).permute(1, 0, 2, 3).reshape(H, B * S, dn)
     return torch.bmm(q, w_uk.to(dt)).view(H, B, S, -1).permute(1, 0, 2, 3)
 
 
 def project(o_lat_hbs, w_uv, B, S, out_dtype):
     """o_lat [H, B*S, r] x W_UV^T -> [B, H, S, dv] contiguous. At decode sizes through the per-head
-    kernel: 4.4 against cuBLAS's 6.5 us at 128 heads, B=8 (head-projection-ab-NVIDIA-H200.md)."""
+    kernel: 8.9 against cuBLAS's 11.6 us at 128 heads, B=8, L2 flushed (head-projection-ab-NVIDIA-H200.md)."""
     H = o_lat_hbs.shape[0]
     if head_projection.takes(o_lat_hbs, B * S):
         out = torch.empty(B, H, S, w_uv.shape[1], dtype=out_dtype, device=o_lat_hbs.device)

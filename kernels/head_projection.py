@@ -5,16 +5,17 @@ Math (per head h; rows m = (batch b, query s) folded, M = B * S):
     out[h, m, :] = o_lat[h, m, :] W_UV[h]^T          [M, r] x [r, dv] -> [M, dv]
 
 (or any y[h] = x[h] w[h]). It reads a 128 KB weight slice per head (16.8 MB over V3's 128 heads) for
-a handful of rows: the time is the weight read. cuBLAS's batched GEMM took 6.5 us for it at B=8
-(2.6 TB/s); `_per_head_matmul_kernel`, grid (N / BLOCK_N, H, M / BLOCK_M), 4.4 us: each program streams
-one [K, BLOCK_N] slice of its head's weight through fp32 `tl.dot`s against the rows, so the weight is
-read once, by hundreds of programs, with the K loop pipelined. Strides are free on every operand: W_UV^T
-is a transposed view of kv_b_proj's weight (no copy), and at one query a step the output [B, H, 1, dv]
-is written in place. (The absorption q_nope W_UK, whose K is 128, stays on cuBLAS, which reads W_UK near
-the copy rate: 4.3 us against this kernel's 5.8; head-projection-ab-NVIDIA-H200.md.)
+a handful of rows: the time is the weight read. `_per_head_matmul_kernel`, grid (N / BLOCK_N, H,
+M / BLOCK_M): each program streams one [K, BLOCK_N] slice of its head's weight through fp32 `tl.dot`s
+against the rows, so the weight is read once, by hundreds of programs, with the K loop pipelined. At
+128 heads and B=8 it takes 8.9 us against cuBLAS's batched GEMM's 11.6 with L2 flushed (a decode step
+finds no weight in L2), 0.60-0.96x at 16-128 heads and 1-64 rows (head-projection-ab-NVIDIA-H200.md,
+run 4). Strides are free on every operand: W_UV^T is a transposed view of kv_b_proj's weight (no
+copy), and at one query a step the output [B, H, 1, dv] is written in place. (The absorption
+q_nope W_UK, whose K is 128, stays on cuBLAS: faster there with L2 warm, within 0.84-1.17x cold.)
 
 Taken where M <= MAX_ROWS (decode, short appends); larger M (prefill-sized absorbed calls) stays on
-torch.bmm, whose tiles pay off there. MLA_COMPILE_HEAD_MATMUL=0 keeps torch.bmm everywhere (A/B).
+torch.bmm (the kernel was not measured there). MLA_COMPILE_HEAD_MATMUL=0 keeps torch.bmm everywhere (A/B).
 """
 
 from __future__ import annotations
@@ -34,18 +35,14 @@ MAX_ROWS = 64
 if INTERPRET:
     _CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
 else:
+    # the configs that won in head-projection-ab-NVIDIA-H200.md (runs 2 and 4): few rows take narrow N
+    # tiles (more programs in flight), more rows wider ones
     _CONFIGS = [
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=2, num_stages=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=2, num_stages=4),
-        triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 256, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 512, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     ]
 
 
