@@ -27,8 +27,8 @@ Figures and where they come from
 Efficiency factors: fraction of the matmul ceiling a kernel reaches, looked up as "form.kernel",
 then "form", then "default"; `mem_efficiency` likewise scales the copy bandwidth.  The attention
 kernels' values are fitted from measurement (`benchmarks/bench_forms.py`; see DEFAULT_EFFICIENCY):
-our Triton kernels reach 0.21-0.31 of the matmul ceiling where compute-bound (FlashMLA reaches ~0.7)
-and 0.53-0.77 of the copy rate where memory-bound; the Hopper Gluon kernel of the absorbed decode
+our Triton kernels reach 0.21-0.31 of the matmul ceiling where compute-bound (FlashMLA reaches ~0.7),
+the expanded prefill kernel 0.64, and 0.64-1.0 of the copy rate where memory-bound; the Hopper Gluon kernel of the absorbed decode
 0.89 (HOPPER_DECODE_KEY, on the sm_90 entries; plan() uses it where that kernel runs), the keys-major one
 at <= 32 heads 0.39 and 1.12 of the copy rate (KEYS_MAJOR_DECODE_KEY).  The cuBLAS GEMMs keep 0.85 (expansion) and 0.60
 (the small per-head GEMMs of absorption and output), and the default 0.85 of the copy rate.
@@ -50,10 +50,15 @@ H200_MEMORY_RATIO = 4.27e12 / 4.8e12
 # kernel's compute and memory efficiency, 83 grid points on an H200, 2026-11-21, seed 0; checked on a
 # fresh grid, seed 1: benchmarks/results/forms-NVIDIA-H200*.md). They describe our Triton kernels and
 # the plain-torch sparse_expanded reference, so every GPU entry uses them. The GEMMs are cuBLAS's.
+# expanded.attention: refitted on 2026-11-22 (forms-NVIDIA-H200-gluon.md, 66 points with two or more
+# forms): the expanded prefill kernel became faster after the first fit (its block map, the skipped
+# triangle), and at 0.26 / 0.53 the model chose the absorbed form at prefill points where expanded
+# was up to 1.92x faster (55 of 66 points chosen right; 62 with the refit, whose other figures,
+# absorbed 0.31 and sparse_absorbed 0.21, stayed where they were).
 DEFAULT_EFFICIENCY = {
     "default": 0.70,
     "expanded.expand": 0.85,
-    "expanded.attention": 0.26,
+    "expanded.attention": 0.64,
     "absorbed.absorb": 0.60,
     "absorbed.attention": 0.31,
     "absorbed.output": 0.60,
@@ -65,7 +70,7 @@ DEFAULT_EFFICIENCY = {
 }
 DEFAULT_MEM_EFFICIENCY = {
     "default": 0.85,
-    "expanded.attention": 0.53,
+    "expanded.attention": 1.0,
     "absorbed.attention": 0.77,
     "sparse_absorbed.attention": 0.64,
     "sparse_expanded.attention": 0.02,
