@@ -497,6 +497,8 @@ def reeval(path, device_json=None, fit_json=None):
     lines += ["", "fitted: " + json.dumps(fit)]
     if os.path.exists(ej):
         saved = json.load(open(ej)).get("fit")
+        if saved and "forms" not in saved:     # a GPU run's file holds two fits: {"log_error", "decisions"}
+            saved = saved.get("log_error")
         if saved:
             ev = evaluate(rows, device_with(dm, saved), "with the efficiencies in " + os.path.basename(ej))
             lines += summary_lines(ev)
