@@ -174,6 +174,12 @@ if hopper.HAVE_GLUON:
                                                       instr_shape=[16, BLOCK_N, 16]))
     O_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, HALF, 16]))
+    # and the layouts both warpgroups derive from them: a score tile's rows and columns, the output's
+    # rows, and P as the A operand of the P V MMA
+    ROW_S = gl.constexpr(gl.SliceLayout(1, S_LAYOUT))
+    COL_S = gl.constexpr(gl.SliceLayout(0, S_LAYOUT))
+    ROW_O = gl.constexpr(gl.SliceLayout(1, O_LAYOUT))
+    A_O = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2))
 
     @gluon.jit
     def _warpgroup_start(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, kbar, q_bar, STAGE: gl.constexpr,
@@ -184,7 +190,7 @@ if hopper.HAVE_GLUON:
         mbarrier.wait(q_bar, 0)
         qr_reg = qr_smem.load(gl.DotOperandLayout(operand_index=0, parent=S_LAYOUT, k_width=2))
         acc = gl.zeros([BLOCK_M, HALF], gl.float32, layout=O_LAYOUT)
-        l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, S_LAYOUT))
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=ROW_S)
         s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT)
         s = _score_pieces(q_smem.index(0), q_smem.index(1), qr_reg, lo_smem.index(STAGE), hi_smem.index(STAGE),
                           kr_smem.index(STAGE), kbar, STAGE, 0, s, 0, 9, True, GROUPED)
@@ -199,37 +205,33 @@ if hopper.HAVE_GLUON:
         # Warpgroup E: scores of the even tiles (stage 0), output columns 0-255 (the latent's low half,
         # pieces 0-3 of each stage, which E refills).
         dtype: gl.constexpr = q_smem.dtype
-        row_s: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
-        col_s: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
-        row_o: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
-        a_o: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
         qr_reg, acc, l_i, s = _warpgroup_start(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, kbar, q_bar, 0, GROUPED,
                                                BLOCK_M, BLOCK_N, HALF)
         for k in range(n_pairs):
             q0, q1, lo0, hi0, kr0, lo1, hi1, kr1 = _views(q_smem, lo_smem, hi_smem, kr_smem, k >> 30)
             ph = k & 1
             has_next = k + 1 < n_pairs
-            m_prev = vec_smem.slice(V_M * BLOCK_M, BLOCK_M).load(row_s)
+            m_prev = vec_smem.slice(V_M * BLOCK_M, BLOCK_M).load(ROW_S)
             p, alpha, m_new = _probs(s, m_prev, start + 2 * k * BLOCK_N, stop, scale, MASK, s_mt, MASK_KIND,
-                                     BLOCK_N, col_s)
+                                     BLOCK_N, COL_S)
             l_i = l_i * alpha + gl.sum(p, axis=1)
             vec_smem.slice(V_SCALE_E * BLOCK_M, BLOCK_M).store(alpha)
             vec_smem.slice(V_M * BLOCK_M, BLOCK_M).store(m_new)
             mbarrier.arrive(sync.index(S_SCALE_E), count=1)
             # P_2k V_2k on the low half, P from registers (in units of m_new; rescaled below by O's factor)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), a_o), lo0, acc, is_async=True)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, ROW_O), 1)
+            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), A_O), lo0, acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.wait(sync.index(S_SCALE_O), ph)
             # stage 0's low half is free (tile 2k's scores and P V there done): tile 2k+2's pieces 0-3
             _load_pieces(c_desc, kr_desc, kbar, 0, lo0, hi0, kr0, start + (2 * k + 2) * BLOCK_N, 0, 4, has_next,
                          GROUPED)
-            alpha_o = vec_smem.slice(V_SCALE_O * BLOCK_M, BLOCK_M).load(row_s)
+            alpha_o = vec_smem.slice(V_SCALE_O * BLOCK_M, BLOCK_M).load(ROW_S)
             pe_smem.store((p * gl.expand_dims(alpha_o, 1)).to(dtype))
             fence_async_shared()
             mbarrier.arrive(sync.index(S_P_E), count=1)
             l_i = l_i * alpha_o
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha_o, row_o), 1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha_o, ROW_O), 1)
             mbarrier.wait(sync.index(S_P_O), ph)
             # P_2k+1 (O's, over Q's RoPE slot) V_2k+1 on the low half
             pv = warpgroup_mma(qr_smem, lo1, acc, is_async=True)
@@ -247,9 +249,9 @@ if hopper.HAVE_GLUON:
         vec_smem.slice(V_L_E * BLOCK_M, BLOCK_M).store(l_i)
         mbarrier.arrive(sync.index(S_FIN), count=1)
         mbarrier.wait(sync.index(S_FIN), 0)
-        l_tot = l_i + vec_smem.slice(V_L_O * BLOCK_M, BLOCK_M).load(row_s)
+        l_tot = l_i + vec_smem.slice(V_L_O * BLOCK_M, BLOCK_M).load(ROW_S)
         _write_out(acc, l_tot, l_tot, O, OP, ML, H, row0, b, pid_p, splits, s_ob, s_oh, 0, False, ONE_SPLIT,
-                   BLOCK_M, HALF, O_LAYOUT, row_s)
+                   BLOCK_M, HALF, O_LAYOUT, ROW_S)
 
     @gluon.jit
     def _odd_warpgroup(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, pe_smem, vec_smem, kbar, sync, q_bar,
@@ -259,33 +261,29 @@ if hopper.HAVE_GLUON:
         # Warpgroup O: scores of the odd tiles (stage 1), output columns 256-511 (the latent's high half
         # and the RoPE piece, pieces 4-8 of each stage, which O refills).
         dtype: gl.constexpr = q_smem.dtype
-        row_s: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
-        col_s: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
-        row_o: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
-        a_o: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
         qr_reg, acc, l_i, s = _warpgroup_start(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, kbar, q_bar, 1, GROUPED,
                                                BLOCK_M, BLOCK_N, HALF)
-        m_new = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
+        m_new = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=ROW_S)
         for k in range(n_pairs):
             q0, q1, lo0, hi0, kr0, lo1, hi1, kr1 = _views(q_smem, lo_smem, hi_smem, kr_smem, k >> 30)
             ph = k & 1
             has_next = k + 1 < n_pairs
             mbarrier.wait(sync.index(S_SCALE_E), ph)
-            m_e = vec_smem.slice(V_M * BLOCK_M, BLOCK_M).load(row_s)
-            alpha_e = vec_smem.slice(V_SCALE_E * BLOCK_M, BLOCK_M).load(row_s)
+            m_e = vec_smem.slice(V_M * BLOCK_M, BLOCK_M).load(ROW_S)
+            alpha_e = vec_smem.slice(V_SCALE_E * BLOCK_M, BLOCK_M).load(ROW_S)
             p, alpha, m_new = _probs(s, m_e, start + (2 * k + 1) * BLOCK_N, stop, scale, MASK, s_mt, MASK_KIND,
-                                     BLOCK_N, col_s)
+                                     BLOCK_N, COL_S)
             vec_smem.slice(V_SCALE_O * BLOCK_M, BLOCK_M).store(alpha)
             vec_smem.slice(V_M * BLOCK_M, BLOCK_M).store(m_new)
             mbarrier.arrive(sync.index(S_SCALE_O), count=1)
             f = alpha_e * alpha
             l_i = l_i * f + gl.sum(p, axis=1)
-            acc = acc * gl.expand_dims(gl.convert_layout(f, row_o), 1)
+            acc = acc * gl.expand_dims(gl.convert_layout(f, ROW_O), 1)
             pb = p.to(dtype)
             # Q's RoPE slot is free: both warpgroups hold it in registers, and E's last read of the
             # previous P there finished before E signalled this pair's scale
             qr_smem.store(pb)
-            acc = warpgroup_mma(gl.convert_layout(pb, a_o), hi1, acc, is_async=True)
+            acc = warpgroup_mma(gl.convert_layout(pb, A_O), hi1, acc, is_async=True)
             fence_async_shared()
             mbarrier.wait(sync.index(S_P_E), ph)
             acc = warpgroup_mma(pe_smem, hi0, acc, is_async=True)
@@ -305,9 +303,9 @@ if hopper.HAVE_GLUON:
         vec_smem.slice(V_L_O * BLOCK_M, BLOCK_M).store(l_i)
         mbarrier.arrive(sync.index(S_FIN), count=1)
         mbarrier.wait(sync.index(S_FIN), 0)
-        l_tot = l_i + vec_smem.slice(V_L_E * BLOCK_M, BLOCK_M).load(row_s)
+        l_tot = l_i + vec_smem.slice(V_L_E * BLOCK_M, BLOCK_M).load(ROW_S)
         _write_out(acc, l_tot, m_new, O, OP, ML, H, row0, b, pid_p, splits, s_ob, s_oh, HALF, True, ONE_SPLIT,
-                   BLOCK_M, HALF, O_LAYOUT, row_s)
+                   BLOCK_M, HALF, O_LAYOUT, ROW_S)
 
     @gluon.jit
     def _seesaw_split_kernel(
