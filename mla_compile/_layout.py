@@ -1,16 +1,38 @@
 """`passes/` and `kernels/` sit at the top of the repository but are the subpackages
-mla_compile.passes and mla_compile.kernels (a top-level `kernels` would shadow the PyPI package
-that transformers imports). An installed copy (pip install ., or -e .) maps them already; this finder
-does the same for a bare source checkout on PYTHONPATH, and does nothing otherwise."""
+mla_compile.passes and mla_compile.kernels.
+
+`kernels/` has no `__init__.py`, on purpose: transformers imports the PyPI package `kernels`, and
+whenever the repository root is on sys.path (`python` or `python -m pytest` started there) a
+*regular* package `kernels/` in it would be found before site-packages and shadow that package.
+A folder without `__init__.py` is only a namespace portion, and Python's path finder takes any
+regular package of the same name before it, so `import kernels` always gets the PyPI package.
+(tests/test_layout.py checks this from the repository root.)
+
+An installed wheel holds the files under mla_compile/kernels/, where the ordinary path finder finds
+them. An editable install (`pip install -e .`) maps mla_compile.kernels to the top-level folder, but
+setuptools' editable finder only resolves mapped packages that have an `__init__.py`; a bare source
+checkout on PYTHONPATH has no mapping at all. For both, this finder (the last on sys.meta_path, so
+asked only when the others found nothing) maps the two subpackages to the checkout's folders."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
 import sys
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SUBPACKAGES = {f"mla_compile.{name}": os.path.join(_ROOT, name) for name in ("passes", "kernels")}
+
+
+def _is_checkout(root: str) -> bool:
+    """The folder above mla_compile/ is this project's source tree (not site-packages, whose
+    `kernels/` is the PyPI package)."""
+    try:
+        with open(os.path.join(root, "pyproject.toml")) as f:
+            return 'name = "mla-compile"' in f.read()
+    except OSError:
+        return False
 
 
 class _CheckoutFinder:
@@ -23,11 +45,15 @@ class _CheckoutFinder:
 
 
 def _package_spec(fullname: str, directory: str):
-    init = os.path.join(directory, "__init__.py")
-    if not os.path.isfile(init):
+    if not os.path.isdir(directory):
         return None
-    return importlib.util.spec_from_file_location(fullname, init, submodule_search_locations=[directory])
+    init = os.path.join(directory, "__init__.py")
+    if os.path.isfile(init):
+        return importlib.util.spec_from_file_location(fullname, init, submodule_search_locations=[directory])
+    spec = importlib.machinery.ModuleSpec(fullname, None, is_package=True)     # a namespace package
+    spec.submodule_search_locations = [directory]
+    return spec
 
 
-if all(os.path.isfile(os.path.join(d, "__init__.py")) for d in _SUBPACKAGES.values()):
+if _is_checkout(_ROOT) and _CheckoutFinder not in sys.meta_path:
     sys.meta_path.append(_CheckoutFinder)

@@ -249,29 +249,41 @@ def cmd_explain(a) -> int:
 
 
 def _emit_mlir(model, a, label) -> dict[str, str]:
+    """DIR/<config>.<output type>.mlir for the whole prefill; where an op elsewhere in the model has
+    no lowering, DIR/<config>.<module>.<output type>.mlir for each rewritten attention region."""
     import torch
 
-    from mla_compile.mlir import OUTPUT_TYPES, export_all
+    from mla_compile import mlir
 
     out_dir = Path(a.emit_mlir)
     out_dir.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, _vocab(model), (a.batch, a.prompt_len), generator=g).to(a.device)
     torch._dynamo.reset()
-    form = "auto" if a.form == "auto" else a.form
-    results = export_all(model, ids, output_types=OUTPUT_TYPES, form=form, cost_device=a.cost_device)
+    cap = mlir.capture(model, ids, form=a.form, cost_device=a.cost_device)
     stem = Path(a.config).name.replace(".json", "") if os.path.exists(a.config) else a.config
+    forms = ", ".join(sorted(set(cap.forms()))) or "none"
     info = {}
-    for ot, res in results.items():
-        if isinstance(res, Exception):
-            first = next((ln.split("error:", 1)[1].strip() for ln in str(res).splitlines() if "error:" in ln),
-                         str(res).strip().splitlines()[0][:200] if str(res).strip() else "")
-            info[ot] = f"FAILED: {type(res).__name__}: {first}"
+    for ot in mlir.OUTPUT_TYPES:
+        try:
+            text = mlir.lower(cap, ot).text
+        except mlir.MLIRExportError as e:
+            written = []
+            for name, region in mlir.regions(cap).items():
+                path = out_dir / f"{stem}.{name}.{ot}.mlir"
+                path.write_text(mlir.lower_region(cap, region, ot), encoding="utf-8")
+                written.append(str(path))
+            reason = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+            info[ot] = (f"the whole model does not lower ({reason}); {len(written)} attention region(s) "
+                        f"written alone: {', '.join(written) or 'none'}")
+            continue
+        except Exception as e:  # noqa: BLE001 - reported per output type
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            info[ot] = f"FAILED: {type(e).__name__}: {first}"
             continue
         path = out_dir / f"{stem}.{ot}.mlir"
-        path.write_text(res.text, encoding="utf-8")
-        forms = sorted({r.form for r in res.records if r.status == "rewritten"})
-        info[ot] = f"{path} ({len(res.text):,} chars; forms {', '.join(forms) or 'none'})"
+        path.write_text(text, encoding="utf-8")
+        info[ot] = f"{path} ({len(text):,} chars; forms {forms})"
     return info
 
 

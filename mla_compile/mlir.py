@@ -20,6 +20,13 @@ A cache the model would create for itself is not part of the export: `use_cache=
 unless the caller passes use_cache. Tensor arguments (positional, then keyword in the order given)
 become the arguments of the exported function; everything else is baked in.
 
+An op that torch-mlir cannot lower (it imports it as an opaque `torch.operator`) raises
+`MLIRExportError` naming the op and the model code it came from, before any lowering runs.
+`export_mlir_regions(...)` exports each rewritten attention region alone (the MLA op and its input
+tensors as the function's arguments), which needs nothing else of the model to lower. HF's MoE
+router counts tokens per expert with `aten.histc`; it is decomposed here (exactly, for fixed and for
+data-derived ranges), so MoE models lower whole too.
+
 `run_linalg(text, *tensors)` compiles a linalg-on-tensors module to LLVM with torch-mlir's reference
 CPU pipeline and the MLIR ExecutionEngine (both in the torch-mlir wheel) and runs it.
 """
@@ -31,6 +38,7 @@ import copy
 import ctypes
 import itertools
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -177,19 +185,129 @@ def _isfinite(x):
     return torch.logical_and(x == x, x.abs() != float("inf"))
 
 
+def _histc(x, bins: int = 100, min: float = 0, max: float = 0):
+    """aten.histc as comparisons and a sum (torch-mlir has no lowering for it). Same bins as ATen's
+    CPU kernel: bin = floor((x - lo) * bins / (hi - lo)), x == hi in the last bin, values outside
+    [lo, hi] not counted; min == max takes the data's range (widened by 1 each way if it is one value)."""
+    if min == max:
+        lo, hi = x.min(), x.max()
+        same = lo == hi
+        lo, hi = torch.where(same, lo - 1, lo), torch.where(same, hi + 1, hi)
+    else:
+        lo, hi = min, max
+    flat = x.reshape(-1)
+    pos = torch.floor((flat - lo) * bins / (hi - lo)).to(torch.int64).clamp(0, bins - 1)
+    inside = (flat >= lo) & (flat <= hi)
+    hits = (pos.unsqueeze(-1) == torch.arange(bins, device=x.device)) & inside.unsqueeze(-1)
+    return hits.sum(0).to(x.dtype)
+
+
+def _grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
+    """Grouped matmul as one batched matmul (torch-mlir lowers neither aten._grouped_mm nor
+    transformers' opaque fallback): rows are sorted by group and offs[g] is the end of group g, so
+    row r belongs to the number of ends <= r; out[r] = mat_a[r] @ mat_b[group(r)], and rows past the
+    last end stay zero, as in the fallback."""
+    rows = torch.arange(mat_a.shape[0], device=mat_a.device)
+    ends = offs.to(torch.int64)
+    group = (rows.unsqueeze(-1) >= ends.unsqueeze(0)).sum(-1)
+    inside = group < mat_b.shape[0]
+    group = group.clamp(max=mat_b.shape[0] - 1)
+    out = torch.bmm(mat_a.unsqueeze(1), mat_b[group]).squeeze(1)
+    if bias is not None:
+        out = out + bias[group]
+    out = torch.where(inside.unsqueeze(-1), out, torch.zeros_like(out))
+    return out.to(out_dtype) if out_dtype is not None else out
+
+
+def _topk(x, k, dim=-1, largest=True, sorted=True):
+    """topk as the first k of a sort (torch-mlir lowers topk only with sorted=True; with
+    sorted=False the order is unspecified, so the sorted order is one of its valid results)."""
+    values, indices = torch.sort(x, dim=dim, descending=largest)
+    return values.narrow(dim, 0, k), indices.narrow(dim, 0, k)
+
+
+def _stable_sort(x, stable=None, dim=-1, descending=False):
+    """A stable sort from comparisons (torch-mlir lowers no stable sort): element i goes to the
+    number of elements before it in the order, ties broken by position; exact for any dtype without
+    NaN. Quadratic in the sorted length, which at export sizes (MoE routing of a prompt) is small."""
+    moved = x.movedim(dim, -1)
+    n = moved.shape[-1]
+    mine, other = moved.unsqueeze(-1), moved.unsqueeze(-2)
+    pos = torch.arange(n, device=x.device)
+    ahead = (other > mine) if descending else (other < mine)
+    tied_ahead = (other == mine) & (pos.unsqueeze(0) < pos.unsqueeze(-1))
+    rank = (ahead | tied_ahead).to(torch.int64).sum(-1)
+    order = torch.scatter(torch.zeros_like(rank), -1, rank, pos.expand_as(rank).contiguous())
+    return moved.gather(-1, order).movedim(-1, dim), order.movedim(-1, dim)
+
+
 def _decomposition_table() -> dict:
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
 
     table = dict(get_decomposition_table())
     table[torch.ops.aten.isfinite.default] = _isfinite
+    # what HF's MoE layers call (its router's token counts; its experts' grouped matmuls)
+    table[torch.ops.aten.histc.default] = _histc
+    table[torch.ops.aten._grouped_mm.default] = _grouped_mm
+    table[torch.ops.aten.topk.default] = _topk
+    table[torch.ops.aten.sort.stable] = _stable_sort
+    transformers_ops = getattr(torch.ops, "transformers", None)
+    if transformers_ops is not None and hasattr(transformers_ops, "grouped_mm_fallback"):
+        table[transformers_ops.grouped_mm_fallback.default] = _grouped_mm
     return table
+
+
+class MLIRExportError(RuntimeError):
+    """The graph holds ops torch-mlir cannot lower; the message names each and where it came from."""
+
+
+_OPAQUE_OP_RE = re.compile(r'torch\.operator "torch\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)')
+
+
+def _unlowerable_ops(raw_text: str) -> list[str]:
+    """Ops the importer could only keep as an opaque `torch.operator` ("aten.histc",
+    "transformers.grouped_mm_fallback"): torch-mlir has no definition, hence no lowering, for them."""
+    return sorted({f"{m.group(1)}.{m.group(2)}" for m in _OPAQUE_OP_RE.finditer(raw_text)})
+
+
+def _origins(gm: fx.GraphModule, qualified_op: str) -> list[str]:
+    """Where the captured graph calls `qualified_op` ("aten.special_zeta", "transformers.x"): the
+    module path and the last line of the model's code."""
+    from mla_compile.passes.match import module_of
+
+    op = qualified_op.split(".", 1)[1]
+    found = []
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method"):
+            continue
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        qualified = f"{getattr(n.target, '__module__', '') or ''}.{name}".replace("torch.", "").replace(".", "_")
+        if name != op and not qualified.endswith(op) and str(n.target) != qualified_op + ".default":
+            continue
+        where = module_of(n)[0]
+        frames = [ln.strip() for ln in (n.meta.get("stack_trace") or "").splitlines() if ln.strip().startswith("File")]
+        found.append(f"{where} ({frames[-1]})" if frames else where)
+    return found
+
+
+def _check_lowerable(raw_text: str, cap: "Capture", output_type: str) -> None:
+    ops = _unlowerable_ops(raw_text)
+    if not ops:
+        return
+    lines = []
+    for op in ops:
+        origins = _origins(cap.gm, op)
+        shown = "; ".join(origins[:3]) + (f"; and {len(origins) - 3} more" if len(origins) > 3 else "")
+        lines.append(f"  {op}: from {shown or 'the model (no matching call found in the captured graph)'}")
+    raise MLIRExportError(
+        f"torch-mlir cannot lower to {output_type!r}: it has no lowering for\n" + "\n".join(lines)
+        + "\nThe rewritten attention alone still exports: mla_compile.mlir.export_mlir_regions(model, ...)"
+          " (one module per MLA region), or output_type=\"torch\" keeps these ops as torch.operator.")
 
 
 def lower(cap: Capture, output_type: str = "torch", decompose: bool | None = None) -> MLIRExport:
     """Export a Capture to MLIR text of `output_type` (see the module docstring)."""
     _require_torch_mlir()
-    from torch_mlir import fx as tm_fx
-
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"export_mlir: unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES}")
     if decompose is None:
@@ -201,12 +319,23 @@ def lower(cap: Capture, output_type: str = "torch", decompose: bool | None = Non
     if decompose:
         _decompose_mla_ops(gm)
     module = _Exportable(gm, cap.example_inputs, cap.user_inputs)
-    prog = torch.export.export(module, cap.user_inputs, strict=False)
+    text = _import(module, cap.user_inputs, output_type, decompose, cap)
+    return MLIRExport(text, output_type, list(cap.records), decompose)
+
+
+def _import(module: torch.nn.Module, inputs: tuple, output_type: str, decompose: bool, cap: "Capture") -> str:
+    """torch.export the module, then import it with torch-mlir (raw first: an op it cannot lower is
+    an MLIRExportError naming it, instead of the pass pipeline's diagnostics)."""
+    from torch_mlir import fx as tm_fx
+
+    prog = torch.export.export(module, inputs, strict=False)
     prog = prog.run_decompositions(_decomposition_table())
-    ot = "raw" if (output_type == "torch" and not decompose) else output_type
     with _quiet_warnings():
-        mod = tm_fx.export_and_import(prog, output_type=ot, decomposition_table={}, func_name="main")
-    return MLIRExport(str(mod), output_type, list(cap.records), decompose)
+        raw = str(tm_fx.export_and_import(prog, output_type="raw", decomposition_table={}, func_name="main"))
+        if output_type == "torch" and not decompose:
+            return raw
+        _check_lowerable(raw, cap, output_type)
+        return str(tm_fx.export_and_import(prog, output_type=output_type, decomposition_table={}, func_name="main"))
 
 
 @contextlib.contextmanager
@@ -235,18 +364,81 @@ def export_mlir(model: torch.nn.Module, *args, output_type: str = "torch", form:
     return lower(cap, output_type, decompose).text
 
 
-def export_all(model: torch.nn.Module, *args, output_types: Sequence[str] = OUTPUT_TYPES, form: str = "auto",
-               cost_device: str | None = None, **kwargs) -> dict[str, MLIRExport | Exception]:
-    """Capture once, lower to each output type; a failed lowering maps to its exception."""
+def export_mlir_regions(model: torch.nn.Module, *args, output_type: str = "torch", form: str = "auto",
+                        decompose: bool | None = None, cost_device: str | None = None,
+                        **kwargs) -> dict[str, str]:
+    """MLIR text of each rewritten MLA region alone, by module name ("model.layers.0.self_attn").
+
+    Each module's `main` takes the region's tensors as the MLA op receives them (query parts, latent,
+    RoPE key, W_UK, W_UV, mask, ... in the op's order) and returns its output; the rest of the model
+    is not in it, so an op elsewhere that torch-mlir cannot lower does not stop it. Same arguments
+    as export_mlir."""
     cap = capture(model, *args, form=form, cost_device=cost_device, **kwargs)
-    out: dict[str, MLIRExport | Exception] = {}
-    for ot in output_types:
-        try:
-            out[ot] = lower(cap, ot)
-        except Exception as e:  # noqa: BLE001 - reported per output type
-            log.warning("export_mlir: %s failed: %s", ot, str(e).strip().splitlines()[0] if str(e) else e)
-            out[ot] = e
+    return {name: lower_region(cap, region, output_type, decompose) for name, region in regions(cap).items()}
+
+
+@dataclass
+class Region:
+    """One MLA op call of a Capture, with the arguments it received on the captured call."""
+
+    node: fx.Node
+    args: tuple
+
+
+def regions(cap: Capture) -> dict[str, Region]:
+    """The captured graph's MLA op calls by module name, with their arguments (one run of the graph)."""
+    from mla_compile.passes.forms import FORMS
+    from mla_compile.passes.match import module_of
+
+    ops = {getattr(torch.ops.mla, f).default for f in FORMS}
+    seen: dict[fx.Node, tuple] = {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n):
+            if n.op == "call_function" and n.target in ops:
+                seen[n] = tuple(self.fetch_args_kwargs_from_env(n)[0])
+            return super().run_node(n)
+
+    with torch.no_grad():
+        _Recorder(cap.gm).run(*cap.example_inputs)
+    out: dict[str, Region] = {}
+    for node, node_args in seen.items():
+        name = module_of(node)[0]
+        key, i = name, 1
+        while key in out:
+            i += 1
+            key = f"{name}#{i}"
+        out[key] = Region(node, node_args)
     return out
+
+
+class _RegionModule(torch.nn.Module):
+    """One MLA op call as a module of its tensor arguments (non-tensor arguments baked in)."""
+
+    def __init__(self, target, args: tuple):
+        super().__init__()
+        self.target, self.template = target, args
+
+    def forward(self, *tensors):
+        it = iter(tensors)
+        return self.target(*[next(it) if isinstance(a, torch.Tensor) else a for a in self.template])
+
+
+def lower_region(cap: Capture, region: Region, output_type: str = "torch", decompose: bool | None = None) -> str:
+    """MLIR text of one region (see export_mlir_regions)."""
+    from mla_compile.passes.forms import FORMS, reference_for
+
+    _require_torch_mlir()
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"export_mlir: unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES}")
+    if decompose is None:
+        decompose = output_type != "torch"
+    target = region.node.target
+    if decompose:
+        form = next(f for f in FORMS if getattr(torch.ops.mla, f).default is target)
+        target = _reference_call(form, reference_for(form))
+    tensors = tuple(a for a in region.args if isinstance(a, torch.Tensor))
+    return _import(_RegionModule(target, region.args), tensors, output_type, decompose, cap)
 
 
 # --------------------------------------------------------------------------------------------- #

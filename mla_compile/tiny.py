@@ -1,11 +1,12 @@
 """Tiny, fast, valid configs and random-weight models for every Multi-head Latent Attention (MLA)
 family in the installed transformers.
 
-    MLA_FAMILIES      model types whose config class has ``kv_lora_rank`` (discovered at import time,
-                      with a hard-coded fallback list)
+    MLA_FAMILIES      model types whose config class has ``kv_lora_rank`` (discovered at import time
+                      from the installed transformers)
     DSA_FAMILIES      families with a DeepSeek-Sparse-Attention top-k indexer (index mask built by
                       ``scatter(-1, topk_indices ...)`` / ``scatter_add_``)
     HYBRID_FAMILIES   families with linear-attention layers beside MLA layers
+    SINK_FAMILIES     families whose softmax has per-head attention sinks
     tiny_config(family, ...)  -> config accepted by the model ``tiny_model`` builds
     tiny_model(family, ...)   -> eval-mode nn.Module (``*ForCausalLM`` if it exists, else the text model)
     has_causal_lm(family)     -> bool
@@ -25,7 +26,7 @@ __all__ = [
     "MLA_FAMILIES",
     "DSA_FAMILIES",
     "HYBRID_FAMILIES",
-    "FALLBACK_MLA_FAMILIES",
+    "SINK_FAMILIES",
     "tiny_config",
     "tiny_model",
     "has_causal_lm",
@@ -34,13 +35,6 @@ __all__ = [
     "KNOWN_LIMITATIONS",
 ]
 
-FALLBACK_MLA_FAMILIES = [
-    "axk1", "axk2", "bailing_hybrid", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots3_note",
-    "glm4_moe_lite", "glm5_next", "glm_moe_dsa", "hy_v4", "kimi_linear", "longcat_flash", "minicpm3",
-    "mistral4", "mistral_large4", "youtu",
-]
-_FALLBACK_DSA = {"axk2", "deepseek_v32", "dots3_note", "glm5_next", "glm_moe_dsa", "hy_v4", "mistral_large4"}
-_FALLBACK_HYBRID = {"bailing_hybrid", "kimi_linear", "glm5_next"}
 
 # Composite (vision-language) wrappers whose only MLA part is a sub-config of another family
 # already in the list (kimi_k25 wraps deepseek_v3); *_text types are folded into their parent.
@@ -88,6 +82,15 @@ def _config_class(model_type: str):
     return CONFIG_MAPPING[model_type]
 
 
+def _declares(config, name: str) -> bool:
+    """Whether a config instance has the field `name`. Heterogeneous configs (per-layer fields, e.g.
+    dots3_note) refuse a global read of a per-layer field with an error: the field is there."""
+    try:
+        return hasattr(config, name)
+    except Exception as e:
+        return "PerLayer" in type(e).__name__
+
+
 def _class_has_kv_lora_rank(cls) -> bool:
     for klass in getattr(cls, "__mro__", (cls,)):
         if "kv_lora_rank" in getattr(klass, "__annotations__", {}) or "kv_lora_rank" in vars(klass):
@@ -98,16 +101,14 @@ def _class_has_kv_lora_rank(cls) -> bool:
     except (TypeError, ValueError):
         pass
     try:
-        return hasattr(cls(), "kv_lora_rank")
+        return _declares(cls(), "kv_lora_rank")
     except Exception:
         return False
 
 
 def _discover():
-    try:
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    except Exception:  # pragma: no cover
-        return list(FALLBACK_MLA_FAMILIES)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     found = []
     with _quiet():
         for mt in list(CONFIG_MAPPING.keys()):
@@ -123,7 +124,7 @@ def _discover():
                     tc = cls().get_text_config()
                 except Exception:
                     continue
-                if not hasattr(tc, "kv_lora_rank"):
+                if not _declares(tc, "kv_lora_rank"):
                     continue
             found.append(mt)
     # fold "<family>_text" into "<family>" when both exist
@@ -141,7 +142,8 @@ def _discover():
         if f not in out:
             out.append(f)
     if not out:
-        return list(FALLBACK_MLA_FAMILIES)
+        raise RuntimeError("no model type of the installed transformers has kv_lora_rank: the config "
+                           "discovery in mla_compile/tiny.py no longer reads this release's configs")
     return sorted(out)
 
 
@@ -159,8 +161,6 @@ def _modeling_source(family: str) -> str:
 
 def _is_dsa(family: str) -> bool:
     src = _modeling_source(family)
-    if not src:
-        return family in _FALLBACK_DSA
     # DSA: an indexer yields top-k key indices that are scattered into a per-query key mask
     return ("topk_indices" in src and ("scatter(-1, topk_indices" in src or "scatter_add_(-1" in src)
             and "Indexer" in src)
@@ -168,24 +168,9 @@ def _is_dsa(family: str) -> bool:
 
 def _is_hybrid(family: str) -> bool:
     src = _modeling_source(family)
-    if not src:
-        return family in _FALLBACK_HYBRID
     return '"linear_attention"' in src or "'linear_attention'" in src
 
 
-try:
-    MLA_FAMILIES: list[str] = _discover()
-except Exception:  # pragma: no cover
-    MLA_FAMILIES = list(FALLBACK_MLA_FAMILIES)
-
-try:
-    DSA_FAMILIES: set[str] = {f for f in MLA_FAMILIES if _is_dsa(f)}
-except Exception:  # pragma: no cover
-    DSA_FAMILIES = set(_FALLBACK_DSA)
-try:
-    HYBRID_FAMILIES: set[str] = {f for f in MLA_FAMILIES if _is_hybrid(f)}
-except Exception:  # pragma: no cover
-    HYBRID_FAMILIES = set(_FALLBACK_HYBRID)
 
 
 # Measured with transformers 5.23 / torch 2.13 CPU (tiny configs, 2 layers, T=7, left padding).
@@ -277,6 +262,15 @@ def text_model_type(family: str) -> str:
 # --------------------------------------------------------------------------------------------- #
 # tiny config
 # --------------------------------------------------------------------------------------------- #
+# No fallback list: a transformers release whose configs this discovery cannot read must fail loudly
+# (tests/test_families.py::test_discovery_finds_every_family), not shrink the family table silently.
+MLA_FAMILIES: list[str] = _discover()
+DSA_FAMILIES: set[str] = {f for f in MLA_FAMILIES if _is_dsa(f)}
+HYBRID_FAMILIES: set[str] = {f for f in MLA_FAMILIES if _is_hybrid(f)}
+# softmax over [scores, per-head sink logits] (an `nn.Parameter` named sinks): no form models it yet
+SINK_FAMILIES: set[str] = {f for f in MLA_FAMILIES if "self.sinks = " in _modeling_source(f)}
+
+
 def _defaults(model_type: str):
     with _quiet():
         return _config_class(model_type)()
@@ -296,6 +290,14 @@ def _hybrid_layer_types(n: int, linear: str, full: str) -> list[str]:
     if n == 1:
         return [full]
     return [full if (i % 2 == 1 or i == n - 1) else linear for i in range(n)]
+
+
+def _scaled_sections(sections: list[int], total: int) -> list[int]:
+    """`sections` rescaled to whole numbers >= 0 that sum to `total` (floors, the rest from the first)."""
+    scaled = [x * total // sum(sections) for x in sections]
+    for i in range(total - sum(scaled)):
+        scaled[i % len(scaled)] += 1
+    return scaled
 
 
 def tiny_config(
@@ -403,6 +405,10 @@ def tiny_config(
             swa_qk_nope_head_dim=dn, swa_v_head_dim=dv, swa_qk_rope_head_dim=dr,
         )
         kw["sliding_window"] = 4
+    # multimodal RoPE (hy_v4_vl): its (time, height, width) sections must sum to the rotary pairs
+    rope = getattr(d, "rope_parameters", None)
+    if isinstance(rope, dict) and rope.get("mrope_section") and dr:
+        kw["rope_parameters"] = {**rope, "mrope_section": _scaled_sections(rope["mrope_section"], dr // 2)}
     kw.update(overrides)
     with _quiet():
         cfg = cls(**kw)

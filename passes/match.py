@@ -169,6 +169,7 @@ def _slice_bounds(idx: Any):
 # Module attribution.
 
 _FAMILY_RE = re.compile(r"transformers\.models\.([a-z0-9_]+)\.")
+_ROOT_LOCAL_RE = re.compile(r"^L\['[^']+'\](\[(\d+|'[^']+')\])*\.?")
 
 
 def module_of(n: fx.Node) -> tuple[str, str | None]:
@@ -177,7 +178,9 @@ def module_of(n: fx.Node) -> tuple[str, str | None]:
     if not stack:
         return "<top>", None
     path, cls = list(stack.values())[-1]
-    path = re.sub(r"^L\['self'\]\.?", "", str(path))
+    # The root is the compiled frame's local that holds the model: `L['self']` for a method, or
+    # `L['args'][0]` / `L['kwargs']['self']` when a decorator wraps forward in `(*args, **kwargs)`.
+    path = _ROOT_LOCAL_RE.sub("", str(path))
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     mod = getattr(cls, "__module__", "") if not isinstance(cls, str) else cls

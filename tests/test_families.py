@@ -10,15 +10,14 @@ import pytest
 import torch
 
 import mla_compile
-from mla_compile.tiny import DSA_FAMILIES, MLA_FAMILIES, has_causal_lm, tiny_model
+from mla_compile.tiny import DSA_FAMILIES, MLA_FAMILIES, SINK_FAMILIES, has_causal_lm, tiny_model
 from tests.e2e import compiled_twin, expected_modules, padded_batch, rel_err, run_steps
 from tests.family_table import note
 
 DECODE_STEPS = 3
 
-# Families whose attention the forms do not model: the backend must leave them alone, say why, and
+# SINK_FAMILIES: attention the forms do not model; the backend must leave it alone, say why, and
 # still give HF's answer.
-SINK_FAMILIES = {"hy_v4"}                 # softmax over [scores, per-head sink logits]
 # glm5_next's indexer pools keys with a data-dependent `nonzero`: without this Dynamo flag the
 # graph breaks inside attention and the probabilities escape the graph (the region is then skipped).
 DYNAMO_FLAGS = {"glm5_next": {"capture_dynamic_output_shape_ops": True}}

@@ -21,7 +21,7 @@ if not HAS_CUDA:
     # A kernel module imported earlier without the interpreter would hold compiled-only kernels.
     for name in [n for n in sys.modules if n.startswith("mla_compile.kernels.")]:
         del sys.modules[name]
-    import mla_compile.kernels as _k
+    import mla_compile.kernels.registry as _k
 
     _k._KERNELS.clear()
     _k._LOADED = False
@@ -488,7 +488,7 @@ def test_odd_and_tiny_dims(r, dn, dr, dv):
 def test_opcheck(form, monkeypatch):
     monkeypatch.setenv("MLA_COMPILE_KERNELS", "triton")
     import mla_compile.passes.forms.ops  # noqa: F401  registers torch.ops.mla
-    from mla_compile.kernels import kernel_for
+    from mla_compile.kernels.registry import kernel_for
 
     assert kernel_for(form, torch.device(DEV)) is not None
     B, H, S, T = 1, 3, 2, 17

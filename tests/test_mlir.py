@@ -2,8 +2,10 @@
 and a DSA family (deepseek_v32), the absorbed/sparse exports free of the expanded K/V width over the
 sequence, the linalg module verified, and run on torch-mlir's reference CPU pipeline against eager.
 
-The tiny models keep every MLP dense (first_k_dense_replace / mlp_layer_types): HF's MoE router uses
-aten.histc, which torch-mlir does not lower (the torch output type still imports it).
+Most tiny models here keep every MLP dense (first_k_dense_replace / mlp_layer_types) to stay small;
+test_moe_model_lowers_whole runs HF's MoE layers (their histc, grouped matmul, unsorted top-k and
+stable sort are decomposed by mla_compile.mlir), each decomposition is checked against torch, and an
+op nothing lowers is an error that names it.
 """
 
 from __future__ import annotations
@@ -127,3 +129,94 @@ def test_bad_arguments(v3):
         mlir.export_mlir(v3, _ids(), output_type="llvm")
     with pytest.raises(ValueError, match="form"):
         mlir.export_mlir(v3, _ids(), form="flash")
+
+
+# --------------------------------------------------------------------------------------------- #
+# MoE models, per-region export, and ops torch-mlir cannot lower
+
+
+def test_moe_model_lowers_whole():
+    """HF's default MoE layers (router top-k, histc token counts, grouped expert matmuls) lower to
+    linalg, and the module computes what eager does."""
+    why = mlir.runner_available()
+    if why:
+        pytest.skip(why)
+    m = tiny_model("deepseek_v3", heads=H, qk_nope_head_dim=DN, v_head_dim=DV, qk_rope_head_dim=DR,
+                   kv_lora_rank=R, vocab_size=100, layers=2)
+    assert any("experts" in name for name, _ in m.named_modules())
+    ids = _ids()
+    text = mlir.export_mlir(m, ids, output_type="linalg-on-tensors", form="absorbed")
+    (got,) = mlir.run_linalg(text, ids)
+    with torch.no_grad():
+        want = m(ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_regions_export_alone_and_compute_the_op(v3):
+    cap = mlir.capture(v3, _ids(), form="absorbed")
+    regions = mlir.regions(cap)
+    assert list(regions) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    texts = mlir.export_mlir_regions(v3, _ids(), output_type="torch", form="absorbed")
+    assert list(texts) == list(regions)
+    assert all(t.count('"torch.mla.absorbed"') == 1 for t in texts.values())
+    why = mlir.runner_available()
+    if why:
+        pytest.skip(why)
+    region = regions["model.layers.1.self_attn"]
+    text = mlir.lower_region(cap, region, "linalg-on-tensors")
+    assert not _expanded(text)
+    tensors = [a for a in region.args if isinstance(a, torch.Tensor)]
+    (got,) = mlir.run_linalg(text, *tensors)
+    with torch.no_grad():
+        want = region.node.target(*region.args)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+class _WithZeta(torch.nn.Module):
+    """A model with an op torch-mlir has no lowering for, after the MLA attention."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids, use_cache=False):
+        logits = self.inner(ids, use_cache=use_cache).logits
+        return torch.special.zeta(logits.abs() + 1.5, logits.abs() + 1.0)
+
+
+def test_unlowerable_op_is_named_with_its_origin(v3, capfd):
+    model = _WithZeta(v3)
+    with pytest.raises(mlir.MLIRExportError) as err:
+        mlir.export_mlir(model, _ids(), output_type="tosa", form="absorbed")
+    message = str(err.value)
+    assert "aten.special_zeta" in message and "test_mlir.py" in message and "export_mlir_regions" in message
+    assert "error:" not in capfd.readouterr().err          # stopped before the pass pipeline's diagnostics
+    # the attention itself still exports
+    texts = mlir.export_mlir_regions(model, _ids(), output_type="tosa", form="absorbed")
+    assert len(texts) == 2 and all("tosa." in t and "torch.mla" not in t for t in texts.values())
+
+
+def test_decompositions_match_torch():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, generator=g) * 3
+    for bins, lo, hi in [(7, -2.0, 2.0), (5, 0, 0), (4, 0, 3)]:
+        assert torch.equal(mlir._histc(x, bins, lo, hi), torch.histc(x, bins, lo, hi))
+    same = torch.full((5,), 2.0)
+    assert torch.equal(mlir._histc(same, 3, 0, 0), torch.histc(same, 3, 0, 0))
+    for v in [torch.randint(0, 4, (3, 17), generator=g), torch.randn(2, 9, 5, generator=g)]:
+        for descending in (False, True):
+            for dim in (-1, 0):
+                want = torch.sort(v, dim=dim, descending=descending, stable=True)
+                got = mlir._stable_sort(v, True, dim, descending)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    scores = torch.randn(8, 6, generator=g)
+    values, indices = mlir._topk(scores, 3, -1, True, False)
+    assert torch.equal(values, torch.topk(scores, 3).values) and torch.equal(indices, torch.topk(scores, 3).indices)
+    a, w = torch.randn(16, 8, generator=g), torch.randn(4, 8, 6, generator=g)
+    offs = torch.tensor([3, 7, 7, 14], dtype=torch.int32)        # an empty group; rows 14-15 in none
+    want = torch.zeros(16, 6)
+    start = 0
+    for i, end in enumerate(offs.tolist()):
+        want[start:end] = a[start:end] @ w[i]
+        start = end
+    torch.testing.assert_close(mlir._grouped_mm(a, w, offs), want)

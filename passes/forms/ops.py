@@ -36,7 +36,7 @@ def reference_for(form: str) -> Callable:
 
 def implementation_for(form: str, q_nope: torch.Tensor) -> Callable:
     """The fused kernel of `form` for these tensors' device where one exists, else the reference."""
-    from mla_compile.kernels import kernel_for
+    from mla_compile.kernels.registry import kernel_for
 
     return kernel_for(form, q_nope.device) or _REFERENCES[form]
 
@@ -86,7 +86,7 @@ def _dense(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_cau
 
 def traceable(form: str, q_nope: torch.Tensor, args, kv_lens=None) -> bool:
     """Whether this traced call (the op's arguments) may be inlined as Triton launches (see above)."""
-    from mla_compile.kernels import kernel_for
+    from mla_compile.kernels.registry import kernel_for
 
     if q_nope.device.type != "cuda" or is_interpreted():
         return False

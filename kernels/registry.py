@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the MLA forms (installed as mla_compile.kernels).
+"""Which fused Triton kernel runs a form on a device (the kernels live beside this module).
 
 `kernel_for(form, device)` returns the kernel-backed implementation of a form for a device, or None
 when the reference should run: kernels run on CUDA, and on any device under MLA_COMPILE_KERNELS=triton
