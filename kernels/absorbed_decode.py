@@ -27,24 +27,23 @@ cache of 64K holding 3K reads 3K); `absorbed_decode` has the reference's signatu
 
 from __future__ import annotations
 
-import math
+import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from mla_compile.kernels import absorbed_decode_hopper as hopper
 from mla_compile.kernels import absorbed_decode_keys_major as keys_major
-from mla_compile.kernels import head_projection
-from mla_compile.kernels.launch import launcher
-from mla_compile.passes.forms.common import as_tokens, check_args, is_traced
+from mla_compile.kernels import absorbed_decode_seesaw as seesaw
+from mla_compile.kernels import head_projection, registry, sm90
+from mla_compile.kernels import common
+from mla_compile.kernels.common import launcher
+from mla_compile.kernels.common import as_tokens, check_args, is_traced
 
+LOG2E = tl.constexpr(common.LOG2E)    # exp(x) = exp2(x * LOG2E)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# The merge of splits in one pass where the splits fit one block (see _merge_splits_kernel); 0 = the two
-# passes everywhere (an A/B knob, benchmarks/core_kernel_times.py)
-MERGE_ONE_PASS = os.environ.get("MLA_COMPILE_MERGE_ONE_PASS", "1") != "0"
-LOG2E = 1.4426950408889634
 
 if INTERPRET:
     _CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
@@ -131,8 +130,8 @@ def _absorbed_split_kernel(
         qk = tl.where(valid, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
-        p = tl.exp2((qk - m_safe[:, None]) * 1.4426950408889634)
+        alpha = tl.exp2((m_i - m_safe) * LOG2E)
+        p = tl.exp2((qk - m_safe[:, None]) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=DOT_PREC)
         m_i = m_new
@@ -300,9 +299,45 @@ def merge_splits(o_part, ml, out_view, S: int, R: int, splits: int, rb: int | No
         o_part, ml, out_view, S, R, splits, M,
         o_part.stride(0), o_part.stride(1),
         *out_view.stride(),
-        R_PAD=R_PAD, RB=RB, PB=PB, ONE_PASS=MERGE_ONE_PASS and P <= PB,
+        R_PAD=R_PAD, RB=RB, PB=PB, ONE_PASS=P <= PB,
         num_warps=num_warps,
     )
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What a call of `absorbed_latent_attention` launches, decided once per sizes and device."""
+
+    core: str          # registry.absorbed_core's answer: "keys_major", "seesaw" or "triton"
+    block_m: int       # rows (heads x queries) a program
+    row_tiles: int
+    splits: int        # key chunks, merged by `merge_splits` when more than one
+    chunk: int         # keys a split
+    r_pad: int         # r and dr padded for tl.dot (>= 16, a power of two)
+    dr_pad: int
+
+
+@functools.lru_cache(maxsize=4096)
+def launch_plan(device: torch.device, dtype: torch.dtype, B: int, H: int, S: int, T: int, r: int, dr: int,
+                is_causal: bool, num_splits: int | None = None, gluon: bool = True) -> LaunchPlan:
+    """The kernel, tiles and splits for these sizes on this device: the answer of `registry.absorbed_core`
+    (gluon=False: the Triton kernel, for calls whose strides TMA cannot take), then the split count
+    that fills the GPU (`choose_splits`), or `num_splits` (tests and benchmarks)."""
+    sm90_device = gluon and device.type == "cuda" and registry.is_sm90(device)
+    core = registry.absorbed_core(dtype, H, S, r, dr, is_causal, sm90=sm90_device)
+    # a keys-major program takes every head of a batch (BLOCK_M = 64: one 4-warp program an SM, its
+    # shared memory allows no second)
+    block_m = 64 if core == "keys_major" else block_m_for(H * S)
+    row_tiles = triton.cdiv(H * S, block_m)
+    eff_T = T if not is_causal else min(T, S)
+    if num_splits is None:
+        splits, chunk = choose_splits(device, B, row_tiles, eff_T, block_m)
+    else:
+        chunk = max(64, triton.cdiv(triton.cdiv(max(eff_T, 1), num_splits), 64) * 64)
+        splits = triton.cdiv(max(eff_T, 1), chunk)
+    r_pad = max(16, triton.next_power_of_2(r))   # tl.dot needs K >= 16 on the GPU
+    dr_pad = max(16, triton.next_power_of_2(dr)) if dr else 16
+    return LaunchPlan(core, block_m, row_tiles, splits, chunk, r_pad, dr_pad)
 
 
 def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.0, is_causal=False,
@@ -326,28 +361,15 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
         out = torch.empty(B, H, S, r, dtype=dt, device=q_lat.device)
     if B * H * S == 0:
         return out
-    M = H * S
-    # Which kernel: on Hopper the Gluon ones (keys-major at <= 32 heads, heads-major above) where their
-    # sizes, dtypes and TMA's strides allow; the Triton kernel everywhere else (and in traced calls,
-    # which Inductor inlines as Triton launches).
-    gluon = not is_traced(q_lat) and out.stride(-1) == 1
-    use_keys_major = gluon and keys_major.applies(q_lat.device, dt, H, S, r, dr, is_causal)
-    use_hopper = gluon and not use_keys_major and hopper.applies(q_lat.device, dt, H, S, r, dr, is_causal)
-    if (use_keys_major or use_hopper) and not hopper.tma_ready(q_lat, q_rope, c, kr):   # sizes first: cheap
-        use_keys_major = use_hopper = False
-    # a keys-major program takes every head of a batch (BLOCK_M = 64: one 4-warp program an SM, its
-    # shared memory allows no second)
-    BLOCK_M = 64 if use_keys_major else block_m_for(M)
-    row_tiles = triton.cdiv(M, BLOCK_M)
+    plan = launch_plan(q_lat.device, dt, B, H, S, T, r, dr, bool(is_causal), num_splits)
+    core = plan.core
+    if core != "triton" and (is_traced(q_lat) or out.stride(-1) != 1 or not sm90.tma_ready(q_lat, q_rope, c, kr)):
+        plan = launch_plan(q_lat.device, dt, B, H, S, T, r, dr, bool(is_causal), num_splits, gluon=False)
+        core = "triton"
+    M, BLOCK_M, row_tiles, splits, chunk = H * S, plan.block_m, plan.row_tiles, plan.splits, plan.chunk
+    R_PAD, DR_PAD = plan.r_pad, plan.dr_pad
     eff_T = T if not is_causal else min(T, S)
-    if num_splits is None:
-        splits, chunk = choose_splits(q_lat.device, B, row_tiles, eff_T, BLOCK_M)
-    else:
-        chunk = max(64, triton.cdiv(triton.cdiv(max(eff_T, 1), num_splits), 64) * 64)
-        splits = triton.cdiv(max(eff_T, 1), chunk)
     kind, m, ms = mask_view(mask, B, S, T)
-    R_PAD = max(16, triton.next_power_of_2(r))   # tl.dot needs K >= 16 on the GPU
-    DR_PAD = max(16, triton.next_power_of_2(dr)) if dr else 16
     one = splits == 1
     if one:
         o_part = ml = out  # unused
@@ -356,11 +378,11 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
         o_part = torch.empty(B, splits, M, R_PAD, dtype=torch.float32, device=q_lat.device)
         ml = torch.empty(B, splits, M, 2, dtype=torch.float32, device=q_lat.device)   # (m_p, l_p) per row
         sp = (o_part.stride(0), o_part.stride(1), o_part.stride(2))
-    if use_keys_major:
+    if core == "keys_major":
         keys_major.keys_major_split_attention(q_lat, q_rope, c, kr, kind, m, ms, kv_lens, out, o_part, ml, scale,
                                               chunk, splits)
-    elif use_hopper:
-        hopper.hopper_split_attention(q_lat, q_rope, c, kr, kind, m, ms, kv_lens, out, o_part, ml, scale, chunk,
+    elif core == "seesaw":
+        seesaw.seesaw_split_attention(q_lat, q_rope, c, kr, kind, m, ms, kv_lens, out, o_part, ml, scale, chunk,
                                       splits)
     else:
         kvl = kv_lens if kv_lens is not None else c
@@ -427,12 +449,12 @@ absorbed_decode.accepts_kv_lens = True   # mla.absorbed passes a static cache's 
 
 
 def _inlinable(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale=1.0, is_causal=False, kv_lens=None):
-    """Whether a traced call may become Triton launches in Inductor's code: not when it would take the
+    """Whether a traced call may become Triton launches in Inductor's code: not when it would take a
     Gluon kernel (wrap_triton takes Triton's JIT functions only); mla.absorbed_opaque runs that one."""
     _, H, S, _ = q_nope.shape
     dt, r, dr = kernel_dtype(q_nope.dtype), w_uk.shape[-1], q_rope.shape[-1]
-    return not (keys_major.applies(q_nope.device, dt, H, S, r, dr, is_causal)
-                or hopper.applies(q_nope.device, dt, H, S, r, dr, is_causal))
+    sm90_device = q_nope.device.type == "cuda" and registry.is_sm90(q_nope.device)
+    return registry.absorbed_core(dt, H, S, r, dr, is_causal, sm90=sm90_device) == "triton"
 
 
 absorbed_decode.inlinable = _inlinable

@@ -7,7 +7,7 @@ docstring), computed transposed: per batch b and split p, with the heads as colu
     o_p^T[:, h] = sum_j c[b, j]^T softmax_j(x^T[:, h]),   m_p[h] = max_j x^T[j, h],   l_p[h] = sum_j exp(x^T[j, h] - m_p[h])
 
 Why transposed: Hopper's warpgroup MMA has M = 64 rows a warpgroup. With the heads as rows
-(`absorbed_decode_hopper`) a 16- or 32-head tile is 75% / 50% padding, and the MMA work doubles or
+(`absorbed_decode_seesaw`) a 16- or 32-head tile is 75% / 50% padding, and the MMA work doubles or
 quadruples; with keys as rows both products have M >= 64 and the heads are the MMA's N (16 or 32,
 no padding): x^T = C Q^T is [64 keys, heads] and o^T = C^T P^T is [512, heads]. At these head
 counts the kernel must stream the latent at memory speed (about 60 FLOP a byte at H=32, under the
@@ -24,51 +24,28 @@ ring of 64-key tiles (2 x 72 KB) keeps one tile in flight while the other is com
 - the latent descriptors are per batch with the valid length as their row count, so TMA zero-fills
   past it (0 x NaN from a static cache's unwritten tail never reaches o^T).
 
-Measured on an H200 (keys-major-ab-NVIDIA-H200.md, 18:03 UTC): 0.67-1.00x the Triton kernel's time at
-8-32 heads, 85-105% of the bytes floor from 32 key tiles a program, 66-77% at 16 tiles (B=8 T=16K,
-B=32 T=4K) and 43-57% at B=8 T=4K (4 tiles a program): there a fixed ~10-15 us (descriptors, the
-first tiles' latency, the split outputs and their merge) weighs against 9-36 us of streaming
-(core-kernel-times-NVIDIA-H200.md: at 16 tiles a program the kernel alone reaches 79-85% of the floor,
-the merge and the graph's gaps take 3-5 us more; at 4 tiles it takes 12.7-15.6 us for 9 us). ncu at
-H=32 B=8 T=16K (ncu-keys-major-H200.txt): DRAM 67% busy (3.2 TB/s) over the kernel's 47.8 us.
-Prefetching 1, 2 or 4 further key tiles into L2 ahead of the ring (cp.async.bulk.prefetch.L2 from
-one thread; commit a57c35b) was 2-50% slower at every point (keys-major-ab-prefetch-NVIDIA-H200.md)
-and was not kept. A timeline of the programs from %globaltimer stamps (STAMPS=True, diagnostics only;
-benchmarks/keys_major_timeline.py, keys-major-timeline-NVIDIA-H200.md) shows the key loop at 4.4-5.3
-TB/s and about 10 us of a 45 us kernel outside it at 16 tiles a program. Part of that was the four TMA
-descriptors made on the device, each with a release fence. Q now comes through registers instead
-(`LEAN_START`): the prologue is about 1-1.5 us shorter, the kernel 0.7-1.9 us faster. A ring of five
-32 KB latent halves in place of the two tile stages was 1-15% slower (keys-major-ring-ab-NVIDIA-H200.md)
-and was not kept.
+Measured figures: docs/performance.md; variants measured and not kept: docs/design.md.
 
-An earlier keys-major kernel in plain Triton (split-sweep-NVIDIA-H200-keys-major.md) was slower
-than the row-major one: Triton converted the latent tile's layout for c^T; here the permuted shared
-memory view is the MMA operand itself, with no conversion.
-
-`applies(...)` says when it runs: a Hopper GPU, bf16/fp16, r = 512, dr = 64, one query position,
-at most 32 heads, not causal, and TMA-compatible strides (`absorbed_decode_hopper.tma_ready`).
-MLA_COMPILE_KEYS_MAJOR=0 turns it off, MLA_COMPILE_GLUON=0 both Gluon kernels (the Triton kernel
-then runs).
+`takes_sizes(...)` says when it runs (on a Hopper GPU, with TMA-compatible strides, `sm90.tma_ready`):
+bf16/fp16, r = 512, dr = 64, one query position, at most 32 heads, not causal;
+`kernels/registry.absorbed_core` asks it.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
-from mla_compile.kernels import absorbed_decode_hopper as hopper
+from mla_compile.kernels import sm90
 
-if hopper.HAVE_GLUON:
+if sm90.HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                   warpgroup_mma, warpgroup_mma_wait)
-    from mla_compile.kernels.absorbed_decode_hopper import _cta_barrier, _refill, _split_prologue
+    from mla_compile.kernels.sm90 import LOG2E, _cta_barrier, _refill, _split_prologue
 
-R, DR = hopper.R, hopper.DR
-HALF = R // 2
+R, DR, HALF = sm90.R, sm90.DR, sm90.HALF
 BLOCK_N = 64        # keys a tile: the MMA's M
 NUM_STAGES = 2      # 2 x 72 KB of key tiles + Q (18 or 36 KB) + P^T: a third stage does not fit
 NUM_WARPS = 4       # one warpgroup
@@ -86,44 +63,17 @@ def takes_sizes(dtype: torch.dtype, H, S, r, dr, is_causal: bool) -> bool:
             and H <= MAX_HEADS)
 
 
-def enabled() -> bool:
-    """This Triton has Gluon, and neither MLA_COMPILE_GLUON nor MLA_COMPILE_KEYS_MAJOR is 0."""
-    return hopper.enabled() and os.environ.get("MLA_COMPILE_KEYS_MAJOR") != "0"
-
-
-def applies(device: torch.device, dtype: torch.dtype, H: int, S: int, r: int, dr: int, is_causal: bool) -> bool:
-    if device.type != "cuda" or not enabled():
-        return False
-    return takes_sizes(dtype, H, S, r, dr, is_causal) and hopper.is_sm90(device)
-
-
-if hopper.HAVE_GLUON:
-    @gluon.jit
-    def _stamp(STAMP, slot, x):
-        # Diagnostics (STAMPS=True only): this program's %globaltimer (ns) into int64 slot `slot` of its
-        # row of stamps (x: any scalar of the program, the asm's dummy operand)
-        t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [x], dtype=gl.int64, is_pure=False,
-                                      pack=1)
-        gl.store(STAMP + slot, t)
-
+if sm90.HAVE_GLUON:
     @gluon.jit
     def _keys_major_split_kernel(
         Q, QR, C, KR, MASK, KVLEN, O, OP, ML, scale, H, T, chunk, splits,
         s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_mb, s_mt, s_ob, s_oh,
         BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, DR: gl.constexpr,
         NUM_STAGES: gl.constexpr, MASK_KIND: gl.constexpr, HAS_KVLEN: gl.constexpr, ONE_SPLIT: gl.constexpr,
-        STAMPS: gl.constexpr = False,
     ):
         dtype: gl.constexpr = C.dtype.element_ty
         pid_p = gl.program_id(0)
         b = gl.program_id(1).to(gl.int64)
-        if STAMPS:   # benchmarks/keys_major_timeline.py: 8 int64 a program past ML's [B, splits, H, 2] fp32
-            STAMP = (ML + gl.num_programs(1) * splits * H * 2).to(gl.pointer_type(gl.int64)) \
-                + (b * splits + pid_p) * 8
-            _stamp(STAMP, 0, pid_p)
-            gl.store(STAMP + 7, gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [pid_p], dtype=gl.int32,
-                                                          is_pure=False, pack=1).to(gl.int64))
-
         # x^T [keys, heads] and o^T [latent, heads]: the heads are the MMA's N in both
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_H, 16])
@@ -133,22 +83,13 @@ if hopper.HAVE_GLUON:
 
         (start, stop, n_tiles, c_desc, kr_desc, q_smem, qr_smem, lo_smem, hi_smem, kr_smem, p_smem, q_bar,
          kv_bar) = _split_prologue(Q, QR, C, KR, KVLEN, b, pid_p, 0, H, T, chunk, s_qb, s_qh, s_rb, s_rh, s_cb, s_ct,
-                                   s_kb, s_kt, BLOCK_H, BLOCK_N, HALF, DR, NUM_STAGES, HAS_KVLEN, [BLOCK_N, BLOCK_H],
-                                   LEAN_START=True)
+                                   s_kb, s_kt, BLOCK_H, BLOCK_N, HALF, DR, NUM_STAGES, HAS_KVLEN, [BLOCK_N, BLOCK_H])
 
-        if STAMPS:
-            _stamp(STAMP, 1, pid_p)   # descriptors made, Q's and the first tiles' loads issued
         m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=head_s)
         l_i = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, layout=s_layout)   # per-key partial sums
         acc_lo = gl.zeros([HALF, BLOCK_H], gl.float32, layout=s_layout)
         acc_hi = gl.zeros([HALF, BLOCK_H], gl.float32, layout=s_layout)
         s_zero = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, layout=s_layout)
-        if STAMPS:
-            _stamp(STAMP, 2, pid_p)   # Q landed (loaded by registers in the prologue)
-            if n_tiles > 0:
-                mbarrier.wait(kv_bar.index(0), 0)
-            _stamp(STAMP, 3, pid_p)   # the first key tile landed
-
         for i in range(0, n_tiles):
             s = i % NUM_STAGES
             mbarrier.wait(kv_bar.index(s), (i // NUM_STAGES) & 1)
@@ -173,8 +114,8 @@ if hopper.HAVE_GLUON:
             x = gl.where(gl.expand_dims(valid, 1), x, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(x, axis=0))
             m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2((m_i - m_safe) * 1.4426950408889634)     # subtract first: finfo.min * log2(e) overflows
-            p = gl.exp2((x - gl.expand_dims(m_safe, 0)) * 1.4426950408889634)
+            alpha = gl.exp2((m_i - m_safe) * LOG2E)     # subtract first: finfo.min * log2(e) overflows
+            p = gl.exp2((x - gl.expand_dims(m_safe, 0)) * LOG2E)
             l_i = l_i * gl.expand_dims(alpha, 0) + p
             m_i = m_new
 
@@ -190,8 +131,6 @@ if hopper.HAVE_GLUON:
             _refill(c_desc, kr_desc, kv_bar.index(s), lo, hi, kr, start + (i + NUM_STAGES) * BLOCK_N,
                     i + NUM_STAGES < n_tiles)
 
-        if STAMPS:
-            _stamp(STAMP, 4, pid_p)   # the key loop done
         mbarrier.invalidate(q_bar)
         for st in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(kv_bar.index(st))
@@ -215,38 +154,32 @@ if hopper.HAVE_GLUON:
             ml = ML + 2 * (base + heads)
             gl.store(ml, m_i, mask=heads < H)
             gl.store(ml + 1, l_h, mask=heads < H)
-        if STAMPS:
-            _stamp(STAMP, 5, pid_p)   # the outputs stored
-
-
-def _consts(block_h: int, mask_kind: int, has_kvlen: bool, one_split: bool, stamps: bool = False) -> dict:
+def _consts(block_h: int, mask_kind: int, has_kvlen: bool, one_split: bool) -> dict:
     return dict(BLOCK_H=block_h, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, NUM_STAGES=NUM_STAGES, MASK_KIND=mask_kind,
-                HAS_KVLEN=has_kvlen, ONE_SPLIT=one_split, STAMPS=stamps)
+                HAS_KVLEN=has_kvlen, ONE_SPLIT=one_split)
 
 
-def compile_for_sm90(block_h: int = 32, mask_kind: int = 1, has_kvlen: bool = True, one_split: bool = False,
-                     stamps: bool = False):
-    """Compile ahead of time for sm_90 (no GPU needed); see `absorbed_decode_hopper.compile_for_sm90`."""
-    return hopper.compile_gluon_for_sm90(_keys_major_split_kernel,
-                                         _consts(block_h, mask_kind, has_kvlen, one_split, stamps), mask_kind,
-                                         NUM_WARPS)
+def compile_for_sm90(block_h: int = 32, mask_kind: int = 1, has_kvlen: bool = True, one_split: bool = False):
+    """Compile ahead of time for sm_90 (no GPU needed); see `sm90.compile_gluon_for_sm90`."""
+    return sm90.compile_gluon_for_sm90(_keys_major_split_kernel, _consts(block_h, mask_kind, has_kvlen, one_split),
+                                       mask_kind, NUM_WARPS)
 
 
 def keys_major_split_attention(q_lat, q_rope, c, kr, mask_kind: int, mask, mask_strides, kv_lens, out, o_part, ml,
-                               scale: float, chunk: int, splits: int, stamps: bool = False) -> None:
-    """Launch it; the arguments and outputs are `absorbed_decode_hopper.hopper_split_attention`'s. stamps
-    (diagnostics, several splits only): each program also writes 8 int64 past ml's [B, splits, H, 2]
-    fp32 (ml must have B * splits * 16 more floats): %globaltimer at its start, after its prologue,
-    when Q and when the first key tile landed, after the key loop, after its stores; slot 7 its SM."""
+                               scale: float, chunk: int, splits: int) -> None:
+    """Launch it: q_lat/q_rope [B, H, 1, *], c [B, T, r], kr [B, T, dr] (token views), the mask as
+    `absorbed_decode.mask_view` gives it ([B, 1, T] view: kind 0 none, 1 bytes, 2 float), kv_lens
+    int32 [B] or None; with one split it writes `out` [B, H, 1, r], else o_part [B, P, H, r] fp32 and
+    ml [B, P, H, 2] fp32, each split's row max m and sum l (what `merge_splits` takes)."""
     B, H, _, _ = q_lat.shape
     T = c.shape[1]
-    hopper.ensure_allocator()
+    sm90.ensure_allocator()
     _keys_major_split_kernel[(splits, B)](
         q_lat, q_rope, c, kr, mask if mask is not None else c, kv_lens if kv_lens is not None else c,
         out, o_part, ml, float(scale), H, T, chunk, splits,
         q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
         c.stride(0), c.stride(1), kr.stride(0), kr.stride(1), mask_strides[0], mask_strides[2],
         out.stride(0), out.stride(1),
-        **_consts(block_heads(H), mask_kind, kv_lens is not None, splits == 1, stamps),
+        **_consts(block_heads(H), mask_kind, kv_lens is not None, splits == 1),
         num_warps=NUM_WARPS,
     )

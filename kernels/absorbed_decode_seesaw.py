@@ -1,12 +1,9 @@
 """The heads-major Hopper split kernel on FlashMLA's schedule: two warpgroups, alternate key tiles,
 loads and score MMAs in 64-column pieces.
 
-Same math, inputs and outputs as `absorbed_decode_hopper._hopper_split_kernel` (its docstring has
-them); only the schedule differs. That kernel runs its two warpgroups in lockstep: each computes the
-scores of half of every 64-key tile (a 64 x 32 wgmma, which reads all of Q from shared memory for 32
-keys), they meet for the row max and for P, and the tensor cores idle while both do the softmax.
-Here, as in FlashMLA's `splitkv_mla.cuh` (sm90 dense decode), per pair of tiles (2k in stage 0,
-2k+1 in stage 1):
+Same math, inputs and outputs as `absorbed_decode._absorbed_split_kernel` (see that module's
+docstring), for a Hopper GPU at more than 32 heads, heads as the MMA's rows (64-row tiles). As in
+FlashMLA's `splitkv_mla.cuh` (sm90 dense decode), per pair of tiles (2k in stage 0, 2k+1 in stage 1):
 
 - warpgroup E (the default partition) computes the scores of tile 2k, warpgroup O (a 4-warp worker)
   those of tile 2k+1, each a full 64 x 64 wgmma: Q is read once per tile, not twice;
@@ -24,39 +21,28 @@ Here, as in FlashMLA's `splitkv_mla.cuh` (sm90 dense decode), per pair of tiles 
 - each warpgroup keeps the row sums of its own tiles, rescaled by both factors; the two are added
   at the end. A pair's second tile past the split's end (an odd tile count) is masked to nothing.
 
-Measured on an H200 (benchmarks/results/seesaw-ab-NVIDIA-H200.md, runs 5-7, 21:33-21:55 UTC;
-CUDA-graph replays, kernel and merge): 0.77-0.91x the lockstep kernel's time at H=128 (B=1-64,
-T=4K-64K) and 0.95-0.96x at H=64, 0.97-1.08x FlashMLA's; in `bench_kernels.py` (21:38 UTC,
-kernels-NVIDIA-H200.md) 1.00-1.07x FlashMLA's at the eight H=128 points with B >= 8 and T >= 4096
-(32.3 against 32.3 us at B=8 T=4K, 530 against 520 at B=64 T=16K). An earlier version of this
-schedule (commit 93255aa: a one-warp TMA producer, whole-tile barriers, P always through shared
-memory) measured 1.04-1.12x the lockstep kernel's time (runs 1-3), and this one, before its
-descriptors were kept in the loop (run 4: 500 bytes of spills), 1.06-1.36x.
-
-It is `absorbed_decode_hopper.hopper_split_attention`'s kernel (same `applies`: a Hopper GPU,
-bf16/fp16, r=512, dr=64, one query position, more than 32 heads); MLA_COMPILE_SEESAW=0 runs the
-lockstep kernel instead, MLA_COMPILE_SEESAW_PIECES=3 waits on three mbarriers a tile (the latent's
-halves and the RoPE piece) rather than nine: within the runs' spread of it (run 7), so nine,
-FlashMLA's choice, stay.
+`takes_sizes` says when it runs (with a Hopper GPU and TMA-compatible strides, `sm90.tma_ready`);
+`kernels/registry.absorbed_core` asks it. Measured figures: docs/performance.md; the schedules
+measured and not kept (a lockstep one among them): docs/design.md.
 """
 
 from __future__ import annotations
 
-import os
-
+import torch
 import triton
 import triton.language as tl
 
-from mla_compile.kernels import absorbed_decode_hopper as hopper
+from mla_compile.kernels import sm90
 
-if hopper.HAVE_GLUON:
+if sm90.HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                   warpgroup_mma, warpgroup_mma_wait)
-    from mla_compile.kernels.absorbed_decode_hopper import _probs, _tma_load
+    from mla_compile.kernels.sm90 import _probs, _tma_load
 
-R, DR, HALF = hopper.R, hopper.DR, hopper.HALF
+R, DR, HALF = sm90.R, sm90.DR, sm90.HALF
+MIN_HEADS = 33    # at most 32 heads: the keys-major kernel
 BLOCK_M = 64
 BLOCK_N = 64
 # a key tile arrives as nine 64-column TMA pieces (128 bytes, the swizzle's width): eight of the
@@ -76,31 +62,26 @@ S_SCALE_E, S_SCALE_O, S_P_E, S_P_O, S_FIN = (tl.constexpr(i) for i in range(5))
 SYNCS = tl.constexpr(8)   # 5 used (power-of-2 shapes)
 
 
-def enabled() -> bool:
-    """The default for the heads-major Hopper kernel; MLA_COMPILE_SEESAW=0 runs the lockstep one."""
-    return os.environ.get("MLA_COMPILE_SEESAW") != "0"
+def takes_sizes(dtype: torch.dtype, H, S, r, dr, is_causal: bool) -> bool:
+    """The sizes and dtypes it takes (fake tensors can be asked): bf16/fp16, r = 512, dr = 64, one query
+    position, more than 32 heads (fewer go to the keys-major kernel, which pads nothing there), not
+    causal."""
+    return (not is_causal and S == 1 and r == R and dr == DR and dtype in (torch.bfloat16, torch.float16)
+            and H >= MIN_HEADS)
 
 
-if hopper.HAVE_GLUON:
+if sm90.HAVE_GLUON:
     @gluon.jit
     def _load_pieces(c_desc, kr_desc, bars, STAGE: gl.constexpr, lo, hi, kr, key0, FIRST: gl.constexpr,
-                     LAST: gl.constexpr, pred, GROUPED: gl.constexpr):
+                     LAST: gl.constexpr, pred):
         # pieces FIRST..LAST-1 of one key tile (0-3 the latent's low half, 4-7 its high half, 8 the RoPE
-        # part), each on its own mbarrier, or (GROUPED) on one per half and one for the RoPE piece
+        # part), each on its own mbarrier
         for j in gl.static_range(FIRST, LAST):
-            if GROUPED:
-                bar = bars.index(16 * STAGE + j // 4)
-                if j % 4 == 0:   # the first piece of its group: expect the group's bytes
-                    if j < 8:
-                        mbarrier.expect(bar, 4 * c_desc.block_type.nbytes, pred=pred)
-                    else:
-                        mbarrier.expect(bar, kr_desc.block_type.nbytes, pred=pred)
+            bar = bars.index(16 * STAGE + j)
+            if j < 8:
+                mbarrier.expect(bar, c_desc.block_type.nbytes, pred=pred)
             else:
-                bar = bars.index(16 * STAGE + j)
-                if j < 8:
-                    mbarrier.expect(bar, c_desc.block_type.nbytes, pred=pred)
-                else:
-                    mbarrier.expect(bar, kr_desc.block_type.nbytes, pred=pred)
+                mbarrier.expect(bar, kr_desc.block_type.nbytes, pred=pred)
             if j < 4:
                 _tma_load(c_desc, [key0, j * 64], bar, lo.slice(j * 64, 64, dim=1), pred=pred)
             elif j < 8:
@@ -110,12 +91,8 @@ if hopper.HAVE_GLUON:
 
     @gluon.jit
     def _score_piece(q0, q1, qr_reg, lo, hi, kr, bars, STAGE: gl.constexpr, phase, s, J: gl.constexpr,
-                     USE_ACC: gl.constexpr, GROUPED: gl.constexpr):
-        if GROUPED:   # pieces are issued in whole groups (0-3, 4-7, 8): wait at a group's first
-            if J % 4 == 0:
-                mbarrier.wait(bars.index(16 * STAGE + J // 4), phase)
-        else:
-            mbarrier.wait(bars.index(16 * STAGE + J), phase)
+                     USE_ACC: gl.constexpr):
+        mbarrier.wait(bars.index(16 * STAGE + J), phase)
         if J < 4:
             s = warpgroup_mma(q0.slice(J * 64, 64, dim=1), lo.slice(J * 64, 64, dim=1).permute((1, 0)),
                               s, use_acc=USE_ACC, is_async=True)
@@ -128,12 +105,12 @@ if hopper.HAVE_GLUON:
 
     @gluon.jit
     def _score_pieces(q0, q1, qr_reg, lo, hi, kr, bars, STAGE: gl.constexpr, phase, s, FIRST: gl.constexpr,
-                      LAST: gl.constexpr, ZERO_FIRST: gl.constexpr, GROUPED: gl.constexpr):
+                      LAST: gl.constexpr, ZERO_FIRST: gl.constexpr):
         # S (+)= Q K^T over pieces FIRST..LAST-1 (mod 9), each issued as soon as its piece has landed;
         # one wgmma group a piece. Q's RoPE piece is the register operand qr_reg.
-        s = _score_piece(q0, q1, qr_reg, lo, hi, kr, bars, STAGE, phase, s, FIRST % 9, not ZERO_FIRST, GROUPED)
+        s = _score_piece(q0, q1, qr_reg, lo, hi, kr, bars, STAGE, phase, s, FIRST % 9, not ZERO_FIRST)
         for jj in gl.static_range(FIRST + 1, LAST):
-            s = _score_piece(q0, q1, qr_reg, lo, hi, kr, bars, STAGE, phase, s, jj % 9, True, GROUPED)
+            s = _score_piece(q0, q1, qr_reg, lo, hi, kr, bars, STAGE, phase, s, jj % 9, True)
         return s
 
     @gluon.jit
@@ -182,8 +159,7 @@ if hopper.HAVE_GLUON:
     A_O = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2))
 
     @gluon.jit
-    def _warpgroup_start(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, kbar, q_bar, STAGE: gl.constexpr,
-                         GROUPED: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    def _warpgroup_start(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, kbar, q_bar, STAGE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                          HALF: gl.constexpr):
         # Both warpgroups' start: Q's RoPE piece into registers (the A operand of its score MMA), a zero
         # output half and row sums, and the scores of the first tile of this warpgroup's stage.
@@ -193,7 +169,7 @@ if hopper.HAVE_GLUON:
         l_i = gl.zeros([BLOCK_M], gl.float32, layout=ROW_S)
         s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT)
         s = _score_pieces(q_smem.index(0), q_smem.index(1), qr_reg, lo_smem.index(STAGE), hi_smem.index(STAGE),
-                          kr_smem.index(STAGE), kbar, STAGE, 0, s, 0, 9, True, GROUPED)
+                          kr_smem.index(STAGE), kbar, STAGE, 0, s, 0, 9, True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         return qr_reg, acc, l_i, s
 
@@ -201,11 +177,11 @@ if hopper.HAVE_GLUON:
     def _even_warpgroup(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, pe_smem, vec_smem, kbar, sync, q_bar,
                         c_desc, kr_desc, O, OP, ML, MASK, s_mt, scale, H, start, stop, n_pairs, row0, b, pid_p,
                         splits, s_ob, s_oh, ONE_SPLIT: gl.constexpr, MASK_KIND: gl.constexpr,
-                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, GROUPED: gl.constexpr):
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr):
         # Warpgroup E: scores of the even tiles (stage 0), output columns 0-255 (the latent's low half,
         # pieces 0-3 of each stage, which E refills).
         dtype: gl.constexpr = q_smem.dtype
-        qr_reg, acc, l_i, s = _warpgroup_start(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, kbar, q_bar, 0, GROUPED,
+        qr_reg, acc, l_i, s = _warpgroup_start(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, kbar, q_bar, 0,
                                                BLOCK_M, BLOCK_N, HALF)
         for k in range(n_pairs):
             q0, q1, lo0, hi0, kr0, lo1, hi1, kr1 = _views(q_smem, lo_smem, hi_smem, kr_smem, k >> 30)
@@ -224,8 +200,7 @@ if hopper.HAVE_GLUON:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.wait(sync.index(S_SCALE_O), ph)
             # stage 0's low half is free (tile 2k's scores and P V there done): tile 2k+2's pieces 0-3
-            _load_pieces(c_desc, kr_desc, kbar, 0, lo0, hi0, kr0, start + (2 * k + 2) * BLOCK_N, 0, 4, has_next,
-                         GROUPED)
+            _load_pieces(c_desc, kr_desc, kbar, 0, lo0, hi0, kr0, start + (2 * k + 2) * BLOCK_N, 0, 4, has_next)
             alpha_o = vec_smem.slice(V_SCALE_O * BLOCK_M, BLOCK_M).load(ROW_S)
             pe_smem.store((p * gl.expand_dims(alpha_o, 1)).to(dtype))
             fence_async_shared()
@@ -236,12 +211,11 @@ if hopper.HAVE_GLUON:
             # P_2k+1 (O's, over Q's RoPE slot) V_2k+1 on the low half
             pv = warpgroup_mma(qr_smem, lo1, acc, is_async=True)
             if has_next:
-                s = _score_pieces(q0, q1, qr_reg, lo0, hi0, kr0, kbar, 0, ph ^ 1, s, 0, 4, True, GROUPED)
+                s = _score_pieces(q0, q1, qr_reg, lo0, hi0, kr0, kbar, 0, ph ^ 1, s, 0, 4, True)
                 acc = warpgroup_mma_wait(num_outstanding=4, deps=(pv, ))
                 # stage 1's low half is free: tile 2k+3's pieces 0-3
-                _load_pieces(c_desc, kr_desc, kbar, 1, lo1, hi1, kr1, start + (2 * k + 3) * BLOCK_N, 0, 4, True,
-                             GROUPED)
-                s = _score_pieces(q0, q1, qr_reg, lo0, hi0, kr0, kbar, 0, ph ^ 1, s, 4, 9, False, GROUPED)
+                _load_pieces(c_desc, kr_desc, kbar, 1, lo1, hi1, kr1, start + (2 * k + 3) * BLOCK_N, 0, 4, True)
+                s = _score_pieces(q0, q1, qr_reg, lo0, hi0, kr0, kbar, 0, ph ^ 1, s, 4, 9, False)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             else:
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
@@ -257,11 +231,11 @@ if hopper.HAVE_GLUON:
     def _odd_warpgroup(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, pe_smem, vec_smem, kbar, sync, q_bar,
                        c_desc, kr_desc, O, OP, ML, MASK, s_mt, scale, H, start, stop, n_pairs, row0, b, pid_p,
                        splits, s_ob, s_oh, ONE_SPLIT: gl.constexpr, MASK_KIND: gl.constexpr,
-                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, GROUPED: gl.constexpr):
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr):
         # Warpgroup O: scores of the odd tiles (stage 1), output columns 256-511 (the latent's high half
         # and the RoPE piece, pieces 4-8 of each stage, which O refills).
         dtype: gl.constexpr = q_smem.dtype
-        qr_reg, acc, l_i, s = _warpgroup_start(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, kbar, q_bar, 1, GROUPED,
+        qr_reg, acc, l_i, s = _warpgroup_start(q_smem, qr_smem, lo_smem, hi_smem, kr_smem, kbar, q_bar, 1,
                                                BLOCK_M, BLOCK_N, HALF)
         m_new = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=ROW_S)
         for k in range(n_pairs):
@@ -290,14 +264,12 @@ if hopper.HAVE_GLUON:
             mbarrier.arrive(sync.index(S_P_O), count=1)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
             # stage 1's high half and RoPE piece are free: tile 2k+3's pieces 4-8
-            _load_pieces(c_desc, kr_desc, kbar, 1, lo1, hi1, kr1, start + (2 * k + 3) * BLOCK_N, 4, 9, has_next,
-                         GROUPED)
+            _load_pieces(c_desc, kr_desc, kbar, 1, lo1, hi1, kr1, start + (2 * k + 3) * BLOCK_N, 4, 9, has_next)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             # stage 0's too (E's scores of tile 2k and this P V on it done): tile 2k+2's pieces 4-8
-            _load_pieces(c_desc, kr_desc, kbar, 0, lo0, hi0, kr0, start + (2 * k + 2) * BLOCK_N, 4, 9, has_next,
-                         GROUPED)
+            _load_pieces(c_desc, kr_desc, kbar, 0, lo0, hi0, kr0, start + (2 * k + 2) * BLOCK_N, 4, 9, has_next)
             if has_next:
-                s = _score_pieces(q0, q1, qr_reg, lo1, hi1, kr1, kbar, 1, ph ^ 1, s, 4, 13, True, GROUPED)
+                s = _score_pieces(q0, q1, qr_reg, lo1, hi1, kr1, kbar, 1, ph ^ 1, s, 4, 13, True)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
 
         vec_smem.slice(V_L_O * BLOCK_M, BLOCK_M).store(l_i)
@@ -312,7 +284,7 @@ if hopper.HAVE_GLUON:
         Q, QR, C, KR, MASK, KVLEN, O, OP, ML, scale, H, T, chunk, splits,
         s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_mb, s_mt, s_ob, s_oh,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, DR: gl.constexpr,
-        MASK_KIND: gl.constexpr, HAS_KVLEN: gl.constexpr, ONE_SPLIT: gl.constexpr, GROUPED: gl.constexpr = False,
+        MASK_KIND: gl.constexpr, HAS_KVLEN: gl.constexpr, ONE_SPLIT: gl.constexpr,
     ):
         dtype: gl.constexpr = C.dtype.element_ty
         pid_m = gl.program_id(0)
@@ -367,29 +339,28 @@ if hopper.HAVE_GLUON:
         _tma_load(qr_desc, [row0, 0], q_bar, qr_smem)
         # the first pair (both warpgroups score it before their loops; past t_end TMA reads zeros)
         _load_pieces(c_desc, kr_desc, kbar, 0, lo_smem.index(0), hi_smem.index(0), kr_smem.index(0),
-                     start, 0, 9, True, GROUPED)
+                     start, 0, 9, True)
         _load_pieces(c_desc, kr_desc, kbar, 1, lo_smem.index(1), hi_smem.index(1), kr_smem.index(1),
-                     start + BLOCK_N, 0, 9, True, GROUPED)
+                     start + BLOCK_N, 0, 9, True)
 
         mask = MASK + b * s_mb
         gl.warp_specialize([
             (_even_warpgroup, (q_smem, qr_smem, lo_smem, hi_smem, kr_smem, pe_smem, vec_smem, kbar, sync, q_bar,
                                c_desc, kr_desc, O, OP, ML, mask, s_mt, scale, H, start, stop, n_pairs, row0, b,
-                               pid_p, splits, s_ob, s_oh, ONE_SPLIT, MASK_KIND, BLOCK_M, BLOCK_N, HALF, GROUPED)),
+                               pid_p, splits, s_ob, s_oh, ONE_SPLIT, MASK_KIND, BLOCK_M, BLOCK_N, HALF)),
             (_odd_warpgroup, (q_smem, qr_smem, lo_smem, hi_smem, kr_smem, pe_smem, vec_smem, kbar, sync, q_bar,
                               c_desc, kr_desc, O, OP, ML, mask, s_mt, scale, H, start, stop, n_pairs, row0, b,
-                              pid_p, splits, s_ob, s_oh, ONE_SPLIT, MASK_KIND, BLOCK_M, BLOCK_N, HALF, GROUPED)),
+                              pid_p, splits, s_ob, s_oh, ONE_SPLIT, MASK_KIND, BLOCK_M, BLOCK_N, HALF)),
         ], [4], [WORKER_REGS])
 
 
 def _consts(mask_kind: int, has_kvlen: bool, one_split: bool) -> dict:
-    # MLA_COMPILE_SEESAW_PIECES=3: a tile's loads on three mbarriers (latent halves, RoPE), not nine (A/B)
     return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HALF=HALF, DR=DR, MASK_KIND=mask_kind, HAS_KVLEN=has_kvlen,
-                ONE_SPLIT=one_split, GROUPED=os.environ.get("MLA_COMPILE_SEESAW_PIECES", "9") == "3")
+                ONE_SPLIT=one_split)
 
 
 def compile_for_sm90(mask_kind: int = 1, has_kvlen: bool = True, one_split: bool = False):
-    """Ahead-of-time compile for sm_90 (no GPU needed): see absorbed_decode_hopper.compile_for_sm90."""
+    """Compile ahead of time for sm_90 (no GPU needed); see `sm90.compile_gluon_for_sm90`."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -406,10 +377,13 @@ def compile_for_sm90(mask_kind: int = 1, has_kvlen: bool = True, one_split: bool
 
 def seesaw_split_attention(q_lat, q_rope, c, kr, mask_kind: int, mask, mask_strides, kv_lens, out, o_part, ml,
                            scale: float, chunk: int, splits: int) -> None:
-    """`absorbed_decode_hopper.hopper_split_attention`'s arguments and outputs."""
+    """Launch it: q_lat/q_rope [B, H, 1, *], c [B, T, r], kr [B, T, dr] (token views), the mask as
+    `absorbed_decode.mask_view` gives it ([B, 1, T] view: kind 0 none, 1 bytes, 2 float), kv_lens
+    int32 [B] or None; with one split it writes `out` [B, H, 1, r], else o_part [B, P, H, r] fp32 and
+    ml [B, P, H, 2] fp32, each split's row max m and sum l (what `merge_splits` takes)."""
     B, H, _, _ = q_lat.shape
     T = c.shape[1]
-    hopper.ensure_allocator()
+    sm90.ensure_allocator()
     _seesaw_split_kernel[(triton.cdiv(H, BLOCK_M), splits, B)](
         q_lat, q_rope, c, kr, mask if mask is not None else c, kv_lens if kv_lens is not None else c,
         out, o_part, ml, float(scale), H, T, chunk, splits,

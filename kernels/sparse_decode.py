@@ -26,9 +26,11 @@ import triton.language as tl
 from mla_compile.kernels.absorbed_decode import (
     absorb, block_m_for, work_bucket, dot_precision, kernel_dtype, mask_view, merge_splits, num_sms, project,
 )
-from mla_compile.kernels.launch import launcher
-from mla_compile.passes.forms.common import as_tokens, check_args, check_indices
+from mla_compile.kernels import common
+from mla_compile.kernels.common import launcher
+from mla_compile.kernels.common import as_tokens, check_args, check_indices
 
+LOG2E = tl.constexpr(common.LOG2E)    # exp(x) = exp2(x * LOG2E)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 if INTERPRET:
@@ -115,8 +117,8 @@ def _sparse_split_kernel(
         qk = tl.where(ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
-        p = tl.exp2((qk - m_safe[:, None]) * 1.4426950408889634)
+        alpha = tl.exp2((m_i - m_safe) * LOG2E)
+        p = tl.exp2((qk - m_safe[:, None]) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=DOT_PREC)
         m_i = m_new

@@ -5,7 +5,7 @@
 """
 
 from mla_compile import _layout  # noqa: F401  (maps passes/ and kernels/ in a source checkout)
-from mla_compile.rewrite_log import format_rewrite_log, reset, rewrite_log
+from mla_compile.rewrite_log import format_rewrite_log, rewrite_log
 
 __all__ = ["export_mlir", "format_rewrite_log", "plan", "reset", "rewrite_log"]
 __version__ = "0.1.0"
@@ -30,6 +30,15 @@ _register_backend()
 from mla_compile import torch_logs as _torch_logs  # noqa: E402
 
 _torch_logs.register()      # TORCH_LOGS="+mla_compile" shows the mla_compile logger
+
+
+def reset() -> None:
+    """Forget the rewrite log and its graph numbering, and read MLA_COMPILE_KERNELS again."""
+    from mla_compile.kernels import registry
+    from mla_compile.rewrite_log import reset as _reset_log
+
+    _reset_log()
+    registry.reset()
 
 
 def export_mlir(model, *args, **kwargs):

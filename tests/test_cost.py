@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from mla_compile.cost import DEVICES, DeviceModel, Plan, calibrate, load_device, plan, runtime_chooser
 from mla_compile.cost.devices import table_key_for_gpu
-from mla_compile.cost.forms import DENSE_FORMS, FORMS, SPARSE_FORMS, form_steps, totals
+from mla_compile.cost.work import DENSE_FORMS, FORMS, SPARSE_FORMS, form_steps, totals
 from mla_compile.cost import symbols as sy
 
 calibrate_mod = importlib.import_module("mla_compile.cost.calibrate")   # the module, not the function
@@ -343,15 +343,15 @@ def test_plan_times_with_dynamo_style_symbols():
         assert p.choose({"s0": v}) == want.form
 
 
-def test_hopper_decode_efficiency_where_the_gluon_kernel_runs(monkeypatch):
+def test_hopper_decode_efficiency_where_the_gluon_kernel_runs():
     """On the sm_90 entries the absorbed attention at one query (r=512, dr=64, a half dtype) is costed
     with the Hopper Gluon kernels' fitted efficiencies (the heads-major one above 32 heads, the
     keys-major one at <= 32), everywhere else with the Triton kernel's; with S symbolic the run-time chooser takes the Hopper figure where S is 1."""
     from mla_compile.cost.devices import (DEFAULT_EFFICIENCY, HOPPER_DECODE_EFFICIENCY, KEYS_MAJOR_DECODE_EFFICIENCY,
                                           KEYS_MAJOR_DECODE_MEM_EFFICIENCY)
-    from mla_compile.kernels import absorbed_decode_hopper as hopper
+    from mla_compile.kernels import sm90
 
-    if not hopper.HAVE_GLUON:
+    if not sm90.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon: the Hopper kernel never runs")
     triton_eff = DEFAULT_EFFICIENCY["absorbed.attention"]
 
@@ -373,12 +373,14 @@ def test_hopper_decode_efficiency_where_the_gluon_kernel_runs(monkeypatch):
     assert km.device["mem_efficiency"]["absorbed.attention"] == KEYS_MAJOR_DECODE_MEM_EFFICIENCY
     assert eff(heads=16) == KEYS_MAJOR_DECODE_EFFICIENCY and eff(heads=33) == HOPPER_DECODE_EFFICIENCY
     assert eff(heads=32, q_len=2) == triton_eff and eff(heads=32, device="a100") == triton_eff
-    monkeypatch.setenv("MLA_COMPILE_GLUON", "0")
-    assert eff() == triton_eff and eff(heads=32) == triton_eff
-    monkeypatch.delenv("MLA_COMPILE_GLUON")
-    monkeypatch.setenv("MLA_COMPILE_KEYS_MAJOR", "0")      # the Triton kernel then runs at <= 32 heads
-    assert eff(heads=32) == triton_eff and eff() == HOPPER_DECODE_EFFICIENCY
-    monkeypatch.delenv("MLA_COMPILE_KEYS_MAJOR")
+    # the same rule as the op's: the cost model costs the kernel registry.absorbed_core names
+    from mla_compile.kernels.registry import absorbed_core
+
+    for heads, figure in ((128, HOPPER_DECODE_EFFICIENCY), (32, KEYS_MAJOR_DECODE_EFFICIENCY)):
+        core = absorbed_core(torch.bfloat16, heads, 1, 512, 64, False, sm90=True)
+        assert {"seesaw": HOPPER_DECODE_EFFICIENCY, "keys_major": KEYS_MAJOR_DECODE_EFFICIENCY}[core] == figure
+        assert eff(heads=heads) == figure
+    assert absorbed_core(torch.bfloat16, 128, 1, 512, 64, False, sm90=False) == "triton"
     # the faster kernel shows in the prediction: the decode step's attention kernel costs less
     triton_only = DEVICES["h200"].copy(efficiency=dict(DEFAULT_EFFICIENCY))
     fast = plan(batch=8, q_len=1, kv_len=16384, device="h200", **V3).costs["absorbed"]

@@ -128,20 +128,24 @@ def test_absorbed_many_splits_merge():
     assert rel_err(many, one.double().cpu()) < 1e-5
 
 
-@pytest.mark.parametrize("one_pass", [False, True])
-def test_merge_passes_against_float64(one_pass, monkeypatch):
-    # the merge's one-pass and two-pass forms against float64 attention over each batch's valid,
-    # allowed keys: 5 splits (8 lanes: padding in the one-pass form); batch 1's rows mix splits with
-    # keys and splits past its valid length (m = -inf, l = 0); batch 2 allows no key at all (zeros)
-    from mla_compile.kernels import absorbed_decode
-    monkeypatch.setattr(absorbed_decode, "MERGE_ONE_PASS", one_pass)
-    B, H, S, T = 3, 3, 1, 300
+@pytest.mark.parametrize("T,splits", [(300, 5), (1280, 20)], ids=["one-pass", "two-pass"])
+def test_merge_passes_against_float64(T, splits):
+    # the merge's one-pass (splits fit one block of 8 lanes: padding) and two-pass (20 splits, more
+    # than its 16-lane block) forms against float64 attention over each batch's valid, allowed keys;
+    # batch 1's rows mix splits with keys and splits past its valid length (m = -inf, l = 0); batch 2
+    # allows no key at all (zeros)
+    B, H, S = 3, 3, 1
     qn, qr, c, kr, wuk, wuv = make(B, H, S, T)
     q_lat = torch.einsum("bhsd,hdr->bhsr", qn, wuk)
-    lens = torch.tensor([300, 100, 50], dtype=torch.int32, device=DEV)
+    lens = torch.tensor([T, 100, 50], dtype=torch.int32, device=DEV)
     m = torch.rand(B, 1, 1, T, generator=torch.Generator().manual_seed(5)) > 0.3
     m[2] = False
-    o = absorbed_latent_attention(q_lat, qr, c, kr, m.to(DEV), 0.2, False, kv_lens=lens, num_splits=5)
+    o = absorbed_latent_attention(q_lat, qr, c, kr, m.to(DEV), 0.2, False, kv_lens=lens, num_splits=splits)
+    from mla_compile.kernels import absorbed_decode
+
+    plan = absorbed_decode.launch_plan(torch.device(DEV), q_lat.dtype, B, H, S, T, q_lat.shape[-1], qr.shape[-1],
+                                       False, splits)
+    assert plan.splits == splits
     ql, qrd, cd, krd = (f64(x).cpu() for x in (q_lat, qr, c, kr))
     for b in range(B):
         n = int(lens[b])
@@ -490,7 +494,7 @@ def test_opcheck(form, monkeypatch):
     import mla_compile.passes.forms.ops  # noqa: F401  registers torch.ops.mla
     from mla_compile.kernels.registry import kernel_for
 
-    assert kernel_for(form, torch.device(DEV)) is not None
+    assert kernel_for(form, torch.empty(0, device=DEV)) is not None
     B, H, S, T = 1, 3, 2, 17
     args = make(B, H, S, T)
     m = masks("bool", B, S, T)
@@ -509,20 +513,26 @@ def test_opcheck(form, monkeypatch):
 def test_hopper_kernel_size_rule():
     """Which sizes the two Hopper kernels take (the device check aside): one query, r=512, dr=64, a half
     dtype, not causal; the heads-major kernel 33+ heads, the keys-major one 1-32: every head count
-    goes to exactly one of them."""
-    from mla_compile.kernels import absorbed_decode_hopper as hopper
+    goes to exactly one of them, and registry.absorbed_core (what the op launches and the cost model
+    costs) names that one, on sm_90 only."""
     from mla_compile.kernels import absorbed_decode_keys_major as keys_major
+    from mla_compile.kernels import absorbed_decode_seesaw as seesaw
+    from mla_compile.kernels.registry import absorbed_core
 
     bf = torch.bfloat16
-    assert hopper.takes_sizes(bf, 128, 1, 512, 64, False) and hopper.takes_sizes(torch.float16, 33, 1, 512, 64, False)
-    for kernel, H in ((hopper, 128), (keys_major, 32)):
+    assert seesaw.takes_sizes(bf, 128, 1, 512, 64, False) and seesaw.takes_sizes(torch.float16, 33, 1, 512, 64, False)
+    for kernel, H in ((seesaw, 128), (keys_major, 32)):
         for bad in (dict(S=2), dict(r=256), dict(dr=32), dict(dtype=torch.float32), dict(is_causal=True)):
             a = dict(dtype=bf, H=H, S=1, r=512, dr=64, is_causal=False)
             a.update(bad)
             assert not kernel.takes_sizes(**a), (kernel.__name__, bad)
+            assert absorbed_core(a["dtype"], a["H"], a["S"], a["r"], a["dr"], a["is_causal"], sm90=True) == "triton"
     for H in range(1, 200):
-        took = [k.takes_sizes(bf, H, 1, 512, 64, False) for k in (hopper, keys_major)]
+        took = [k.takes_sizes(bf, H, 1, 512, 64, False) for k in (seesaw, keys_major)]
         assert took == ([False, True] if H <= 32 else [True, False]), H
+        if seesaw.sm90.HAVE_GLUON:
+            assert absorbed_core(bf, H, 1, 512, 64, False, sm90=True) == ("keys_major" if H <= 32 else "seesaw")
+        assert absorbed_core(bf, H, 1, 512, 64, False, sm90=False) == "triton"
     assert keys_major.block_heads(16) == 16 and keys_major.block_heads(17) == keys_major.block_heads(32) == 32
 
 
@@ -533,25 +543,15 @@ def test_hopper_kernel_compiles_for_sm90(tmp_path):
     In a fresh process: this module may have set TRITON_INTERPRET=1, which Gluon's compiler breaks under."""
     import subprocess
 
-    from mla_compile.kernels import absorbed_decode_hopper as hopper
+    from mla_compile.kernels import sm90
 
-    if not hopper.HAVE_GLUON:
+    if not sm90.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
-    # the three mask kinds with the defaults, then the A/B variants (Q pieces in registers, row sums)
-    script = ("from mla_compile.kernels.absorbed_decode_hopper import compile_for_sm90\n"
-              "for kind in (0, 1, 2):\n"
-              "    k = compile_for_sm90(kind)\n"
-              "    print(kind, 'wgmma.mma_async' in k.asm['ptx'], k.metadata.shared)\n"
-              "for q, d in ((0, False), (2, False)):\n"
-              "    k = compile_for_sm90(2, q_reg_chunks=q, defer_l=d)\n"
-              "    print(2, 'wgmma.mma_async' in k.asm['ptx'], k.metadata.shared)\n"
-              "from mla_compile.kernels import absorbed_decode_keys_major as km\n"   # <= 32 heads
-              "for bh, kind, one in ((16, 1, False), (32, 2, True)):\n"
+    script = ("from mla_compile.kernels import absorbed_decode_keys_major as km\n"   # <= 32 heads
+              "for bh, kind, one in ((16, 1, False), (32, 2, True), (32, 0, False)):\n"
               "    k = km.compile_for_sm90(bh, kind, one_split=one)\n"
               "    print(kind, 'wgmma.mma_async' in k.asm['ptx'], k.metadata.shared)\n"
-              "k = km.compile_for_sm90(32, 0, has_kvlen=False, stamps=True)\n"   # keys_major_timeline.py's build
-              "print(0, '%globaltimer' in k.asm['ptx'], k.metadata.shared)\n"
-              "from mla_compile.kernels import absorbed_decode_seesaw as ss\n"   # FlashMLA's schedule
+              "from mla_compile.kernels import absorbed_decode_seesaw as ss\n"   # > 32 heads
               "for kind in (0, 1, 2):\n"
               "    k = ss.compile_for_sm90(kind, one_split=kind == 2)\n"
               "    print(kind, 'wgmma.mma_async' in k.asm['ptx'], k.metadata.shared)\n")
@@ -560,8 +560,7 @@ def test_hopper_kernel_compiles_for_sm90(tmp_path):
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [ln.split() for ln in res.stdout.splitlines() if ln[:1] in "012"]
-    assert [ln[:2] for ln in lines] == ([["0", "True"], ["1", "True"]] + [["2", "True"]] * 3
-                                        + [["1", "True"], ["2", "True"], ["0", "True"]]
+    assert [ln[:2] for ln in lines] == ([["1", "True"], ["2", "True"], ["0", "True"]]
                                         + [["0", "True"], ["1", "True"], ["2", "True"]]), res.stdout
     assert all(int(ln[2]) <= 232448 for ln in lines), res.stdout      # an H100/H200 block's shared memory
 
@@ -613,12 +612,8 @@ def test_gpu_absorbed_hopper_path(H, splits, T, dtype):
     valid lengths, some of them shorter than a split (empty splits), the latent and RoPE parts as
     strided views of one [.., 576] cache row, and NaN in every unfilled slot: TMA must zero-fill past
     each valid length, since 0 x NaN in P V would poison the row. One split: the kernel writes the output."""
-    from mla_compile.kernels import absorbed_decode_hopper as hopper
-
     q_lat, qr, c, kr = _check_absorbed_core_nan_tails(H, splits, T, dtype, None)
-    if torch.cuda.get_device_capability() == (9, 0):
-        assert hopper.applies(q_lat.device, dtype, H, 1, 512, 64, False)
-        assert hopper.tma_ready(q_lat, qr, c, kr)
+    _assert_gluon_core(q_lat, qr, c, kr, "seesaw")
 
 
 @pytest.mark.gpu
@@ -650,7 +645,6 @@ def test_gpu_absorbed_hopper_path_hf_min_row_uneven_splits(min_dtype, with_lens)
     """test_absorbed_hf_min_row_uneven_splits at the Hopper kernel's sizes: batch 1 masked everywhere by
     HF's finfo.min (the mask in that dtype, as HF builds it), T = 4100 in 9 splits of 512 keys and
     one of 4 (or 777 valid keys: 512 + 265); its output must be the plain average of its valid keys."""
-    from mla_compile.kernels import absorbed_decode_hopper as hopper
     from mla_compile.kernels.absorbed_decode import absorb
 
     B, H, S, T, scale, dtype = 3, 128, 1, 4100, 0.07, torch.bfloat16
@@ -659,9 +653,7 @@ def test_gpu_absorbed_hopper_path_hf_min_row_uneven_splits(min_dtype, with_lens)
     m = hf_min_rows_case(B, S, T, torch.finfo(min_dtype).min).to(min_dtype)
     lens = torch.tensor([4100, 777, 1], dtype=torch.int32, device=DEV) if with_lens else None
     ref = softmax_ref_f64(q_lat, qr, c, kr, m, scale, lens if with_lens else [T] * B)
-    if torch.cuda.get_device_capability() == (9, 0):
-        assert hopper.applies(q_lat.device, dtype, H, S, 512, 64, False)
-        assert hopper.tma_ready(q_lat, qr, c, kr)
+    _assert_gluon_core(q_lat, qr, c, kr, "seesaw")
     for splits in (9, None):
         o = absorbed_latent_attention(q_lat, qr, c, kr, m, scale, False, kv_lens=lens, num_splits=splits)
         assert rel_err(o[1, :, 0], ref[1, :, 0]) < tol(dtype), splits       # the fully masked row
@@ -681,11 +673,7 @@ def test_gpu_absorbed_keys_major_path(H, splits, T, dtype, mask):
     [.., 576] cache row viewed as latent and RoPE, H below the MMA's 16/32 columns, one split (the
     kernel writes the output) and many, and HF's decode masks: bool, and float with finfo.min on
     every key of batch 1 (its output must be the plain average of its valid keys)."""
-    from mla_compile.kernels import absorbed_decode_keys_major as km
-
-    if torch.cuda.get_device_capability() == (9, 0):
-        assert km.applies(torch.device(DEV), dtype, H, 1, 512, 64, False)
-    _check_absorbed_core_nan_tails(H, splits, T, dtype, mask)
+    _assert_gluon_core(*_check_absorbed_core_nan_tails(H, splits, T, dtype, mask), "keys_major")
 
 
 @pytest.mark.gpu
@@ -694,17 +682,23 @@ def test_gpu_absorbed_keys_major_path(H, splits, T, dtype, mask):
 @pytest.mark.parametrize("H,splits,T", [(128, None, 4100), (128, 9, 4100), (128, 1, 700), (40, None, 4100),
                                         (64, 3, 333), (128, 1, 64), (128, 2, 4100)])
 @pytest.mark.parametrize("mask", [None, "bool", "hf_min"])
-@pytest.mark.parametrize("seesaw", ["1", "0"])
-def test_gpu_absorbed_seesaw_path(H, splits, T, dtype, mask, seesaw, monkeypatch):
-    """The heads-major kernel on FlashMLA's schedule (the default) and in lockstep (MLA_COMPILE_SEESAW=0),
-    the same cases: odd tile counts (a pair's second tile past the split's end), splits of one tile, a
-    single key (a pair wholly masked but for one key), empty splits past a short valid length."""
-    from mla_compile.kernels import absorbed_decode_hopper as hopper
+def test_gpu_absorbed_seesaw_path(H, splits, T, dtype, mask):
+    """The heads-major kernel on FlashMLA's schedule, the same cases: odd tile counts (a pair's second
+    tile past the split's end), splits of one tile, a single key (a pair wholly masked but for one
+    key), empty splits past a short valid length."""
+    _assert_gluon_core(*_check_absorbed_core_nan_tails(H, splits, T, dtype, mask), "seesaw")
 
-    monkeypatch.setenv("MLA_COMPILE_SEESAW", seesaw)
-    if torch.cuda.get_device_capability() == (9, 0):
-        assert hopper.applies(torch.device(DEV), dtype, H, 1, 512, 64, False)
-    _check_absorbed_core_nan_tails(H, splits, T, dtype, mask)
+
+def _assert_gluon_core(q_lat, qr, c, kr, core):
+    """On an H100/H200 these inputs took the Gluon kernel `core` (the plan the op launches by)."""
+    from mla_compile.kernels import sm90
+    from mla_compile.kernels.absorbed_decode import launch_plan
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        return
+    B, H, S, r = q_lat.shape
+    plan = launch_plan(q_lat.device, q_lat.dtype, B, H, S, c.shape[-2], r, kr.shape[-1], False)
+    assert plan.core == core and sm90.tma_ready(q_lat, qr, c, kr), plan
 
 
 def _check_absorbed_core_nan_tails(H, splits, T, dtype, mask):

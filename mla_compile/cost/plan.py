@@ -38,7 +38,8 @@ import torch
 from mla_compile.cost import symbols as sy
 from mla_compile.cost.calibrate import load_device
 from mla_compile.cost.devices import DEVICES, HOPPER_DECODE_KEY, KEYS_MAJOR_DECODE_KEY, DeviceModel, table_entry
-from mla_compile.cost.forms import DENSE_FORMS, FORMS, SPARSE_FORMS, form_kernels, occupancy
+from mla_compile.cost.work import DENSE_FORMS, FORMS, SPARSE_FORMS, form_kernels, occupancy
+from mla_compile.kernels.registry import absorbed_core
 
 # where other sizes are symbolic, branch choices and root picking are made at these values
 DEFAULT_HINTS = {"B": 8, "S": 1, "T": 4096, "H": 128, "r": 512, "dr": 64, "dn": 128, "dv": 128, "k": 2048}
@@ -595,29 +596,21 @@ class Plan:
 
 
 def _with_hopper_decode(dev: DeviceModel, dtype: torch.dtype, values: dict) -> DeviceModel:
-    """`dev` with a Hopper Gluon kernel's efficiencies as "absorbed.attention" where that kernel will
-    run (see devices.HOPPER_DECODE_KEY, KEYS_MAJOR_DECODE_KEY): the entry carries them, and the kernel's
-    own size rule takes the call (one query position, r = 512, dr = 64, a half dtype; more than 32
-    heads for the heads-major kernel, at most 32 for the keys-major one), and this Triton has Gluon
-    and the kernel is not switched off (MLA_COMPILE_GLUON, MLA_COMPILE_KEYS_MAJOR). Static sizes only: the kernel is chosen per call from them, so a
+    """`dev` with a Hopper Gluon kernel's efficiencies as "absorbed.attention" where that kernel will run:
+    the table is an sm_90 one (it carries HOPPER_DECODE_KEY) and `kernels.registry.absorbed_core`, the
+    rule the absorbed op launches by, names a Gluon kernel for these sizes. Static sizes only: a
     symbolic S or H keeps the Triton kernel's figure."""
     if HOPPER_DECODE_KEY not in dev.efficiency:
         return dev
-    try:
-        from mla_compile.kernels import absorbed_decode_hopper as hopper
-        from mla_compile.kernels import absorbed_decode_keys_major as keys_major
-    except ImportError:   # pragma: no cover - a Triton without the kernels' needs
-        return dev
     sizes = [values[s] for s in (sy.H, sy.S, sy.r, sy.dr)]
-    if not hopper.enabled() or not all(v is not None and v.is_number for v in sizes):
+    if not all(v is not None and v.is_number for v in sizes):
         return dev
-    sizes = [int(v) for v in sizes]
-    if (keys_major.enabled() and keys_major.takes_sizes(dtype, *sizes, is_causal=False)
-            and KEYS_MAJOR_DECODE_KEY in dev.efficiency):
+    core = absorbed_core(dtype, *(int(v) for v in sizes), is_causal=False, sm90=True)
+    if core == "keys_major" and KEYS_MAJOR_DECODE_KEY in dev.efficiency:
         return dev.copy(efficiency={**dev.efficiency, "absorbed.attention": dev.efficiency[KEYS_MAJOR_DECODE_KEY]},
                         mem_efficiency={**dev.mem_efficiency,
                                         "absorbed.attention": dev.mem_efficiency[KEYS_MAJOR_DECODE_KEY]})
-    if hopper.takes_sizes(dtype, *sizes, is_causal=False):
+    if core == "seesaw":
         return dev.copy(efficiency={**dev.efficiency, "absorbed.attention": dev.efficiency[HOPPER_DECODE_KEY]})
     return dev
 

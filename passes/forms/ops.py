@@ -1,7 +1,7 @@
 """The forms as torch.library ops: `torch.ops.mla.<form>`.
 
 Each form is a `torch.library.triton_op` whose implementation takes a fused Triton kernel where
-`mla_compile.kernels` offers one for the device (CUDA, or any device with MLA_COMPILE_KERNELS=triton),
+`mla_compile.kernels.registry` offers one for the device (CUDA, or any device with MLA_COMPILE_KERNELS=triton),
 else the plain-torch reference, which runs on any device. Under torch.compile, Inductor traces a
 CUDA call with static sizes down to its Triton launches; other calls go to the form's opaque twin
 `mla.<form>_opaque` (see "The ops" below).
@@ -13,14 +13,12 @@ from typing import Callable, Optional
 
 import torch
 
+from mla_compile.kernels.common import DENSE_FORMS, FORMS, SPARSE_FORMS  # noqa: F401  (the form names)
+from mla_compile.kernels.registry import kernel_for
 from mla_compile.passes.forms.absorbed import absorbed_reference
 from mla_compile.passes.forms.common import check_topk_range, is_traced
 from mla_compile.passes.forms.expanded import expanded_reference
 from mla_compile.passes.forms.sparse import sparse_absorbed_reference, sparse_expanded_reference
-
-DENSE_FORMS = ("expanded", "absorbed")
-SPARSE_FORMS = ("sparse_absorbed", "sparse_expanded")
-FORMS = DENSE_FORMS + SPARSE_FORMS
 
 _REFERENCES: dict[str, Callable] = {
     "expanded": expanded_reference,
@@ -36,9 +34,7 @@ def reference_for(form: str) -> Callable:
 
 def implementation_for(form: str, q_nope: torch.Tensor) -> Callable:
     """The fused kernel of `form` for these tensors' device where one exists, else the reference."""
-    from mla_compile.kernels.registry import kernel_for
-
-    return kernel_for(form, q_nope.device) or _REFERENCES[form]
+    return kernel_for(form, q_nope) or _REFERENCES[form]
 
 
 def _out_like(q_nope: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
@@ -86,11 +82,9 @@ def _dense(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_cau
 
 def traceable(form: str, q_nope: torch.Tensor, args, kv_lens=None) -> bool:
     """Whether this traced call (the op's arguments) may be inlined as Triton launches (see above)."""
-    from mla_compile.kernels.registry import kernel_for
-
     if q_nope.device.type != "cuda" or is_interpreted():
         return False
-    fn = kernel_for(form, q_nope.device)
+    fn = kernel_for(form, q_nope)
     if fn is None or (kv_lens is not None and not getattr(fn, "accepts_kv_lens", False)):
         return False
     inlinable = getattr(fn, "inlinable", None)

@@ -54,9 +54,7 @@ import sympy
 
 from mla_compile.cost.symbols import B, H, INDEX_BYTES, S, SCORE_BYTES, T, dn, dr, dv, e, k, r
 
-FORMS = ("expanded", "absorbed", "sparse_absorbed", "sparse_expanded")
-DENSE_FORMS = FORMS[:2]
-SPARSE_FORMS = FORMS[2:]
+from mla_compile.kernels.common import DENSE_FORMS, FORMS, SPARSE_FORMS  # noqa: E402,F401  (the form names)
 
 PROGRAMS_PER_SM = 3             # programs per SM for a flash-attention kernel to reach full speed
 EXPANDED_TILE = 128             # queries per program of the expanded attention kernel (S > 64)

@@ -1,0 +1,165 @@
+"""What every kernel and every form shares: the argument contract of the MLA forms, its checks,
+the form names, and how a kernel is launched.
+
+All forms compute the same function as Hugging Face's MLA attention core,
+
+    K = [c W_UK^T, kp]   (per head; kp shared by all heads)     V = c W_UV^T
+    out = softmax(q K^T * scale + mask) V                       -> [B, H, S, dv]
+
+and take the same arguments, so the backend can swap one for another:
+
+    q_nope  [B, H, S, dn]   the no-RoPE part of the query
+    q_rope  [B, H, S, dr]   the RoPE part (dr may be 0)
+    latent  [B, 1, T, r] or [B, T, r]      the cached compressed KV (c)
+    k_rope  [B, 1, T, dr] or [B, T, dr]    the cached shared RoPE key (kp)
+    w_uk    [H, dn, r]      kv_b_proj.weight viewed per head, key half
+    w_uv    [H, dv, r]      kv_b_proj.weight viewed per head, value half
+    mask    None, bool (True = attend) or additive float, broadcastable to [B, 1, S, T]
+    scale   softmax scale
+    is_causal  torch SDPA's meaning: query i sees keys j <= i (top-left aligned), used only when
+               HF handed SDPA no mask
+
+Errors name the argument at fault and are raised before any arithmetic: bad input gets a clear
+error, never a wrong answer or a crash inside a kernel.
+
+Empty sizes: B = 0 or S = 0 is a legitimate empty batch / empty query block and gives an empty
+[B, H, S, dv] output; T = 0 (nothing to attend to: softmax over no keys is undefined), k = 0 (a
+top-k selection of nothing), H = 0 and r = 0 are errors naming the argument.
+
+Launching: the forms are `torch.library.triton_op`s. When AOTAutograd traces one for Inductor, its
+body runs on fake/functional tensors, and each launch must become a `triton_kernel_wrapper` node that
+Inductor compiles as its own user-defined kernel (`launcher` gives `wrap_triton(kernel)` then). On
+real tensors the kernel is launched as is: wrap_triton's dispatch would only add host time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+DENSE_FORMS = ("expanded", "absorbed")
+SPARSE_FORMS = ("sparse_absorbed", "sparse_expanded")
+FORMS = DENSE_FORMS + SPARSE_FORMS
+
+LOG2E = math.log2(math.e)     # exp(x) = exp2(x * LOG2E): the kernels' exponentials are exp2
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class Dims:
+    batch: int
+    heads: int
+    q_len: int
+    kv_len: int
+    rank: int
+    rope_dim: int
+    nope_dim: int
+    v_dim: int
+    device: torch.device | None = None
+
+
+def as_tokens(x: torch.Tensor, name: str) -> torch.Tensor:
+    """[B, 1, T, d] (HF's single-head cache layout) or [B, T, d] -> [B, T, d], without a copy."""
+    if x.dim() == 4:
+        if x.shape[1] != 1:
+            raise ValueError(f"{name}: expected one shared head (shape [B, 1, T, d]), got {tuple(x.shape)}")
+        return x.squeeze(1)
+    if x.dim() != 3:
+        raise ValueError(f"{name}: expected [B, 1, T, d] or [B, T, d], got {tuple(x.shape)}")
+    return x
+
+
+def check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask) -> Dims:
+    for name, t in (("q_nope", q_nope), ("q_rope", q_rope), ("latent", latent), ("k_rope", k_rope),
+                    ("w_uk", w_uk), ("w_uv", w_uv)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected a floating dtype {FLOAT_DTYPES}, got {t.dtype}")
+    if q_nope.dim() != 4:
+        raise ValueError(f"q_nope: expected [B, H, S, dn], got {tuple(q_nope.shape)}")
+    B, H, S, dn = q_nope.shape
+    if q_rope.dim() != 4 or tuple(q_rope.shape[:3]) != (B, H, S):
+        raise ValueError(f"q_rope: expected [B={B}, H={H}, S={S}, dr], got {tuple(q_rope.shape)}")
+    dr = q_rope.shape[3]
+    lat = as_tokens(latent, "latent")
+    kr = as_tokens(k_rope, "k_rope")
+    if lat.shape[0] != B:
+        raise ValueError(f"latent: batch {lat.shape[0]} differs from the query's {B}")
+    T, r = lat.shape[1], lat.shape[2]
+    if T == 0:
+        raise ValueError(f"latent: T = 0 cached tokens (shape {tuple(latent.shape)}): attention over no keys "
+                         f"is undefined")
+    if r == 0:
+        raise ValueError(f"latent: kv_lora_rank r = 0 (shape {tuple(latent.shape)})")
+    if H == 0:
+        raise ValueError(f"q_nope: H = 0 heads (shape {tuple(q_nope.shape)})")
+    if tuple(kr.shape) != (B, T, dr):
+        raise ValueError(f"k_rope: expected [B={B}, 1, T={T}, dr={dr}], got {tuple(k_rope.shape)}")
+    if w_uk.dim() != 3 or tuple(w_uk.shape) != (H, dn, r):
+        raise ValueError(f"w_uk: expected [H={H}, dn={dn}, r={r}], got {tuple(w_uk.shape)}")
+    if w_uv.dim() != 3 or w_uv.shape[0] != H or w_uv.shape[2] != r:
+        raise ValueError(f"w_uv: expected [H={H}, dv, r={r}], got {tuple(w_uv.shape)}")
+    devices = {t.device for t in (q_nope, q_rope, latent, k_rope, w_uk, w_uv)}
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask: expected a tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"mask: expected bool (True = attend) or a float additive mask, got {mask.dtype}")
+        try:
+            torch.broadcast_shapes(tuple(mask.shape), (B, 1, S, T))
+        except RuntimeError:
+            raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to [B={B}, 1, S={S}, T={T}]") from None
+        if mask.dim() == 4 and mask.shape[1] not in (1,):
+            raise ValueError(f"mask: per-head masks are not supported (dim 1 is {mask.shape[1]}, expected 1)")
+        devices.add(mask.device)
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    return Dims(B, H, S, T, r, dr, dn, w_uv.shape[1], next(iter(devices)))
+
+
+def check_indices(topk_indices, dims: Dims) -> int:
+    """int32/int64 [B, S, k], each in [-1, T): -1 means "no token". Returns k."""
+    if not isinstance(topk_indices, torch.Tensor):
+        raise TypeError(f"topk_indices: expected a tensor, got {type(topk_indices).__name__}")
+    if topk_indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_indices: expected int32 or int64, got {topk_indices.dtype}")
+    if topk_indices.dim() != 3 or tuple(topk_indices.shape[:2]) != (dims.batch, dims.q_len):
+        raise ValueError(f"topk_indices: expected [B={dims.batch}, S={dims.q_len}, k], got {tuple(topk_indices.shape)}")
+    if topk_indices.shape[2] == 0:
+        raise ValueError(f"topk_indices: k = 0 selected keys (shape {tuple(topk_indices.shape)})")
+    if dims.device is not None and topk_indices.device != dims.device:
+        raise ValueError(f"topk_indices: on {topk_indices.device}, the other tensors on {dims.device}")
+    check_topk_range(topk_indices, dims.kv_len)
+    return topk_indices.shape[2]
+
+
+def check_topk_range(topk_indices: torch.Tensor, kv_len: int) -> None:
+    """Every index in [-1, kv_len), else ValueError. The check reads the values: not while tracing
+    (fake or functional tensors hold no data; a traced sparse op runs it through mla.checked_topk),
+    nor while a CUDA graph is captured (no host reads; the eager warm-up calls before capture ran this
+    check, and the kernel reads nothing outside [0, T))."""
+    capturing = topk_indices.is_cuda and torch.cuda.is_current_stream_capturing()
+    if topk_indices.numel() and not is_traced(topk_indices) and not capturing:
+        lo, hi = int(topk_indices.min()), int(topk_indices.max())
+        if lo < -1 or hi >= kv_len:
+            raise ValueError(f"topk_indices: values must lie in [-1, T={kv_len}), got min {lo}, max {hi}")
+
+
+def is_traced(t: torch.Tensor) -> bool:
+    """True for the stand-ins a tracer passes (fake, functional or meta tensors: no data to read)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(t, (FakeTensor, FunctionalTensor)) or t.device.type == "meta"
+
+
+
+def launcher(kernel, like: torch.Tensor):
+    """`kernel`, or its traceable wrapper when `like` is a tracer's stand-in; index it with the grid."""
+    if is_traced(like):
+        return torch.library.wrap_triton(kernel)
+    return kernel
