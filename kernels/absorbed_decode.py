@@ -431,10 +431,9 @@ def absorbed_decode(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale
     """Drop-in for `absorbed_reference` (same signature), kernel-backed; kv_lens is an internal extra."""
     d = check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask)
     dt = kernel_dtype(q_nope.dtype)
-    if dt is None or q_nope.device.type == "meta":
-        from mla_compile.passes.forms.absorbed import absorbed_reference
-
-        return absorbed_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal)
+    if dt is None:
+        raise TypeError(f"the MLA kernels take float16, bfloat16 or float32, got {q_nope.dtype} "
+                        "(kernels.registry.kernel_for sends other dtypes to the reference)")
     B, H, S = d.batch, d.heads, d.q_len
     if kv_lens is not None:   # a scalar (static cache fill) or per row; int32 [B] for the kernel
         kv_lens = kv_lens.to(device=q_nope.device, dtype=torch.int32).reshape(-1).expand(B).contiguous()

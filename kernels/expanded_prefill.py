@@ -342,10 +342,9 @@ def expanded_prefill(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scal
     """Drop-in for `expanded_reference` (same signature), kernel-backed."""
     d = check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask)
     dt = kernel_dtype(q_nope.dtype)
-    if dt is None or q_nope.device.type == "meta":
-        from mla_compile.passes.forms.expanded import expanded_reference
-
-        return expanded_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal)
+    if dt is None:
+        raise TypeError(f"the MLA kernels take float16, bfloat16 or float32, got {q_nope.dtype} "
+                        "(kernels.registry.kernel_for sends other dtypes to the reference)")
     B, H, T, dn, dv = d.batch, d.heads, d.kv_len, d.nope_dim, d.v_dim
     c = as_tokens(latent, "latent").to(dt)
     kr = as_tokens(k_rope, "k_rope").to(dt)

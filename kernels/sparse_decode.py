@@ -195,11 +195,9 @@ def sparse_absorbed_decode(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indi
     d = check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask)
     check_indices(topk_indices, d)
     dt = kernel_dtype(q_nope.dtype)
-    if dt is None or q_nope.device.type == "meta":
-        from mla_compile.passes.forms.sparse import sparse_absorbed_reference
-
-        return sparse_absorbed_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask,
-                                         scale, is_causal)
+    if dt is None:
+        raise TypeError(f"the MLA kernels take float16, bfloat16 or float32, got {q_nope.dtype} "
+                        "(kernels.registry.kernel_for sends other dtypes to the reference)")
     B, H, S = d.batch, d.heads, d.q_len
     q_lat = absorb(q_nope, w_uk, dt)
     o_lat = torch.empty(H, B * S, d.rank, dtype=dt, device=q_nope.device)

@@ -18,6 +18,8 @@ from typing import Any
 import sympy
 import torch
 
+from mla_compile.cost import plan
+from mla_compile.passes.dispatch import Chooser
 from mla_compile.passes.forms import DENSE_FORMS, FORMS, SPARSE_FORMS
 from mla_compile.passes.match import Region
 from mla_compile.rewrite_log import format_seconds
@@ -73,8 +75,6 @@ def _device_for(device_option: str | None, example_device: torch.device | None):
 
 def decide(region: Region, forced: str = "auto", device: str | None = None,
            example_device: torch.device | None = None) -> Decision:
-    from mla_compile.cost import plan
-
     if forced not in FORCED_CHOICES:
         raise ValueError(f"options['form']: unknown form {forced!r}; expected one of {FORCED_CHOICES}")
     if forced != "auto":
@@ -95,8 +95,6 @@ def decide(region: Region, forced: str = "auto", device: str | None = None,
             dense_mask = "base"
         return Decision(p.form, why, dense_mask=dense_mask, costs=dict(p.costs), expressions=expressions,
                         device=dict(p.device))
-    from mla_compile.passes.dispatch import Chooser
-
     choose, text = p.runtime_chooser()
     if region.is_sparse and args["topk"] is None:
         raise ValueError("a DSA region with a symbolic top-k needs a static index_topk")

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
+from mla_compile.passes.forms.autograd import dense_backward, sparse_backward
 from mla_compile.passes.forms.ops import SPARSE_FORMS, implementation_for
 from mla_compile.passes.forms.sparse import mask_outside_topk
 
@@ -77,10 +78,33 @@ def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_
     return q_nope.new_empty(B, H, S, w_uv.shape[1])
 
 
-def _register_backward() -> None:
-    from mla_compile.passes.forms.autograd import register_auto
+# mla.auto's backward: the form the plan chose for these sizes, differentiated as that form
 
-    register_auto()
+def _setup_auto(ctx, inputs, output):
+    q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, plan_id = inputs
+    ctx.save_for_backward(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask)
+    ctx.scale, ctx.is_causal, ctx.plan_id = scale, is_causal, plan_id
 
 
-_register_backward()
+def auto_form(plan_id: int, q_nope, latent, topk_indices) -> str:
+    """The form mla.auto ran for these sizes (the plan's choice, evaluated without counting a call)."""
+    B, H, S, _ = q_nope.shape
+    T = latent.shape[-2]
+    k = topk_indices.shape[-1] if topk_indices is not None else None
+    return chooser(plan_id).choose({"B": B, "S": S, "T": T, "k": k})
+
+
+def _backward_auto(ctx, grad):
+    q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask = ctx.saved_tensors
+    form = auto_form(ctx.plan_id, q_nope, latent, topk_indices)
+    if form in SPARSE_FORMS:
+        grads = sparse_backward(grad, q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask,
+                                ctx.scale, ctx.is_causal)
+    else:
+        if topk_indices is not None and topk_indices.shape[-1] < latent.shape[-2]:
+            mask = mask_outside_topk(mask, topk_indices, q_nope.shape[2], latent.shape[-2])
+        grads = dense_backward(grad, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, ctx.scale, ctx.is_causal)
+    return grads + (None, None, None, None, None)
+
+
+torch.library.register_autograd("mla::auto", _backward_auto, setup_context=_setup_auto)

@@ -193,55 +193,19 @@ def _backward_sparse(ctx, grad):
     return grads + (None, None, None, None)
 
 
-def _setup_auto(ctx, inputs, output):
-    q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, plan_id = inputs
-    ctx.save_for_backward(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask)
-    ctx.scale, ctx.is_causal, ctx.plan_id = scale, is_causal, plan_id
-
-
-def auto_form(plan_id: int, q_nope, latent, topk_indices) -> str:
-    """The form mla.auto ran for these sizes (the plan's choice, evaluated without counting a call)."""
-    from mla_compile.passes.dispatch import chooser
-
-    B, H, S, _ = q_nope.shape
-    T = latent.shape[-2]
-    k = topk_indices.shape[-1] if topk_indices is not None else None
-    return chooser(plan_id).choose({"B": B, "S": S, "T": T, "k": k})
-
-
-def _backward_auto(ctx, grad):
-    from mla_compile.passes.forms.ops import SPARSE_FORMS
-
-    q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask = ctx.saved_tensors
-    form = auto_form(ctx.plan_id, q_nope, latent, topk_indices)
-    if form in SPARSE_FORMS:
-        grads = sparse_backward(grad, q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask,
-                                ctx.scale, ctx.is_causal)
-    else:
-        if topk_indices is not None and topk_indices.shape[-1] < latent.shape[-2]:
-            mask = mask_outside_topk(mask, topk_indices, q_nope.shape[2], latent.shape[-2])
-        grads = dense_backward(grad, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, ctx.scale, ctx.is_causal)
-    return grads + (None, None, None, None, None)
-
-
 def register() -> None:
     """Register the backward of the four forms (idempotent). mla.auto's is registered by
-    passes/dispatch.py right after it defines the op (`register_auto`): importing dispatch from here
-    would be circular, since dispatch imports the forms."""
+    passes/dispatch.py, which defines that op, from `dense_backward` and `sparse_backward`."""
     global _REGISTERED
     if _REGISTERED:
         return
-    import mla_compile.passes.forms.ops  # noqa: F401  (defines the four forms)
+    import mla_compile.passes.forms.ops  # noqa: F401  (defines the four forms: ops imports nothing of this module)
 
     for form in ("expanded", "absorbed"):
         torch.library.register_autograd(f"mla::{form}", _backward_dense, setup_context=_setup_dense)
     for form in ("sparse_absorbed", "sparse_expanded"):
         torch.library.register_autograd(f"mla::{form}", _backward_sparse, setup_context=_setup_sparse)
     _REGISTERED = True
-
-
-def register_auto() -> None:
-    torch.library.register_autograd("mla::auto", _backward_auto, setup_context=_setup_auto)
 
 
 register()
