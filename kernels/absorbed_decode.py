@@ -274,8 +274,8 @@ def mask_view(mask, B: int, S: int, T: int):
 def choose_splits(device, B: int, row_tiles: int, T: int, block_m: int = 64, floor: int = 256) -> tuple[int, int]:
     """(splits, chunk): enough programs to fill the GPU (one 64-row program per SM, two smaller ones,
     which are memory-bound and need more loads in flight); chunk a multiple of 256 keys. Two per SM,
-    not four, for 16-row programs: 8-16% faster at H=16 (B=32 T=4K, B=8 T=16K, B=64 T=4K)
-    and the same elsewhere (benchmarks/split_sweep.py on an H200, split-sweep-NVIDIA-H200*.md)."""
+    not four, for 16-row programs: 8-16% faster on an H200 at H=16 (B=32 T=4K, B=8 T=16K, B=64 T=4K)
+    and the same elsewhere (docs/design.md)."""
     target = num_sms(device) * (1 if block_m >= 64 else 2)
     splits = max(1, round(target / max(1, B * row_tiles)))
     chunk = max(floor, triton.cdiv(triton.cdiv(T, splits), floor) * floor)
@@ -288,11 +288,10 @@ def merge_splits(o_part, ml, out_view, S: int, R: int, splits: int, rb: int | No
     units; m_p = -inf, l_p = 0 for a split that saw no key) -> out_view [B, H, S, R] (any strides):
     sum_p w_p o_p / sum_p w_p with w_p = l_p exp(m_p - max_p m_p); zeros for a row with no key at all."""
     B, P, M, R_PAD = o_part.shape
-    # One program per row over the whole r (4 warps): the fastest or within 0.5 us of it at every shape
-    # of `python benchmarks/core_kernel_times.py --merge` (128-1024 rows, 4-16 splits; H200, 20:04 UTC),
-    # where a quarter of r a program (the old rule below 1024 rows) took up to 3.3x as long. Very few
-    # rows (B*M < 64: small batch, many splits): r is still split across programs, so that the merge is
-    # not a handful of long serial loops (not measured there).
+    # One program per row over the whole r (4 warps): on an H200 the fastest or within 0.5 us of it at
+    # 128-1024 rows and 4-16 splits, where a quarter of r a program takes up to 3.3x as long
+    # (docs/design.md). Very few rows (B*M < 64: small batch, many splits): r is split across programs,
+    # so that the merge is not a handful of long serial loops (not measured).
     RB = rb or (R_PAD if B * M >= 64 else min(R_PAD, 128))   # rb: a benchmark's override
     PB = max(2, min(16, triton.next_power_of_2(P)))
     launcher(_merge_splits_kernel, o_part)[(B * M, R_PAD // RB)](
@@ -403,15 +402,15 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
 def absorb(q_nope, w_uk, dt):
     """q_nope [B, H, S, dn] x W_UK [H, dn, r] -> q_lat as a [B, H, S, r] view of an [H, B*S, r] product."""
     B, H, S, dn = q_nope.shape
-    # cuBLAS's batched GEMM: the per-head kernel of `project` was slower here L2-warm (5.8 against 4.3 us
-    # at V3's 128 heads, B=8) and within 0.84-1.17x L2-cold (head-projection-ab-NVIDIA-H200.md)
+    # cuBLAS's batched GEMM: the per-head kernel of `project` is slower here with L2 warm (5.8 against
+    # 4.3 us at V3's 128 heads, B=8, on an H200) and within 0.84-1.17x with L2 cold (docs/design.md)
     q = q_nope.to(dt).permute(1, 0, 2, 3).reshape(H, B * S, dn)
     return torch.bmm(q, w_uk.to(dt)).view(H, B, S, -1).permute(1, 0, 2, 3)
 
 
 def project(o_lat_hbs, w_uv, B, S, out_dtype):
     """o_lat [H, B*S, r] x W_UV^T -> [B, H, S, dv] contiguous. At decode sizes through the per-head
-    kernel: 8.9 against cuBLAS's 11.6 us at 128 heads, B=8, L2 flushed (head-projection-ab-NVIDIA-H200.md)."""
+    kernel: 8.9 against cuBLAS's 11.6 us at 128 heads, B=8, L2 flushed, on an H200 (docs/design.md)."""
     H = o_lat_hbs.shape[0]
     if head_projection.takes(o_lat_hbs, B * S):
         out = torch.empty(B, H, S, w_uv.shape[1], dtype=out_dtype, device=o_lat_hbs.device)

@@ -12,7 +12,7 @@ quadruples; with keys as rows both products have M >= 64 and the heads are the M
 no padding): x^T = C Q^T is [64 keys, heads] and o^T = C^T P^T is [512, heads]. At these head
 counts the kernel must stream the latent at memory speed (about 60 FLOP a byte at H=32, under the
 tensor cores' ridge), so the MMA work only has to stay under the load time, not be hidden behind
-the other warpgroup's: one warpgroup (4 warps) does everything, in lockstep, and a two-stage TMA
+the other warpgroup's: one warpgroup (4 warps) does everything in turn, and a two-stage TMA
 ring of 64-key tiles (2 x 72 KB) keeps one tile in flight while the other is computed.
 
 - the latent tile is the A operand of x^T (keys x latent, K-major) and, as a permuted view, the A

@@ -23,7 +23,7 @@ FlashMLA's `splitkv_mla.cuh` (sm90 dense decode), per pair of tiles (2k in stage
 
 `takes_sizes` says when it runs (with a Hopper GPU and TMA-compatible strides, `sm90.tma_ready`);
 `kernels/registry.absorbed_core` asks it. Measured figures: docs/performance.md; the schedules
-measured and not kept (a lockstep one among them): docs/design.md.
+measured and not kept: docs/design.md.
 """
 
 from __future__ import annotations

@@ -157,8 +157,8 @@ def _expanded_fwd_kernel(
             n0 = (e // 2) * BLOCK_N
             # one copy of the block's code for both kinds of listed block: the mask tile is read only
             # where the block is not entirely allowed with zero bias (the flag; the loads predicated off
-            # otherwise). Two copies (a branch on the flag) took 2034 against 1755 us at H=128, S=T=4096
-            # (prefill-mask-profile-NVIDIA-H200.md).
+            # otherwise). Two copies (a branch on the flag) take 2034 against 1755 us at H=128, S=T=4096
+            # on an H200 (docs/design.md).
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_base, mask_base, 1 - e % 2,
                 sm_scale, T, DN, DV, DR, s_kt, s_kd, s_vt, s_vd, s_krt, s_krd, s_mt,
@@ -274,8 +274,9 @@ def block_map(view, S, T, is_causal, BM, BN, chunk: int | None = None):
     counts [B, nM, 2] int32: the live count, and how many leading blocks 0, 1, ... are live and
     entirely allowed), built on the device without a host sync: one read of the mask by (key block,
     query tile, batch) programs, then the lists from the per-block flags. (A single kernel per query
-    tile walking its row of blocks read the mask twice with 32 programs: 400 us of a 2.65 ms prefill at
-    S=T=4096, prefill-mask-profile-NVIDIA-H200.md.) chunk: blocks a list program takes at a time (tests)."""
+    tile walking its row of blocks reads the mask twice with 32 programs: about 400 us at S=T=4096 on an
+    H200, against about 22 us for these two launches; docs/design.md.) chunk: blocks a list program
+    takes at a time (tests)."""
     kind, m, (s_mb, s_ms, s_mt) = view
     B = m.shape[0]
     nM, nN = triton.cdiv(S, BM), triton.cdiv(T, BN)

@@ -9,9 +9,10 @@ a handful of rows: the time is the weight read. `_per_head_matmul_kernel`, grid 
 M / BLOCK_M): each program streams one [K, BLOCK_N] slice of its head's weight through fp32 `tl.dot`s
 against the rows, so the weight is read once, by hundreds of programs, with the K loop pipelined. At
 128 heads and B=8 it takes 8.9 us against cuBLAS's batched GEMM's 11.6 with L2 flushed (a decode step
-finds no weight in L2), 0.60-0.96x at 16-128 heads and 1-64 rows (H200; docs/performance.md). Strides are free on every operand: W_UV^T is a transposed view of kv_b_proj's weight (no
-copy), and at one query a step the output [B, H, 1, dv] is written in place. (The absorption
-q_nope W_UK, whose K is 128, stays on cuBLAS: faster there with L2 warm, within 0.84-1.17x cold.)
+finds no weight in L2), 0.60-0.96x at 16-128 heads and 1-64 rows (on an H200; docs/design.md).
+Strides are free on every operand: W_UV^T is a transposed view of kv_b_proj's weight (no copy),
+and at one query a step the output [B, H, 1, dv] is written in place. (The absorption q_nope W_UK,
+whose K is 128, stays on cuBLAS: faster there with L2 warm, within 0.84-1.17x cold.)
 
 Taken where M <= MAX_ROWS (decode, short appends); larger M (prefill-sized absorbed calls) stays on
 torch.bmm (the kernel was not measured there).
@@ -33,7 +34,7 @@ MAX_ROWS = 64
 if INTERPRET:
     _CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
 else:
-    # the configs that won on an H200 (docs/design.md): few rows take narrow N tiles (more programs in
+    # the configs that win the autotuning on an H200: few rows take narrow N tiles (more programs in
     # flight), more rows wider ones
     _CONFIGS = [
         triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=2, num_stages=4),

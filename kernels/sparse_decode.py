@@ -11,7 +11,7 @@ Math (query (b, s), heads h in the rows of one tile, k selected positions idx[b,
 `_sparse_split_kernel`, grid (B*S, splits, head tiles): the latent and RoPE rows are gathered inside
 the kernel (one pointer per selected row, each row contiguous), so the work and the bytes read are
 O(S * k * (r + dr)) whatever T is: a decode step over 128K tokens costs what one over 8K does.
-Splits over the k selected positions (decode, few programs) are merged by log-sum-exp with the
+Splits over the k selected positions (decode, few programs) are merged from their (m, l) pairs by the
 merge kernel of `absorbed_decode`. Works for prefill (many queries, one split each) and decode.
 """
 

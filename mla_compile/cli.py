@@ -33,7 +33,7 @@ TOP_FIELDS: dict[str, tuple] = {"schema": (str,), "config": (str,), "model": (st
 
 
 def validate_explain_json(doc: dict) -> None:
-    """Raise ValueError unless doc follows the --json schema (documented in docs/inspecting.md)."""
+    """Raise ValueError unless doc follows the --json schema (documented in docs/usage.md)."""
     for k, types in TOP_FIELDS.items():
         if k not in doc or not isinstance(doc[k], types):
             raise ValueError(f"--json: field {k!r} missing or not {types}")

@@ -31,3 +31,14 @@ def _fresh_log():
     torch._dynamo.reset()
     mla_compile.reset()
     yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Once every family test has run in this session, the README's family table must be what they
+    found (independent of the order the files ran in); a difference fails the run."""
+    from tests.test_family_table import check_family_table
+
+    problem = check_family_table()
+    if problem:
+        session.config.get_terminal_writer().line("\n" + problem, red=True)
+        session.exitstatus = 1

@@ -1,4 +1,4 @@
-"""Training through backend="mla" (issue 6, item 4).
+"""Training through backend="mla".
 
 * gradcheck (float64, small shapes) of every op's registered backward, for float / bool / causal
   masks, NoPE (dr = 0), and invalid (-1) and duplicated top-k indices for the sparse forms;
@@ -20,7 +20,7 @@ import mla_compile
 import mla_compile.passes.forms.autograd  # noqa: F401  (registers the backward formulas)
 from mla_compile.passes.forms import DENSE_FORMS, SPARSE_FORMS, op_for
 from mla_compile.tiny import tiny_model
-from tests.reference import random_inputs
+from tests.helpers.reference import random_inputs
 
 DIFF = ("q_nope", "q_rope", "latent", "k_rope", "w_uk", "w_uv")
 
@@ -55,7 +55,7 @@ def test_gradcheck_float64(form, mask, dr):
 @pytest.mark.parametrize("form", DENSE_FORMS + SPARSE_FORMS)
 def test_backward_matches_reference_autograd(form):
     """The explicit formulas against torch.autograd through the plain-torch reference (tests/reference.py)."""
-    from tests.reference import naive_mla
+    from tests.helpers.reference import naive_mla
 
     a = _inputs(form, "float", dr=4, shape=(2, 4, 5, 9, 8, None, 6, 5))
     leaves = {n: a[n].clone().requires_grad_() for n in DIFF}

@@ -14,7 +14,7 @@ import torch
 
 import mla_compile
 from mla_compile.tiny import tiny_model
-from tests.e2e import compiled_twin, padded_batch, rel_err, run_steps
+from tests.helpers.e2e import compiled_twin, padded_batch, rel_err, run_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

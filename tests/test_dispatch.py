@@ -10,7 +10,7 @@ from transformers import DynamicCache
 import mla_compile
 from mla_compile.passes import dispatch
 from mla_compile.tiny import tiny_model
-from tests.e2e import compiled_twin, rel_err
+from tests.helpers.e2e import compiled_twin, rel_err
 
 
 def test_decode_loop_switches_form_at_the_crossover_without_recompiling():

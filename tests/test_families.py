@@ -1,7 +1,7 @@
 """Every MLA family in the installed transformers, through torch.compile(backend="mla"), against HF eager.
 
 The rest of each graph runs eagerly here (options remainder="eager") so the suite stays fast on CPU;
-tests/test_inductor.py (slow tier) runs the same models through Inductor.
+tests/test_backend.py (its Inductor tests, some in the slow tier) runs models through Inductor.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 
 import mla_compile
 from mla_compile.tiny import DSA_FAMILIES, MLA_FAMILIES, SINK_FAMILIES, has_causal_lm, tiny_model
-from tests.e2e import compiled_twin, expected_modules, padded_batch, rel_err, run_steps
-from tests.family_table import note
+from tests.helpers.e2e import compiled_twin, expected_modules, padded_batch, rel_err, run_steps
+from tests.helpers.family_table import note
 
 DECODE_STEPS = 3
 

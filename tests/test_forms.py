@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mla_compile.passes.forms import DENSE_FORMS, SPARSE_FORMS, op_for
-from tests.reference import naive_mla, random_inputs
+from tests.helpers.reference import naive_mla, random_inputs
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
@@ -37,7 +39,7 @@ SHAPES = [  # B, H, S, T, r, dr, dn, dv
 @pytest.mark.parametrize("mask", ["none", "float", "bool", "causal"])
 def test_dense_forms_match_reference(form, shape, mask):
     B, H, S, T, r, dr, dn, dv = shape
-    a = random_inputs(*shape, mask="none" if mask == "causal" else mask, seed=hash((form, shape, mask)) % 1000)
+    a = random_inputs(*shape, mask="none" if mask == "causal" else mask, seed=zlib.crc32(repr((form, shape, mask)).encode()) % 1000)
     is_causal = mask == "causal"
     got = call(form, a, 0.3, is_causal)
     want = naive_mla(**a, scale=0.3, is_causal=is_causal)

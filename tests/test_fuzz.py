@@ -1,4 +1,4 @@
-"""Fuzzing (issue 6, item 6): random valid MLA configurations through backend="mla" against HF eager.
+"""Fuzzing: random valid MLA configurations through backend="mla" against HF eager.
 
 Each example draws a family, a configuration (heads 1..8, kv_lora_rank, q_lora_rank None or an int
 where the family accepts None, qk_rope_head_dim 0 where the family supports NoPE, nope/v head dims,
@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import mla_compile
 from mla_compile.tiny import DSA_FAMILIES, MLA_FAMILIES, tiny_model
-from tests.e2e import compiled_twin, rel_err, run_steps
+from tests.helpers.e2e import compiled_twin, rel_err, run_steps
 
 FAST_EXAMPLES = int(os.environ.get("MLA_COMPILE_FUZZ_EXAMPLES", "15"))
 LONG_EXAMPLES = int(os.environ.get("MLA_COMPILE_FUZZ_LONG_EXAMPLES", "500"))

@@ -8,7 +8,7 @@ import torch
 
 import mla_compile
 from mla_compile.tiny import DSA_FAMILIES, MLA_FAMILIES, tiny_model
-from tests.e2e import compiled_twin, padded_batch, rel_err, run_steps
+from tests.helpers.e2e import compiled_twin, padded_batch, rel_err, run_steps
 
 pytestmark = pytest.mark.gpu
 

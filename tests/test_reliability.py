@@ -1,5 +1,5 @@
-"""Reliability (issue 6): clear errors on bad input (items 2), numerics under stress (5), few compiles
-over a generate loop (3), and separate state for models compiled side by side and in threads (7)."""
+"""Reliability: clear errors on bad input, numerics under stress, few compiles
+over a generate loop, and separate state for models compiled side by side and in threads."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 import mla_compile
 from mla_compile.passes.forms import DENSE_FORMS, SPARSE_FORMS, op_for
 from mla_compile.tiny import tiny_model
-from tests.e2e import compiled_twin, padded_batch, rel_err, run_steps
-from tests.reference import naive_mla, random_inputs
+from tests.helpers.e2e import compiled_twin, padded_batch, rel_err, run_steps
+from tests.helpers.reference import naive_mla, random_inputs
 
 FORMS = DENSE_FORMS + SPARSE_FORMS
 HEAD = ("q_nope", "q_rope", "latent", "k_rope", "w_uk", "w_uv")

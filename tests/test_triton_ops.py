@@ -16,14 +16,14 @@ import mla_compile.passes.forms  # noqa: F401  (registers torch.ops.mla)
 from mla_compile.passes.forms.absorbed import absorbed_reference
 from mla_compile.passes.forms.expanded import expanded_reference
 from mla_compile.passes.forms.sparse import sparse_absorbed_reference
-from tests.reference import random_inputs
+from tests.helpers.reference import random_inputs
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 
 
 def inputs(B, H, S, T, r, dr, dn, dv, dtype, device, seed, k=None):
-    """tests.reference.random_inputs on `device`, as the ops' positional tensors; with k, top-k indices
+    """tests.helpers.reference.random_inputs on `device`, as the ops' positional tensors; with k, top-k indices
     whose last column is -1 ("no token") in every row."""
     a = random_inputs(B, H, S, T, r, dr, dn, dv, dtype=dtype, topk=k, seed=seed)
     args = [a[n].to(device) for n in ("q_nope", "q_rope", "latent", "k_rope")]

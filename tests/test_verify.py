@@ -1,4 +1,4 @@
-"""options={"verify": True} / MLA_COMPILE_VERIFY=1 (issue 6, item 1): the original region runs beside the
+"""options={"verify": True} / MLA_COMPILE_VERIFY=1: the original region runs beside the
 rewrite on the first calls; a disagreement raises with the errors of both against a float64 answer."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import mla_compile.verify as verify
 from mla_compile.passes.forms import ops
 from mla_compile.tiny import tiny_model
 from mla_compile.verify import VerificationError
-from tests.e2e import compiled_twin, padded_batch, rel_err, run_steps
+from tests.helpers.e2e import compiled_twin, padded_batch, rel_err, run_steps
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@
     p.form                                   # 'absorbed'
     print(p.explain())
 
-forms.py counts each form's FLOPs and bytes symbolically, devices.py holds the roofline table,
+work.py counts each form's FLOPs and bytes symbolically, devices.py holds the roofline table,
 calibrate.py measures a device, plan.py chooses (and gives crossovers and a runtime chooser).
 """
 

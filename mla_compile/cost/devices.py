@@ -6,8 +6,8 @@ A form's time on a device is  sum over its kernels of
 
 Figures and where they come from
 --------------------------------
-* h200: *measured* on a lent H200 (MLA-NOTES section 3): bf16 8192^3 matmul 687 TFLOP/s (nominal
-  989.4 dense) and device copy 4.27 TB/s, bytes read + written (nominal 4.8 TB/s).
+* h200: *measured* on an H200: bf16 8192^3 matmul 687 TFLOP/s (nominal 989.4 dense) and device
+  copy 4.27 TB/s, bytes read + written (nominal 4.8 TB/s).
 * Every other GPU: the vendor's nominal dense figure (no sparsity) times the H200's measured /
   nominal ratio (matmul 687/989.4 = 0.694, memory 4.27/4.8 = 0.890), so that all GPU entries mean
   "achievable ceiling" like the measured one.  The nominal figures are kept in `nominal`.
@@ -26,12 +26,14 @@ Figures and where they come from
 
 Efficiency factors: fraction of the matmul ceiling a kernel reaches, looked up as "form.kernel",
 then "form", then "default"; `mem_efficiency` likewise scales the copy bandwidth.  The attention
-kernels' values are fitted from measurement (`benchmarks/bench_forms.py`; see DEFAULT_EFFICIENCY):
-our Triton kernels reach 0.21-0.31 of the matmul ceiling where compute-bound (FlashMLA reaches ~0.7),
-the expanded prefill kernel 0.64, and 0.64-1.0 of the copy rate where memory-bound; the Hopper Gluon kernel of the absorbed decode
-0.89 (HOPPER_DECODE_KEY, on the sm_90 entries; plan() uses it where that kernel runs), the keys-major one
-at <= 32 heads 0.39 and 1.12 of the copy rate (KEYS_MAJOR_DECODE_KEY).  The cuBLAS GEMMs keep 0.85 (expansion) and 0.60
+kernels' values are fitted to measurements on an H200 (`benchmarks/forms.py`,
+`benchmarks/kernel_bench.py`; see DEFAULT_EFFICIENCY): our Triton absorbed kernels reach 0.21-0.31 of the matmul ceiling where
+compute-bound (FlashMLA reaches ~0.7), the expanded prefill kernel 0.64, and 0.64-1.0 of the copy rate
+where memory-bound; the heads-major Hopper Gluon kernel of the absorbed decode 0.89 (HOPPER_DECODE_KEY,
+on the sm_90 entries; plan() uses it where that kernel runs), the keys-major one at <= 32 heads 0.39
+and 1.12 of the copy rate (KEYS_MAJOR_DECODE_KEY).  The cuBLAS GEMMs keep 0.85 (expansion) and 0.60
 (the small per-head GEMMs of absorption and output), and the default 0.85 of the copy rate.
+docs/performance.md lists each figure with what it was fitted on.
 """
 
 from __future__ import annotations
@@ -46,15 +48,13 @@ import torch
 H200_MATMUL_RATIO = 687e12 / 989.4e12
 H200_MEMORY_RATIO = 4.27e12 / 4.8e12
 
-# The attention kernels' figures are *fitted* (benchmarks/bench_forms.py, log-error fit of each
-# kernel's compute and memory efficiency, 83 grid points on an H200, 2026-11-21, seed 0; checked on a
-# fresh grid, seed 1: benchmarks/results/forms-NVIDIA-H200*.md). They describe our Triton kernels and
-# the plain-torch sparse_expanded reference, so every GPU entry uses them. The GEMMs are cuBLAS's.
-# expanded.attention: refitted on 2026-11-22 (forms-NVIDIA-H200-gluon.md, 66 points with two or more
-# forms): the expanded prefill kernel became faster after the first fit (its block map, the skipped
-# triangle), and at 0.26 / 0.53 the model chose the absorbed form at prefill points where expanded
-# was up to 1.92x faster (55 of 66 points chosen right; 62 with the refit, whose other figures,
-# absorbed 0.31 and sparse_absorbed 0.21, stayed where they were).
+# The attention kernels' figures are *fitted*: a log-error fit of each kernel's compute and memory
+# efficiency to `benchmarks/forms.py` on an H200. absorbed and sparse_absorbed: a grid of 83 points
+# (seed 0); expanded.attention: the 66 points with two or more forms of the seed-0 grid in
+# docs/performance.md, measured with the expanded kernel's block map and skipped causal triangle (with
+# these figures the model picks the fastest form at 62 of those 66 points). They describe our Triton
+# kernels and the plain-torch sparse_expanded reference, so every GPU entry uses them. The GEMMs are
+# cuBLAS's.
 DEFAULT_EFFICIENCY = {
     "default": 0.70,
     "expanded.expand": 0.85,
@@ -77,21 +77,18 @@ DEFAULT_MEM_EFFICIENCY = {
 }
 # The heads-major Hopper Gluon kernel (kernels/absorbed_decode_seesaw.py, FlashMLA's schedule) runs the
 # absorbed attention at one query position on sm_90 (more than 32 heads, r = 512, dr = 64, bf16/fp16)
-# and is faster than the Triton kernel the figures above describe. Its compute efficiency, fitted on
-# `python benchmarks/bench_kernels.py` (H200, 2026-11-21 21:38 UTC, the eight H=128 points with
-# B >= 8 and T >= 4096, each point's efficiency solved so that plan()'s attention step equals the
-# measured core time; per-point 0.85-0.93, geometric mean 0.889): plan() uses it for
-# "absorbed.attention" where that kernel applies, on the entries that carry it (h100, h200). The
-# lockstep kernel it replaced (absorbed_decode_hopper.py) fitted 0.69 the same way (16:37 UTC; 0.683-0.718
-# on the 20:06 UTC figures).
+# and is faster than the Triton kernel the figures above describe. Its compute efficiency is fitted on
+# `python benchmarks/kernel_bench.py` on an H200 (the eight H=128 points with B >= 8 and T >= 4096,
+# each point's efficiency solved so that plan()'s attention step equals the measured core time;
+# per point 0.85-0.93, geometric mean 0.889): plan() uses it for "absorbed.attention" where that kernel
+# applies, on the entries that carry it (h100, h200).
 HOPPER_DECODE_KEY = "absorbed.attention@sm90_decode"
 HOPPER_DECODE_EFFICIENCY = 0.89
 # The keys-major Gluon kernel (kernels/absorbed_decode_keys_major.py) takes the same calls at <= 32 heads,
-# where they are memory-bound. Fitted on `python benchmarks/keys_major_ab.py` (H200, 2026-11-21 18:03 UTC,
-# the 48 points with B >= 8, H = 8/16/20/32; RMS log error 0.13 against 0.29 with the Triton figures):
-# compute 0.39, memory 1.12 of the copy rate. Above 1 because the copy rate counts a copy's bytes read
-# and written while this kernel streams reads, and the model's fixed 2 x 8 us per op is more than this
-# kernel's at large sizes.
+# where they are memory-bound. Fitted on its measured core times on an H200 at 48 points (B >= 8,
+# H = 8/16/20/32; RMS log error 0.13 against 0.29 with the Triton figures): compute 0.39, memory 1.12
+# of the copy rate. Above 1 because the copy rate counts a copy's bytes read and written while this
+# kernel streams reads, and the model's fixed 2 x 8 us per op is more than this kernel's at large sizes.
 KEYS_MAJOR_DECODE_KEY = "absorbed.attention@sm90_keys_major"
 KEYS_MAJOR_DECODE_EFFICIENCY = 0.39
 KEYS_MAJOR_DECODE_MEM_EFFICIENCY = 1.12
@@ -186,7 +183,7 @@ def _hopper(model: DeviceModel) -> DeviceModel:
 DEVICES: dict[str, DeviceModel] = {
     "h100": _hopper(_gpu("h100", 989.4, 494.7, 66.9, 3.35)),
     "h200": _hopper(_gpu("h200", 989.4, 494.7, 66.9, 4.8, measured={"bf16": 687e12, "mem_bw": 4.27e12},
-                         source="measured on a lent H200 (MLA-NOTES): bf16 matmul 687 TFLOP/s, copy 4.27 TB/s; "
+                         source="measured on an H200: bf16 matmul 687 TFLOP/s, copy 4.27 TB/s; "
                                 "tf32/fp32 nominal x 0.694")),
     "a100": _gpu("a100", 312.0, 156.0, 19.5, 2.039, sms=108),
     "l40s": _gpu("l40s", 362.05, 183.0, 91.6, 0.864, sms=142),

@@ -69,7 +69,7 @@ LAUNCHES = {
         # block_map: a float mask's zero-filled row flags, the per-block flags, then the lists
         # (kernels/expanded_prefill.py; a bool mask skips the fill)
         "expanded": {"expand": 1, "attention": 1, "block_map": 3, "dsa_mask": 3},
-        # absorb: the [H, B*S, dn] copy of q_nope + the bmm; attention: split kernel + log-sum-exp
+        # absorb: the [H, B*S, dn] copy of q_nope + the bmm; attention: split kernel + split
         # merge; output: the bmm + the [B, H, S, dv] contiguous copy (kernels/absorbed_decode.py)
         "absorbed": {"absorb": 2, "attention": 2, "output": 2, "dsa_mask": 3},
         "sparse_absorbed": {"absorb": 2, "attention": 2, "output": 2},

@@ -70,13 +70,13 @@ def _dense(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_cau
 # sees the Triton launches as its own user-defined kernels (no custom-op dispatch, no Python per call,
 # the surrounding GEMMs and allocations planned with the rest of the graph). A call whose kernels cannot
 # be traced exactly is handed to the same form's opaque twin, `mla::<form>_opaque` (a custom_op that
-# Inductor calls as one black box, as every form was before):
+# Inductor calls as one black box):
 #   - no Triton kernel for the device (CPU references; interpreted Triton under TRITON_INTERPRET=1);
 #   - a symbolic size: the launchers pick grids, splits and autotuning keys from the sizes, which on
 #     a symbolic key length would specialise it and recompile at every length;
 #   - a static cache's fill length for a form whose kernel does not take it (the input is cut on the
 #     host);
-#   - a call that takes a Gluon kernel (the absorbed form's Hopper kernel): wrap_triton takes Triton's
+#   - a call that takes a Gluon kernel (the absorbed form's Hopper kernels): wrap_triton takes Triton's
 #     JIT functions only.
 
 

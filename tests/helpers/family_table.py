@@ -1,8 +1,8 @@
 """The README's supported-families table is generated from the family tests, never typed by hand.
 
-Each family test calls `note(family, column, forms)`; at the end of the session, when every family
-test ran, tests/test_zz_family_table.py compares the README section with the table the tests produced
-(and rewrites it under MLA_COMPILE_WRITE_TABLE=1).
+Each family test calls `note(family, column, forms)`; when the test run ends, if every family test
+ran, tests/test_family_table.py's check compares the README section with the table the tests
+produced (and rewrites it under MLA_COMPILE_WRITE_TABLE=1).
 """
 
 from __future__ import annotations
