@@ -37,18 +37,17 @@ import triton.language as tl
 
 from mla_compile.kernels import absorbed_decode_keys_major as keys_major
 from mla_compile.kernels import absorbed_decode_seesaw as seesaw
-from mla_compile.kernels import head_projection, registry, sm90
-from mla_compile.kernels import common
-from mla_compile.kernels.common import launcher
-from mla_compile.kernels.common import as_tokens, check_args, is_traced
+from mla_compile.kernels import common, head_projection, registry, sm90
+from mla_compile.kernels.common import as_tokens, check_args, is_traced, launcher
 
 LOG2E = tl.constexpr(common.LOG2E)    # exp(x) = exp2(x * LOG2E)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# the split kernels' autotuning space (the absorbed and the sparse one)
 if INTERPRET:
-    _CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    SPLIT_CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
 else:
-    _CONFIGS = [
+    SPLIT_CONFIGS = [
         triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
@@ -58,7 +57,20 @@ else:
     ]
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "WORK", "R_PAD", "DR_PAD", "MASK_KIND", "ONE_SPLIT", "DOT_PREC"])
+@triton.jit
+def online_softmax_step(qk, m_i, l_i):
+    """One key block of the online softmax: scores qk [M, N] in natural units (-inf where masked), the
+    running max m_i and sum l_i -> (p, alpha, m_new, l_new). A row that has seen only -inf keeps
+    m = -inf and p = 0 (m_safe); the difference is taken before scaling by log2(e), since HF's
+    finfo.min * log2(e) overflows fp32. Shared by the Triton kernels (split, sparse, prefill)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2((m_i - m_safe) * LOG2E)
+    p = tl.exp2((qk - m_safe[:, None]) * LOG2E)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.autotune(configs=SPLIT_CONFIGS, key=["M_BUCKET", "WORK", "R_PAD", "DR_PAD", "MASK_KIND", "ONE_SPLIT", "DOT_PREC"])
 @triton.jit
 def _absorbed_split_kernel(
     Q, QR, C, KR, MASK, KVLEN, O, OP, ML,
@@ -128,11 +140,7 @@ def _absorbed_split_kernel(
                          mask=valid, other=0.0)
             qk += mv.to(tl.float32)
         qk = tl.where(valid, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2((m_i - m_safe) * LOG2E)
-        p = tl.exp2((qk - m_safe[:, None]) * LOG2E)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
         acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=DOT_PREC)
         m_i = m_new
 

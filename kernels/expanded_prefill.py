@@ -29,12 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mla_compile.kernels.absorbed_decode import dot_precision, kernel_dtype, mask_view
-from mla_compile.kernels import common
-from mla_compile.kernels.common import launcher
-from mla_compile.kernels.common import as_tokens, check_args
+from mla_compile.kernels.absorbed_decode import dot_precision, kernel_dtype, mask_view, online_softmax_step
+from mla_compile.kernels.common import as_tokens, check_args, launcher
 
-LOG2E = tl.constexpr(common.LOG2E)    # exp(x) = exp2(x * LOG2E)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 if INTERPRET:
@@ -81,11 +78,7 @@ def _attend_block(acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_ba
             mv = tl.load(mask_base + offs_n[None, :] * s_mt, mask=ld, other=0.0)
             qk += mv.to(tl.float32)
     qk = tl.where(valid, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2((m_i - m_safe) * LOG2E)
-    p = tl.exp2((qk - m_safe[:, None]) * LOG2E)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
     v = tl.load(v_base + offs_n[:, None] * s_vt + offs_dv[None, :] * s_vd,
                 mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)

@@ -24,29 +24,14 @@ import triton
 import triton.language as tl
 
 from mla_compile.kernels.absorbed_decode import (
-    absorb, block_m_for, work_bucket, dot_precision, kernel_dtype, mask_view, merge_splits, num_sms, project,
+    SPLIT_CONFIGS, absorb, block_m_for, dot_precision, kernel_dtype, mask_view, merge_splits, num_sms,
+    online_softmax_step, project, work_bucket,
 )
-from mla_compile.kernels import common
-from mla_compile.kernels.common import launcher
-from mla_compile.kernels.common import as_tokens, check_args, check_indices
+from mla_compile.kernels.common import as_tokens, check_args, check_indices, launcher
 
-LOG2E = tl.constexpr(common.LOG2E)    # exp(x) = exp2(x * LOG2E)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-if INTERPRET:
-    _CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
-else:
-    _CONFIGS = [
-        triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=4),
-    ]
-
-
-@triton.autotune(configs=_CONFIGS, key=["H_BUCKET", "WORK", "R_PAD", "DR_PAD", "MASK_KIND", "ONE_SPLIT", "DOT_PREC"])
+@triton.autotune(configs=SPLIT_CONFIGS, key=["H_BUCKET", "WORK", "R_PAD", "DR_PAD", "MASK_KIND", "ONE_SPLIT", "DOT_PREC"])
 @triton.jit
 def _sparse_split_kernel(
     Q, QR, C, KR, IDX, MASK, O, OP, ML,
@@ -115,11 +100,7 @@ def _sparse_split_kernel(
             mv = tl.load(MASK + b * s_mb + s * s_ms + idx * s_mt, mask=ok, other=0.0)
             qk += mv.to(tl.float32)[None, :]
         qk = tl.where(ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2((m_i - m_safe) * LOG2E)
-        p = tl.exp2((qk - m_safe[:, None]) * LOG2E)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
         acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=DOT_PREC)
         m_i = m_new
 
