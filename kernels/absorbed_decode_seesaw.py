@@ -361,35 +361,14 @@ def _consts(mask_kind: int, has_kvlen: bool, one_split: bool) -> dict:
 
 def compile_for_sm90(mask_kind: int = 1, has_kvlen: bool = True, one_split: bool = False):
     """Compile ahead of time for sm_90 (no GPU needed); see `sm90.compile_gluon_for_sm90`."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    consts = _consts(mask_kind, has_kvlen, one_split)
-    names = [n for n in _seesaw_split_kernel.arg_names if n not in consts]
-    mask_type = {0: "*bf16", 1: "*u8", 2: "*bf16"}[mask_kind]
-    types = ["*bf16"] * 4 + [mask_type, "*i32", "*bf16", "*fp32", "*fp32", "fp32"] + ["i32"] * 16
-    sig = dict(zip(names, types), **{k: "constexpr" for k in consts})
-    aligned = {(i,): [["tt.divisibility", 16]] for i in range(9)}
-    src = GluonASTSource(_seesaw_split_kernel, sig, consts, aligned)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": NUM_WARPS, "maxnreg": MAXNREG})
+    return sm90.compile_gluon_for_sm90(_seesaw_split_kernel, _consts(mask_kind, has_kvlen, one_split), mask_kind,
+                                       num_warps=NUM_WARPS, maxnreg=MAXNREG)
 
 
 def seesaw_split_attention(q_lat, q_rope, c, kr, mask_kind: int, mask, mask_strides, kv_lens, out, o_part, ml,
                            scale: float, chunk: int, splits: int) -> None:
-    """Launch it: q_lat/q_rope [B, H, 1, *], c [B, T, r], kr [B, T, dr] (token views), the mask as
-    `absorbed_decode.mask_view` gives it ([B, 1, T] view: kind 0 none, 1 bytes, 2 float), kv_lens
-    int32 [B] or None; with one split it writes `out` [B, H, 1, r], else o_part [B, P, H, r] fp32 and
-    ml [B, P, H, 2] fp32, each split's row max m and sum l (what `merge_splits` takes)."""
-    B, H, _, _ = q_lat.shape
-    T = c.shape[1]
-    sm90.ensure_allocator()
-    _seesaw_split_kernel[(triton.cdiv(H, BLOCK_M), splits, B)](
-        q_lat, q_rope, c, kr, mask if mask is not None else c, kv_lens if kv_lens is not None else c,
-        out, o_part, ml, float(scale), H, T, chunk, splits,
-        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
-        c.stride(0), c.stride(1), kr.stride(0), kr.stride(1), mask_strides[0], mask_strides[2],
-        out.stride(0), out.stride(1),
-        **_consts(mask_kind, kv_lens is not None, splits == 1),
-        num_warps=NUM_WARPS, maxnreg=MAXNREG,
-    )
+    """Launch it; the arguments and outputs are `sm90.launch_split`'s."""
+    B, H = q_lat.shape[:2]
+    sm90.launch_split(_seesaw_split_kernel, (triton.cdiv(H, BLOCK_M), splits, B), q_lat, q_rope, c, kr, mask,
+                      mask_strides, kv_lens, out, o_part, ml, scale, chunk, splits,
+                      **_consts(mask_kind, kv_lens is not None, splits == 1), num_warps=NUM_WARPS, maxnreg=MAXNREG)

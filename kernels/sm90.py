@@ -77,9 +77,10 @@ def ensure_allocator() -> None:
 
 
 
-def compile_gluon_for_sm90(kernel, consts: dict, mask_kind: int, num_warps: int):
-    """triton.compile of a Gluon split kernel with this module's argument list (9 pointers, the
-    scale, 16 ints; bf16 tensors) for sm_90, the pointers 16-byte aligned as the launcher specialises."""
+def compile_gluon_for_sm90(kernel, consts: dict, mask_kind: int, **options):
+    """triton.compile of a Gluon split kernel with the argument list of `split_args` (9 pointers, the
+    scale, 16 ints; bf16 tensors) for sm_90, the pointers 16-byte aligned as the launcher specialises;
+    `options` as triton.compile takes them (num_warps, maxnreg)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -90,9 +91,24 @@ def compile_gluon_for_sm90(kernel, consts: dict, mask_kind: int, num_warps: int)
     sig = dict(zip(names, types), **{k: "constexpr" for k in consts})
     aligned = {(i,): [["tt.divisibility", 16]] for i in range(9)}   # what the launcher specialises
     src = GluonASTSource(kernel, sig, consts, aligned)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def launch_split(kernel, grid, q_lat, q_rope, c, kr, mask, mask_strides, kv_lens, out, o_part, ml, scale: float,
+                 chunk: int, splits: int, **consts_and_options) -> None:
+    """Launch a Gluon split kernel: q_lat/q_rope [B, H, 1, *], c [B, T, r], kr [B, T, dr] (token views),
+    the mask as `absorbed_decode.mask_view` gives it ([B, 1, T] view: kind 0 none, 1 bytes, 2 float),
+    kv_lens int32 [B] or None; with one split it writes `out` [B, H, 1, r], else o_part [B, P, H, r]
+    fp32 and ml [B, P, H, 2] fp32, each split's row max m and sum l (what `merge_splits` takes)."""
+    ensure_allocator()
+    kernel[grid](
+        q_lat, q_rope, c, kr, mask if mask is not None else c, kv_lens if kv_lens is not None else c,
+        out, o_part, ml, float(scale), q_lat.shape[1], c.shape[1], chunk, splits,
+        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
+        c.stride(0), c.stride(1), kr.stride(0), kr.stride(1), mask_strides[0], mask_strides[2],
+        out.stride(0), out.stride(1),
+        **consts_and_options,
+    )
 
 
 if HAVE_GLUON:
