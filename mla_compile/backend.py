@@ -56,6 +56,14 @@ class Options:
         opts = cls(**{**env, **options})
         if opts.remainder not in ("inductor", "eager"):
             raise ValueError(f"options['remainder']: expected 'inductor' or 'eager', got {opts.remainder!r}")
+        from mla_compile.passes.choose import FORCED_CHOICES
+
+        if opts.form not in FORCED_CHOICES:
+            raise ValueError(f"options['form']: unknown form {opts.form!r}; expected one of {FORCED_CHOICES}")
+        if not isinstance(opts.verify, bool):
+            raise TypeError(f"options['verify']: expected True or False, got {opts.verify!r}")
+        if not isinstance(opts.verify_calls, int) or isinstance(opts.verify_calls, bool) or opts.verify_calls < 1:
+            raise TypeError(f"options['verify_calls']: expected an int >= 1, got {opts.verify_calls!r}")
         return opts
 
 
@@ -66,6 +74,7 @@ def _shapes_for_log(dims: dict) -> dict:
 def rewrite_graph(gm: fx.GraphModule, opts: Options, graph_id: int) -> list[RewriteRecord]:
     """Find, decide and rewrite every MLA region of gm in place; return the log records."""
     from mla_compile.passes.choose import decide
+    from mla_compile.passes.dispatch import register
     from mla_compile.passes.match import find_regions
     from mla_compile.passes.rewrite import rewrite
 
@@ -78,13 +87,20 @@ def rewrite_graph(gm: fx.GraphModule, opts: Options, graph_id: int) -> list[Rewr
                                      shapes=_shapes_for_log(miss.dims), reason=miss.reason, core=miss.core,
                                      graph=graph_id))
     for region in regions:
-        decision = decide(region, opts.form, device=opts.device, example_device=example_device)
-        plan_id = None
-        if decision.form == "auto":
-            from mla_compile.passes.dispatch import register
-
-            plan_id = register(decision.chooser)
-        rewrite(gm, region, decision.form, dense_mask=decision.dense_mask, plan_id=plan_id)
+        before = set(gm.graph.nodes)
+        try:
+            decision = decide(region, opts.form, device=opts.device, example_device=example_device)
+            plan_id = register(decision.chooser) if decision.form == "auto" else None
+            rewrite(gm, region, decision.form, dense_mask=decision.dense_mask, plan_id=plan_id)
+        except Exception as e:  # noqa: BLE001 - no exception of ours escapes the backend
+            for n in reversed([n for n in gm.graph.nodes if n not in before]):
+                if not n.users:                      # what the failed rewrite inserted
+                    gm.graph.erase_node(n)
+            records.append(RewriteRecord(module=region.module, status="skipped", form=None, family=region.family,
+                                         shapes=_shapes_for_log(region.dims), core=region.core, graph=graph_id,
+                                         reason=f"the decision or rewrite stopped on {type(e).__name__}: {e}; "
+                                                "left as written"))
+            continue
         records.append(RewriteRecord(
             module=region.module, status="rewritten", form=decision.form, family=region.family,
             shapes=_shapes_for_log(region.dims), reason=decision.reason, core=region.core,

@@ -467,6 +467,9 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], list[Miss]]:
             regions.append(_match_core(build(n)))
         except NoMatch as e:
             misses.append(Miss(module, family, kind, str(e)))
+        except Exception as e:  # noqa: BLE001 - a shape the matcher did not foresee: leave it as written
+            misses.append(Miss(module, family, kind, f"not matched (the matcher stopped on "
+                                                     f"{type(e).__name__}: {e}); left as written"))
     return regions, misses
 
 

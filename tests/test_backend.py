@@ -55,6 +55,56 @@ def test_unknown_option_is_a_clear_error():
         model(torch.randint(3, 100, (1, 4)))
 
 
+@pytest.mark.parametrize("options,message", [
+    ({"verify": "no"}, "options\\['verify'\\]: expected True or False"),
+    ({"verify_calls": "x"}, "options\\['verify_calls'\\]"),
+    ({"form": "bogus"}, "unknown form 'bogus'"),
+])
+def test_bad_option_values_are_clear_errors_even_without_mla(options, message):
+    """Checked before anything is matched: a model with no MLA (a tiny Llama) gets the error too."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg).eval()
+    model.compile(backend="mla", options={"remainder": "eager", **options})
+    with pytest.raises(Exception, match=message):
+        model(torch.randint(3, 60, (1, 4)))
+
+
+@pytest.mark.parametrize("where", ["match", "rewrite"])
+def test_an_error_in_our_passes_leaves_the_region_as_written(where, monkeypatch):
+    """No exception of the matcher or the rewrite escapes the backend: the region is left as HF wrote
+    it (same output as eager), and the log says why."""
+    import mla_compile.passes.match as match
+    import mla_compile.passes.rewrite as rewrite
+
+    def broken_match(core):
+        raise ValueError("not enough values to unpack (expected 4, got 3)")
+
+    def broken_rewrite(gm, region, form, **kw):
+        with gm.graph.inserting_before(region.output):      # leaves a dangling node behind, then fails
+            gm.graph.call_function(torch.neg, (region.latent,))
+        raise RuntimeError("planted failure")
+
+    if where == "match":
+        monkeypatch.setattr(match, "_match_core", broken_match)
+    else:
+        monkeypatch.setattr(rewrite, "rewrite", broken_rewrite)
+    model = tiny_model("deepseek_v3", layers=1)
+    ids = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids).logits
+    twin = compiled_twin(model)
+    with torch.no_grad():
+        got = twin(ids).logits
+    assert rel_err(got, want) < 1e-6
+    log = mla_compile.rewrite_log()
+    assert log and all(r.status == "skipped" and "left as written" in r.reason for r in log), \
+        mla_compile.format_rewrite_log()
+    assert ("not enough values" if where == "match" else "planted failure") in log[0].reason
+
+
 def test_bad_form_is_a_clear_error():
     model = tiny_model("deepseek_v3", layers=1)
     model.compile(backend="mla", options={"remainder": "eager", "form": "squashed"})
