@@ -73,7 +73,7 @@ def _shapes_for_log(dims: dict) -> dict:
 
 def rewrite_graph(gm: fx.GraphModule, opts: Options, graph_id: int) -> list[RewriteRecord]:
     """Find, decide and rewrite every MLA region of gm in place; return the log records."""
-    from mla_compile.passes.choose import decide
+    from mla_compile.passes.choose import decide, plan_flags
     from mla_compile.passes.dispatch import register
     from mla_compile.passes.match import find_regions
     from mla_compile.passes.rewrite import rewrite
@@ -106,7 +106,7 @@ def rewrite_graph(gm: fx.GraphModule, opts: Options, graph_id: int) -> list[Rewr
             shapes=_shapes_for_log(region.dims), reason=decision.reason, core=region.core,
             dtype=str(region.dtype).removeprefix("torch."), costs=decision.costs,
             expressions=decision.expressions, crossover=decision.crossover, device=decision.device,
-            graph=graph_id))
+            graph=graph_id, flags=plan_flags(region)))
     if regions:
         gm.graph.lint()
         gm.recompile()

@@ -26,7 +26,7 @@ RECORD_FIELDS: dict[str, tuple] = {      # field -> allowed JSON types
     "module": (str,), "status": (str,), "form": (str, type(None)), "family": (str, type(None)),
     "shapes": (dict,), "reason": (str,), "core": (str, type(None)), "dtype": (str, type(None)),
     "costs": (dict,), "expressions": (dict,), "crossover": (str, type(None)), "device": (dict,),
-    "graph": (int, type(None)),
+    "graph": (int, type(None)), "flags": (dict,),
 }
 TOP_FIELDS: dict[str, tuple] = {"schema": (str,), "config": (str,), "model": (str,), "family": (str, type(None)),
                                 "run": (dict,), "records": (list,), "skipped": (int,), "rewritten": (int,)}
@@ -139,13 +139,15 @@ def _static_shapes(rec) -> dict | None:
     return None
 
 
-def _plan_for(shapes: dict, dtype, device):
+def _plan_for(shapes: dict, dtype, device, flags: dict):
+    """The plan the backend's decision made for a record (its shapes and its causal / mask flags)."""
     from mla_compile.cost import plan
 
     k = shapes.get("k")
     return plan(batch=shapes["B"], q_len=shapes["S"], kv_len=shapes["T"], heads=shapes["H"],
                 kv_lora_rank=shapes["r"], qk_rope_head_dim=shapes["dr"], qk_nope_head_dim=shapes["dn"],
-                v_head_dim=shapes["dv"], topk=k if isinstance(k, int) else None, dtype=dtype, device=device)
+                v_head_dim=shapes["dv"], topk=k if isinstance(k, int) else None, dtype=dtype, device=device,
+                **flags)
 
 
 def _plot_shapes(records) -> dict | None:
@@ -237,7 +239,7 @@ def cmd_explain(a) -> int:
                     print(f"  {f}: {e}")
                 continue
             print(_plan_for(shapes, dtype if dtype.is_floating_point else torch.float32,
-                            a.cost_device or ("cuda" if a.device.startswith("cuda") else "cpu")).explain())
+                            a.cost_device or ("cuda" if a.device.startswith("cuda") else "cpu"), r.flags).explain())
     for kind, info in extra.items():
         print()
         if kind == "mlir":
@@ -300,7 +302,8 @@ def _plot(records, a, dtype) -> str:
     measured = load_measured(a.measured) if a.measured else None
     device = a.cost_device or ("cuda" if a.device.startswith("cuda") else "cpu")
     pdt = dtype if dtype.is_floating_point else torch.float32
-    path = plot_forms(shapes, a.plot, device=device, dtype=pdt, measured=measured)
+    flags = next(r.flags for r in records if r.status == "rewritten")
+    path = plot_forms(shapes, a.plot, device=device, dtype=pdt, measured=measured, flags=flags)
     return str(path)
 
 

@@ -49,24 +49,26 @@ def load_measured(path: str | Path) -> list[dict]:
     return out
 
 
-def _plan(shapes: dict, device, dtype, T):
+def _plan(shapes: dict, device, dtype, T, flags: dict | None = None):
     from mla_compile.cost import plan
 
     return plan(batch=int(shapes.get("B", 1)), q_len=int(shapes.get("S", 1)), kv_len=T, heads=int(shapes["H"]),
                 kv_lora_rank=int(shapes["r"]), qk_rope_head_dim=int(shapes["dr"]),
                 qk_nope_head_dim=int(shapes["dn"]), v_head_dim=int(shapes["dv"]),
                 topk=int(shapes["k"]) if shapes.get("k") not in (None, "None") else None,
-                dtype=dtype, device=device)
+                dtype=dtype, device=device, **(flags or {}))
 
 
 def predicted_curves(shapes: dict, device="h200", dtype=torch.bfloat16, T_min: int | None = None,
-                     T_max: int = 1 << 17, points: int = 64) -> tuple[list[int], dict[str, list[float]], list]:
-    """(T values, form -> predicted seconds (nan where the form is not a candidate), crossovers)."""
+                     T_max: int = 1 << 17, points: int = 64,
+                     flags: dict | None = None) -> tuple[list[int], dict[str, list[float]], list]:
+    """(T values, form -> predicted seconds (nan where the form is not a candidate), crossovers);
+    flags: the plan's causal / mask flags, as a rewrite record holds them."""
     S = int(shapes.get("S", 1))
     lo = max(S, T_min or 1, 1)
     Ts = sorted({int(round(lo * (T_max / lo) ** (i / (points - 1)))) for i in range(points)})
     T = sympy.Symbol("T", positive=True, integer=True)
-    p = _plan(shapes, device, dtype, T)
+    p = _plan(shapes, device, dtype, T, flags)
     k = shapes.get("k")
     curves: dict[str, list[float]] = {f: [] for f in p.candidates}
     for t in Ts:
@@ -90,14 +92,14 @@ def predicted_curves(shapes: dict, device="h200", dtype=torch.bfloat16, T_min: i
 
 
 def plot_forms(shapes: dict, out: str | Path, device="h200", dtype=torch.bfloat16, measured: list[dict] | None = None,
-               title: str | None = None, T_max: int = 1 << 17) -> Path:
+               title: str | None = None, T_max: int = 1 << 17, flags: dict | None = None) -> Path:
     """Draw the predicted curves (and measured points) to `out` (PNG); returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    Ts, curves, crossings = predicted_curves(shapes, device, dtype, T_max=T_max)
+    Ts, curves, crossings = predicted_curves(shapes, device, dtype, T_max=T_max, flags=flags)
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     for f, ys in curves.items():
         ax.plot(Ts, ys, label=f"{f} (predicted)", color=COLORS.get(f), lw=2)

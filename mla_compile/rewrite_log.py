@@ -35,6 +35,7 @@ class RewriteRecord:
     crossover: str | None = None     # closed form of the decision boundary, when shapes are dynamic
     device: dict[str, Any] = field(default_factory=dict)         # roofline figures used
     graph: int | None = None         # which compiled graph (the backend's counter)
+    flags: dict[str, bool] = field(default_factory=dict)         # the plan's causal / mask flags
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

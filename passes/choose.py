@@ -51,6 +51,13 @@ def _static_topk(k: Any) -> int | None:
     return None
 
 
+def plan_flags(region: Region) -> dict:
+    """The plan's flags for a region: causal (decoder attention, which a mask or is_causal means) and
+    whether a mask tensor is read. The log records them, so that `explain` and its plot re-ask the
+    cost model exactly what the decision asked."""
+    return {"causal": bool(region.is_causal or region.mask is not None), "mask": region.mask is not None}
+
+
 def _plan_args(region: Region, device) -> dict:
     d = region.dims
     sizes = {}
@@ -61,8 +68,7 @@ def _plan_args(region: Region, device) -> dict:
         sizes[name] = v if isinstance(v, int) else sympy.Symbol(key, positive=True, integer=True)
     return dict(sizes, heads=d["H"], kv_lora_rank=d["r"], qk_rope_head_dim=d["dr"], qk_nope_head_dim=d["dn"],
                 v_head_dim=d["dv"], topk=_static_topk(region.topk) if region.is_sparse else None,
-                dtype=region.dtype, device=device,
-                causal=region.is_causal or region.mask is not None, mask=region.mask is not None)
+                dtype=region.dtype, device=device, **plan_flags(region))
 
 
 def _device_for(device_option: str | None, example_device: torch.device | None):

@@ -34,6 +34,24 @@ def test_explain_table(capsys, family):
     assert "region(s) rewritten" in out
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v32"])
+def test_explain_plans_agree_with_the_decisions(capsys, family):
+    """--verbose's plans and the plot's curves re-ask the cost model what the decision asked (the same
+    shapes, and the causal / mask flags the record holds): the same costs and the same form."""
+    from mla_compile.plot import predicted_curves
+
+    doc = json.loads(_explain(capsys, family, "--prompt-len", "16", "--decode-steps", "1", "--json",
+                              "--cost-device", "h200"))
+    static = [r for r in doc["records"] if r["status"] == "rewritten" and r["costs"]]
+    assert static and all(r["flags"] == {"causal": True, "mask": True} for r in static)
+    for r in static:
+        p = cli._plan_for(r["shapes"], torch.float32, "h200", r["flags"])
+        assert p.form == r["form"] and p.costs == pytest.approx(r["costs"]), r["module"]
+        Ts, curves, _ = predicted_curves(r["shapes"], "h200", torch.float32, T_min=r["shapes"]["T"],
+                                         T_max=r["shapes"]["T"], points=2, flags=r["flags"])
+        assert {f: ys[0] for f, ys in curves.items()} == pytest.approx(r["costs"]), r["module"]
+
+
 def test_explain_json_schema(capsys):
     out = _explain(capsys, "deepseek_v32", "--prompt-len", "6", "--decode-steps", "1", "--json",
                    "--cost-device", "h200")
