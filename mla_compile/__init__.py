@@ -34,10 +34,12 @@ _torch_logs.register()      # TORCH_LOGS="+mla_compile" shows the mla_compile lo
 
 def reset() -> None:
     """Forget the rewrite log and its graph numbering, and read MLA_COMPILE_KERNELS again."""
+    from mla_compile.backend import reset_graph_ids
     from mla_compile.kernels import registry
     from mla_compile.rewrite_log import reset as _reset_log
 
     _reset_log()
+    reset_graph_ids()
     registry.reset()
 
 

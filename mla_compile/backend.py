@@ -28,6 +28,12 @@ log = logging.getLogger("mla_compile")
 _GRAPH_IDS = itertools.count(1)
 
 
+def reset_graph_ids() -> None:
+    """Number the next compiled graph 1 again (mla_compile.reset())."""
+    global _GRAPH_IDS
+    _GRAPH_IDS = itertools.count(1)
+
+
 @dataclass(frozen=True)
 class Options:
     """`options=` of torch.compile(..., backend="mla"); environment variables give the defaults."""

@@ -105,6 +105,21 @@ def test_an_error_in_our_passes_leaves_the_region_as_written(where, monkeypatch)
     assert ("not enough values" if where == "match" else "planted failure") in log[0].reason
 
 
+def test_reset_restarts_the_graph_numbering():
+    ids = torch.randint(3, 100, (1, 4), generator=torch.Generator().manual_seed(1))
+    first = compiled_twin(tiny_model("deepseek_v3", layers=1))
+    first(ids)
+    torch._dynamo.reset()
+    second = compiled_twin(tiny_model("deepseek_v3", layers=1))
+    second(ids)
+    assert [r.graph for r in mla_compile.rewrite_log()] == [1, 2]
+    mla_compile.reset()
+    torch._dynamo.reset()
+    third = compiled_twin(tiny_model("deepseek_v3", layers=1))
+    third(ids)
+    assert [r.graph for r in mla_compile.rewrite_log()] == [1]
+
+
 def test_bad_form_is_a_clear_error():
     model = tiny_model("deepseek_v3", layers=1)
     model.compile(backend="mla", options={"remainder": "eager", "form": "squashed"})
