@@ -112,7 +112,8 @@ def rewrite_graph(gm: fx.GraphModule, opts: Options, graph_id: int) -> list[Rewr
             shapes=_shapes_for_log(region.dims), reason=decision.reason, core=region.core,
             dtype=str(region.dtype).removeprefix("torch."), costs=decision.costs,
             expressions=decision.expressions, crossover=decision.crossover, device=decision.device,
-            graph=graph_id, flags=plan_flags(region)))
+            graph=graph_id, flags=plan_flags(region),
+            runs=decision.chooser.counts if decision.form == "auto" else {}))
     if regions:
         gm.graph.lint()
         gm.recompile()

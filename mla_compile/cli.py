@@ -26,7 +26,7 @@ RECORD_FIELDS: dict[str, tuple] = {      # field -> allowed JSON types
     "module": (str,), "status": (str,), "form": (str, type(None)), "family": (str, type(None)),
     "shapes": (dict,), "reason": (str,), "core": (str, type(None)), "dtype": (str, type(None)),
     "costs": (dict,), "expressions": (dict,), "crossover": (str, type(None)), "device": (dict,),
-    "graph": (int, type(None)), "flags": (dict,),
+    "graph": (int, type(None)), "flags": (dict,), "runs": (dict,),
 }
 TOP_FIELDS: dict[str, tuple] = {"schema": (str,), "config": (str,), "model": (str,), "family": (str, type(None)),
                                 "run": (dict,), "records": (list,), "skipped": (int,), "rewritten": (int,)}

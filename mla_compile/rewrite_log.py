@@ -36,6 +36,7 @@ class RewriteRecord:
     device: dict[str, Any] = field(default_factory=dict)         # roofline figures used
     graph: int | None = None         # which compiled graph (the backend's counter)
     flags: dict[str, bool] = field(default_factory=dict)         # the plan's causal / mask flags
+    runs: dict[str, int] = field(default_factory=dict)           # form "auto": calls per form that ran so far
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,6 +96,9 @@ def format_rewrite_log(records: list[RewriteRecord] | None = None) -> str:
         shapes = " ".join(f"{k}={v}" for k, v in r.shapes.items() if v is not None)
         costs = " ".join(f"{f}={format_seconds(c)}" for f, c in r.costs.items())
         reason = r.reason + (f"; crossover: {r.crossover}" if r.crossover else "")
+        if r.form == "auto":
+            ran = ", ".join(f"{f} x{n}" for f, n in sorted(r.runs.items())) or "no call yet"
+            reason += f"; ran: {ran}"
         reason = reason.replace("\n", "; ")
         rows.append((str(r.graph), r.module, r.family or "?", r.status, r.form or "-", shapes, costs or "-", reason))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]

@@ -53,4 +53,7 @@ def test_decode_loop_switches_form_at_the_crossover_without_recompiling():
     want_expanded = sum(1 for T in range(first_dynamic_T, last_T + 1) if T < boundary)
     assert chooser.counts.get("expanded", 0) == want_expanded, (chooser.counts, boundary)
     assert chooser.counts.get("absorbed", 0) == (last_T - first_dynamic_T + 1) - want_expanded, chooser.counts
+    # the log says which forms the auto rows ran (all layers share the step count)
+    assert all(sum(r.runs.values()) == last_T - first_dynamic_T + 1 for r in autos), [r.runs for r in autos]
+    assert f"ran: absorbed x{chooser.counts['absorbed']}" in mla_compile.format_rewrite_log()
     assert math.isfinite(boundary)

@@ -1,7 +1,7 @@
-"""Every MLA form on a grid of sizes, against the cost model's choice (issue 3 validation).
+"""Every MLA form on a grid of sizes, measured, against the cost model's prediction and choice.
 
-    python benchmarks/bench_forms.py [--budget 200] [--smoke]        # GPU: CUDA bf16, the Triton kernels
-    python benchmarks/bench_forms.py --reeval benchmarks/results/forms-NVIDIA-H200.csv   # CPU, offline
+    python benchmarks/forms.py [--budget 200] [--smoke] [--out DIR]   # GPU: CUDA bf16, the Triton kernels
+    python benchmarks/forms.py --reeval benchmarks/results/forms-NVIDIA-H200-gluon.csv   # CPU, offline
 
 Grid: B in {1,8,32,64}, S in {1,16,128,512,2048,8192} (S <= T), T in {256,1024,4096,16384,65536},
 H in {16,32,128}; r=512, dr=64, dn=dv=128; DSA points (T > k=2048) also time the sparse forms with a
@@ -24,16 +24,21 @@ points whose inputs/intermediates exceed 60 GB, and forms predicted (h200 table)
 Several GPUs: `--shard i/n` measures every n-th point of the shuffled list from the i-th, so n
 processes on n GPUs cover the grid together; `--merge` joins their CSVs into one report (CPU).
 
-Outputs: benchmarks/results/forms-<device>.csv (one row per point and form: sizes, measured s,
-method, predicted s on the calibrated device and on the h200 table), form-efficiency-<device>.json
-(measured vs roofline per form, and a fitted efficiency table), forms-<device>.md (summary).
+`--reeval CSV` redoes the comparison offline from a saved CSV: with the device model saved beside it
+(device-<name>.json, or the "calibrated" entry of form-efficiency-<name>.json), with the h200 table
+entry, and with efficiencies fitted to it; it rewrites the fit into form-efficiency-<name>.json.
+
+Outputs, in --out (else $OUT, else benchmarks/results/): forms-<name>.csv (one row per point and
+form: sizes, measured s, method, predicted s on the calibrated device and on the h200 table),
+form-efficiency-<name>.json (measured vs roofline per form, and a fitted efficiency table),
+device-<name>.json (the calibrated device model), forms-<name>.md (summary). <name> is the device
+label unless --name says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import math
 import os
@@ -45,36 +50,13 @@ import traceback
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
+import common
+
 R, DR, DN, DV, K = 512, 64, 128, 128, 2048
 FORMS = ("expanded", "absorbed", "sparse_absorbed", "sparse_expanded")
 GRID = dict(B=(1, 8, 32, 64), S=(1, 16, 128, 512, 2048, 8192), T=(256, 1024, 4096, 16384, 65536), H=(16, 32, 128))
 MEM_LIMIT = 60e9
 SLOW_LIMIT = 0.5
-
-
-# ---------------------------------------------------------------------------------------------------
-# helpers shared with generate.py
-
-def save_report(text: str, report: str, extra_files, out_dir) -> None:
-    """Print the report, write it to benchmarks/results/, and copy it and the extra result files
-    (those that exist) to out_dir ($OUT on the device machine)."""
-    print(text)
-    with open(os.path.join(RESULTS, report), "w") as f:
-        f.write(text)
-    if out_dir:
-        import shutil
-
-        for fn in (report, *extra_files):
-            if os.path.exists(os.path.join(RESULTS, fn)):
-                shutil.copy(os.path.join(RESULTS, fn), os.path.join(out_dir, fn))
-
-
-def device_name(dev) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev).replace(" ", "-").replace("/", "-")
-    return "cpu"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -178,17 +160,6 @@ def flush_buf(dev):
     return _FLUSH[dev]
 
 
-def time_events(fn, n):
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(n):
-        fn()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / 1e3 / n
-
-
 def time_graph(fn, n, dev, reps=5):
     buf = flush_buf(dev)
     s = torch.cuda.Stream()
@@ -242,7 +213,7 @@ def measure(fn, dev, graph=True):
             msg = str(e).splitlines()[0][:120]
             print(f"    capture failed ({type(e).__name__}: {msg}); events", file=sys.stderr, flush=True)
     n = max(2, min(20, int(0.03 / max(est, 1e-6))))
-    return time_events(fn, n), "ev"
+    return common.time_events(fn, n), "ev"
 
 
 def measure_cpu(fn):
@@ -532,6 +503,7 @@ def main():
     ap.add_argument("--shard", default="0/1", help="i/n: measure every n-th point from the i-th (one GPU each)")
     ap.add_argument("--merge", nargs="+", metavar="CSV", help="offline: join shard CSVs into one report")
     ap.add_argument("--name", help="report name (default: the device name, or the merged shards' common name)")
+    ap.add_argument("--out", help="result folder (default: $OUT, else benchmarks/results)")
     args = ap.parse_args()
     if args.reeval:
         reeval(args.reeval)
@@ -556,14 +528,14 @@ def main():
     table_key = "h200" if not cuda else (os.environ.get("MLA_TABLE") or
                                          ("h100" if "H100" in torch.cuda.get_device_name() else "h200"))
     tm = table_entry(table_key if cuda else "cpu")
-    name = args.name or (device_name(dev) + ("-smoke" if args.smoke else "") + (f"-seed{args.seed}" if args.seed else ""))
+    name = args.name or (common.device_label(dev) + ("-smoke" if args.smoke else "")
+                         + (f"-seed{args.seed}" if args.seed else ""))
     shard, nshards = (int(v) for v in args.shard.split("/"))
     if nshards > 1:
         name += f"-shard{shard}of{nshards}"
-    os.makedirs(RESULTS, exist_ok=True)
-    out_dir = os.environ.get("OUT")
-    csv_path = os.path.join(RESULTS, f"forms-{name}.csv")
-    with open(os.path.join(RESULTS, f"device-{name}.json"), "w") as f:
+    out_dir = common.out_dir(args.out)
+    csv_path = os.path.join(out_dir, f"forms-{name}.csv")
+    with open(os.path.join(out_dir, f"device-{name}.json"), "w") as f:
         f.write(dm.to_json())
 
     if args.smoke:
@@ -574,7 +546,7 @@ def main():
     else:
         pts = all_points()
         random.Random(args.seed).shuffle(pts)
-        # the issue's target points first, so a short budget still covers decode and prefill at H=128
+        # the target points first, so a short budget still covers decode and prefill at H=128
         first = [(8, 1, 4096, 128, None), (1, 1, 4096, 128, None), (32, 1, 16384, 128, None),
                  (1, 2048, 4096, 128, None), (1, 8192, 16384, 128, None), (8, 1, 65536, 128, K),
                  (1, 512, 1024, 128, None), (8, 16, 4096, 128, None), (8, 128, 16384, 16, None)]
@@ -634,12 +606,12 @@ def main():
         if cuda:
             torch.cuda.empty_cache()
     fcsv.close()
-    meta = dict(command=f"python {' '.join(sys.argv)}", budget=args.budget, done=done, skipped=skipped,
+    meta = dict(device=dev, budget=args.budget, done=done, skipped=skipped,
                 not_run=len(not_run), total=len(pts), cal_src=cal_src)
-    write_report(rows, dm, tm, name, meta, fit=not args.no_fit, out_dir=out_dir)
+    write_report(rows, dm, tm, name, meta, out_dir, fit=not args.no_fit)
 
 
-def write_report(rows, dm, tm, name, meta, fit=True, out_dir=None):
+def write_report(rows, dm, tm, name, meta, out_dir, fit=True):
     """The markdown summary, the efficiency JSON (measured vs roofline, optional fit) for `rows`."""
     ev_cal = evaluate(rows, dm, f"calibrated device model ({meta['cal_src']}), default efficiency table")
     ev_tab = evaluate(rows, tm, f"'{tm.name}' table entry (what the backend uses without calibrate()), "
@@ -653,29 +625,22 @@ def write_report(rows, dm, tm, name, meta, fit=True, out_dir=None):
         fit = {"log_error": fit, "decisions": fit_decisions(rows, dm, fit)}
         evs.append(evaluate(rows, device_with(dm, fit["decisions"]), "calibrated device model + efficiencies "
                                                                      "fitted here (decisions)"))
-    eff_json = {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+    eff_json = {"device": name, "date": common.utc_now(),
                 "torch": torch.__version__, "calibrated": dm.to_dict(),
                 "roofline_over_measured": roof, "fit": fit,
                 "note": "efficiency = fraction of the calibrated matmul rate, mem_efficiency = fraction of the "
                         "calibrated copy bandwidth, fitted per form over all measured points (one value for all "
                         "kernels of the form), launch_overhead device-wide; roofline_over_measured: time at "
                         "efficiency 1 and no launch cost / measured time"}
-    with open(os.path.join(RESULTS, f"form-efficiency-{name}.json"), "w") as f:
+    with open(os.path.join(out_dir, f"form-efficiency-{name}.json"), "w") as f:
         json.dump(eff_json, f, indent=1)
-    try:
-        import triton
-        tv = triton.__version__
-    except ImportError:
-        tv = "?"
-    lines = [f"# MLA forms vs the cost model: {name}", "",
-             f"- date: {eff_json['date']}",
-             f"- torch {torch.__version__}, triton {tv}, CUDA {torch.version.cuda}",
-             f"- command: `{meta['command']}`",
-             f"- calibrated: {dm.source}",
-             f"- points measured: {meta['done']}; skipped (memory): {len(meta['skipped'])}; not run (time budget "
-             f"{meta['budget']:.0f} s): {meta['not_run']} of {meta['total']}",
-             "- times in microseconds; 'gr' = CUDA-graph GPU time (L2 flushed), 'ev' = CUDA events around "
-             "eager calls (capture impossible: host sync in the op, or call > 5 ms)", ""]
+    lines = common.header(f"MLA forms vs the cost model: {name}", meta.get("device"), notes=[
+        *meta.get("notes", ()),
+        f"calibrated: {dm.source}",
+        f"points measured: {meta['done']}; skipped (memory): {len(meta['skipped'])}; not run (time budget "
+        f"{meta['budget']:.0f} s): {meta['not_run']} of {meta['total']}",
+        "times in microseconds; 'gr' = CUDA-graph GPU time (L2 flushed), 'ev' = CUDA events around "
+        "eager calls (capture impossible: host sync in the op, or call > 5 ms)"])
     for ev in evs:
         lines += summary_lines(ev)
     lines += ["", "Roofline time / measured time per form (eff = 1): " + json.dumps(roof), "",
@@ -693,8 +658,10 @@ def write_report(rows, dm, tm, name, meta, fit=True, out_dir=None):
                   + (f" (+{len(skips) - 60} more)" if len(skips) > 60 else "")]
         if meta["skipped"]:
             lines += ["Skipped points: " + "; ".join(f"{p}: {why}" for p, why in meta["skipped"])]
-    save_report("\n".join(lines) + "\n", f"forms-{name}.md",
-                (f"forms-{name}.csv", f"form-efficiency-{name}.json"), out_dir)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(os.path.join(out_dir, f"forms-{name}.md"), "w") as f:
+        f.write(text)
 
 
 def merge(args):
@@ -710,15 +677,17 @@ def merge(args):
     dj = os.path.join(os.path.dirname(args.merge[0]), f"device-{names[0]}.json")
     dm = DeviceModel.from_dict(json.load(open(dj)))
     tm = table_entry(os.environ.get("MLA_TABLE") or ("h100" if "H100" in name else "h200"))
-    with open(os.path.join(RESULTS, f"forms-{name}.csv"), "w", newline="") as f:
+    out_dir = common.out_dir(args.out)
+    with open(os.path.join(out_dir, f"forms-{name}.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, CSV_FIELDS)
         w.writeheader()
         w.writerows(rows)
     pts = {(r["B"], r["S"], r["T"], r["H"], r["k"]) for r in rows}
-    meta = dict(command=" + ".join(os.path.basename(p) for p in args.merge) + " (shards, merged with --merge)",
-                budget=float("nan"), done=len(pts), skipped=[], not_run=0, total=len(pts),
-                cal_src="calibrate() on the GPU of shard 0")
-    write_report(rows, dm, tm, name, meta, fit=not args.no_fit, out_dir=None)
+    meta = dict(device=name.split("-shard")[0], budget=float("nan"), done=len(pts), skipped=[],
+                not_run=0, total=len(pts), cal_src="calibrate() on the GPU of the first shard",
+                notes=["measured by the shards " + ", ".join(os.path.basename(p) for p in args.merge)
+                       + ", joined on this machine with --merge"])
+    write_report(rows, dm, tm, name, meta, out_dir, fit=not args.no_fit)
 
 
 if __name__ == "__main__":

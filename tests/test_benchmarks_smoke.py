@@ -1,0 +1,35 @@
+"""benchmarks/e2e.py --smoke: the end-to-end benchmark's table, written from a CPU run of a tiny model.
+
+The mla row must generate hf-eager's tokens and logits in float32: the script's own check compares
+the first decode step's logits, and this test reads its verdict and the token agreement back.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_e2e_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join("benchmarks", "e2e.py"), "--smoke", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    md, table = tmp_path / "e2e-cpu-smoke.md", tmp_path / "e2e-cpu-smoke.csv"
+    assert md.exists() and table.exists(), os.listdir(tmp_path)
+    text = md.read_text()
+    assert "- command: `python benchmarks/e2e.py --smoke" in text
+    rows = {r["system"]: r for r in csv.DictReader(open(table))}
+    assert set(rows) == {"hf-eager", "mla"}, rows
+    for system in rows:
+        assert f"| {system} |" in text
+        assert float(rows[system]["decode_ms"]) > 0, rows[system]
+        assert rows[system]["note"] == "", rows[system]
+    mla = rows["mla"]
+    assert mla["logits_ok"] == "pass", mla
+    assert float(mla["logits_diff"]) <= 1e-4, mla
+    assert float(mla["token_agreement"]) == 1.0, mla
+    assert mla["forms"], "the mla row names no form: the backend rewrote nothing"
