@@ -330,15 +330,23 @@ def cmd_calibrate(a) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mla-compile", description="Inspect the mla torch.compile backend.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("explain", help="compile a model from its config and print the rewrite table")
+    e = sub.add_parser("explain", help="compile a model from its config and print the rewrite table",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Build a model from a config (random weights, nothing downloaded), compile it "
+                                   "with backend='mla', run a prefill and decode steps on a DynamicCache, and print "
+                                   "one row per attention module and compiled graph. CONFIG: an MLA family name of "
+                                   "the installed transformers (e.g. deepseek_v3, deepseek_v32, kimi_linear, "
+                                   "minicpm3, mistral4; see the README's family table), a config.json path, or a "
+                                   "model directory (only config.json is read).")
     e.add_argument("config", help="an MLA family name (tiny config), a config.json path, or a model directory")
-    e.add_argument("--batch", type=int, default=1)
-    e.add_argument("--prompt-len", type=int, default=16)
-    e.add_argument("--decode-steps", type=int, default=1)
-    e.add_argument("--dtype", default="float32")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--batch", type=int, default=1, help="batch size of the prompt")
+    e.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (the prefill's query length)")
+    e.add_argument("--decode-steps", type=int, default=1, help="single-token decode steps after the prefill")
+    e.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16")
+    e.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1")
     e.add_argument("--form", default="auto",
-                   choices=["auto", "expanded", "absorbed", "sparse", "sparse_absorbed", "sparse_expanded"])
+                   choices=["auto", "expanded", "absorbed", "sparse", "sparse_absorbed", "sparse_expanded"],
+                   help="the cost model's choice, or a forced form")
     e.add_argument("--cost-device", default=None, help="cost model device: a table name (h100, h200, cpu, ...)")
     e.add_argument("--attn", default="eager", choices=["eager", "sdpa"], help="HF attn_implementation")
     e.add_argument("--dynamic", default=None, action=argparse.BooleanOptionalAction,
@@ -351,10 +359,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--plot-q-len", type=int, default=None, help="query length of the plot (default: the first rewritten graph's)")
     e.add_argument("--measured", metavar="FILE", help="CSV or JSON with form,T,seconds[,S,B] to draw beside the plot")
     e.set_defaults(fn=cmd_explain)
-    c = sub.add_parser("calibrate", help="measure this device for the cost model and cache the figures")
+    c = sub.add_parser("calibrate", help="measure this device for the cost model and cache the figures",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    c.add_argument("--no-save", action="store_true")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--no-save", action="store_true", help="print the figures without caching them")
+    c.add_argument("--json", action="store_true", help="print the figures as JSON")
     c.set_defaults(fn=cmd_calibrate)
     return p
 
