@@ -74,7 +74,17 @@ class Options:
 
 
 def _shapes_for_log(dims: dict) -> dict:
-    return {k: (v if isinstance(v, int) or v is None else str(v)) for k, v in dims.items()}
+    """Sizes as the log shows them: ints, or "dynamic" for a size Dynamo made symbolic (its symbol
+    names, such as s40 + 1, differ between graphs and say nothing to a reader); a DSA region's k
+    shows the indexer's top-k where HF takes min(index_topk, T)."""
+    from mla_compile.passes.choose import _static_topk
+
+    out = {}
+    for key, v in dims.items():
+        if key == "k" and v is not None and not isinstance(v, int):
+            v = _static_topk(v)
+        out[key] = v if isinstance(v, int) or v is None else "dynamic"
+    return out
 
 
 def rewrite_graph(gm: fx.GraphModule, opts: Options, graph_id: int) -> list[RewriteRecord]:
