@@ -23,9 +23,12 @@ position is left out of the comparison.
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 
 import torch
+
+log = logging.getLogger("mla_compile")
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
@@ -126,6 +129,7 @@ def compare(flat_got, flat_want, graph_id, original=None, args=None, padding=Non
     """Raise VerificationError when an output of the rewrite disagrees with the original's (padding
     positions, True in `padding` [B, L], are left out)."""
     reference = None
+    worst = None                      # (relative error, output index, errors) of the outputs checked
     for i, (g, w) in enumerate(zip(flat_got, flat_want)):
         if not (isinstance(g, torch.Tensor) and isinstance(w, torch.Tensor) and w.is_floating_point()):
             continue
@@ -143,6 +147,8 @@ def compare(flat_got, flat_want, graph_id, original=None, args=None, padding=Non
         both = keep & finite_w & finite_g
         e = errors(g[both], w[both])
         if e["relative_error"] <= tol:
+            if worst is None or e["relative_error"] > worst[0]:
+                worst = (e["relative_error"], i, e, tol)
             continue
         msg = (f"graph {graph_id} output {i}: the MLA rewrite disagrees with the original graph beyond the "
                f"{w.dtype} tolerance {tol:g}: rewrite vs original: {_fmt(e)}")
@@ -157,6 +163,10 @@ def compare(flat_got, flat_want, graph_id, original=None, args=None, padding=Non
         else:
             msg += "; (no float64 recomputation: the graph does not run in float64)"
         raise VerificationError(msg)
+    if worst is not None:
+        # at WARNING, so that it shows by default: the user asked for verification and should see it ran
+        log.warning("verify: graph %s matches the original (worst output %d: %s; tolerance %g)", graph_id, worst[1],
+                 _fmt(worst[2]), worst[3])
 
 
 def verified(compiled, original, calls: int, graph_id: int):

@@ -302,6 +302,7 @@ def test_calibrate_cpu_writes_and_reloads(tmp_path, monkeypatch):
     path = tmp_path / "device-cpu.json"
     assert path.is_file()
     assert m.measured and m.matmul_flops["fp32"] > 1e8 and m.mem_bw > 1e8 and m.launch_overhead > 0
+    assert m.sm_count == torch.get_num_threads()          # the CPU's, not a GPU table's 132
     back = load_device(torch.device("cpu"))
     assert back == m
     assert DeviceModel.from_dict(json.loads(path.read_text())) == m

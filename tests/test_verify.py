@@ -51,10 +51,13 @@ def _run(model, twin, steps=2):
 
 
 @pytest.mark.parametrize("family,form", [("deepseek_v3", "auto"), ("deepseek_v32", "sparse_absorbed")])
-def test_verify_passes_on_a_correct_rewrite(family, form, count_checks):
+def test_verify_passes_on_a_correct_rewrite(family, form, count_checks, caplog):
     model = tiny_model(family, seed=1)
     twin = compiled_twin(model, verify=True, form=form)
-    got, want = _run(model, twin)
+    with caplog.at_level("WARNING", logger="mla_compile"):
+        got, want = _run(model, twin)
+    passed = [r.getMessage() for r in caplog.records if "matches the original" in r.getMessage()]
+    assert passed and all("relative_error=" in m for m in passed), caplog.text   # one line per checked call
     assert all(rel_err(g, w) < 1e-4 for g, w in zip(got, want))
     assert any(r.status == "rewritten" for r in mla_compile.rewrite_log())
     assert count_checks, "verify never compared the rewrite with the original"

@@ -214,6 +214,8 @@ def calibrate(device: DeviceLike = None, *, save: bool = True) -> DeviceModel:
         raise ValueError(f"calibrate: cannot measure device type {tdev.type!r}")
     if tdev.type == "cuda":
         model.sm_count = torch.cuda.get_device_properties(tdev).multi_processor_count
+    else:   # the CPU's parallel units are its cores (not the GPU table's default)
+        model.sm_count = torch.get_num_threads()
     model.mem_bw = got["mem_bw"]
     if tdev.type != "cuda":
         # GPU: the table's per-kernel fixed cost (fitted with the efficiencies) stays; the bare launch
