@@ -463,14 +463,33 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], list[Miss]]:
         else:
             continue
         module, family = module_of(n)
+        core = None
         try:
-            regions.append(_match_core(build(n)))
+            core = build(n)
+            regions.append(_match_core(core))
         except NoMatch as e:
-            misses.append(Miss(module, family, kind, str(e)))
+            misses.append(Miss(module, family, kind, _plain_reason(core, e)))
         except Exception as e:  # noqa: BLE001 - a shape the matcher did not foresee: leave it as written
             misses.append(Miss(module, family, kind, f"not matched (the matcher stopped on "
                                                      f"{type(e).__name__}: {e}); left as written"))
     return regions, misses
+
+
+def _plain_reason(core: "_Core | None", e: NoMatch) -> str:
+    """Why an attention core was not taken, in the reader's words: "no MLA here" where its values are
+    not expanded from one shared latent (what kv_b_proj does), the matcher's detail after it."""
+    latent_values = False
+    if core is not None:
+        try:
+            _expansion_of_value(core.v)
+            latent_values = True
+        except NoMatch:
+            pass
+        except Exception:  # noqa: BLE001 - an unforeseen shape: not a latent expansion we know
+            pass
+    if not latent_values:
+        return f"no MLA here: the values are not expanded from a shared latent by a kv_b_proj-style projection ({e})"
+    return f"MLA attention, not taken: {e}"
 
 
 def _is_softmax_product(n: fx.Node) -> bool:

@@ -105,6 +105,20 @@ def test_an_error_in_our_passes_leaves_the_region_as_written(where, monkeypatch)
     assert ("not enough values" if where == "match" else "planted failure") in log[0].reason
 
 
+def test_a_model_without_mla_says_so_per_attention_module():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM(cfg).eval()
+    model.compile(backend="mla", options={"remainder": "eager"})
+    model(torch.randint(3, 60, (1, 4)))
+    log = mla_compile.rewrite_log()
+    assert [r.module for r in log] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert all(r.status == "skipped" and r.reason.startswith("no MLA here:") for r in log), \
+        mla_compile.format_rewrite_log()
+
+
 def test_reset_restarts_the_graph_numbering():
     ids = torch.randint(3, 100, (1, 4), generator=torch.Generator().manual_seed(1))
     first = compiled_twin(tiny_model("deepseek_v3", layers=1))
