@@ -130,6 +130,19 @@ def rewrite_graph(gm: fx.GraphModule, opts: Options, graph_id: int) -> list[Rewr
     return records
 
 
+_SAID_SLOW = []
+
+
+def _say_inductor_on_cpu_is_slow(example_inputs) -> None:
+    """Once a process: Inductor's CPU compile of a whole model takes minutes; say so, and how to skip it."""
+    on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
+    if on_cpu and not _SAID_SLOW:
+        _SAID_SLOW.append(True)
+        log.warning("mla_compile: Inductor is compiling the rest of each graph for the CPU; for a whole model "
+                    "this takes a minute or more on a few cores (options={'remainder': 'eager'} runs the "
+                    "rewritten graph without Inductor)")
+
+
 def mla_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, mode: str | None = None):
     """The Dynamo backend registered as `mla` (entry point group torch_dynamo_backends)."""
     import mla_compile.passes.dispatch  # noqa: F401  (registers torch.ops.mla.auto)
@@ -144,6 +157,8 @@ def mla_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | N
         compiled = gm.forward
     else:
         from torch._inductor.compile_fx import compile_fx
+
+        _say_inductor_on_cpu_is_slow(example_inputs)
 
         patches = {"triton.cudagraphs": True} if mode in ("reduce-overhead", "max-autotune") else {}
         if mode == "max-autotune":
