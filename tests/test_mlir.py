@@ -32,6 +32,14 @@ def _ids():
     return torch.randint(3, 100, (1, T), generator=torch.Generator().manual_seed(0))
 
 
+def _assert_runs_like_eager(model, linalg_text, ids):
+    """The linalg module, run on torch-mlir's reference CPU pipeline, gives the model's eager logits."""
+    (got,) = mlir.run_linalg(linalg_text, ids)
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
 def _expanded(text):
     return mlir.expanded_kv_shapes(text, B=1, T=T, H=H, dn=DN, dv=DV)
 
@@ -76,11 +84,7 @@ def test_v3_linalg_verifies_and_runs(v3, v3_absorbed):
     why = mlir.runner_available()
     if why:
         pytest.skip(why)
-    ids = _ids()
-    (got,) = mlir.run_linalg(text, ids)
-    with torch.no_grad():
-        want = v3(ids, use_cache=False).logits
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    _assert_runs_like_eager(v3, text, _ids())
 
 
 def test_v3_auto_uses_the_static_decision(v3):
@@ -145,11 +149,7 @@ def test_moe_model_lowers_whole():
                    kv_lora_rank=R, vocab_size=100, layers=2)
     assert any("experts" in name for name, _ in m.named_modules())
     ids = _ids()
-    text = mlir.export_mlir(m, ids, output_type="linalg-on-tensors", form="absorbed")
-    (got,) = mlir.run_linalg(text, ids)
-    with torch.no_grad():
-        want = m(ids, use_cache=False).logits
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    _assert_runs_like_eager(m, mlir.export_mlir(m, ids, output_type="linalg-on-tensors", form="absorbed"), ids)
 
 
 def test_regions_export_alone_and_compute_the_op(v3):
