@@ -1,6 +1,6 @@
 """The MLA kernels against HF's math, Inductor on it, FlashMLA and the roofline floor.
 
-    python benchmarks/kernel_bench.py [--quick] [--out DIR]
+    python benchmarks/kernel_bench.py [--quick] [--parts absorbed,sparse,prefill,host] [--out DIR]
 
 (Not named kernels.py: run as a script, its folder comes first on sys.path, and a kernels.py there
 would shadow the PyPI package `kernels` that transformers imports.)
@@ -12,7 +12,8 @@ measured at the start of the run. "core" = the attention over the latent with th
 given (what FlashMLA's kernel does); "op" = the whole absorbed form (q absorption, kernel, output
 projection), comparable with HF's math, which expands the latent every step. FlashMLA is the
 `sgl-flash-mla` package's legacy SM90 dense decode (64 or 128 heads only); without the package its
-columns are left out. Writes kernels-<device>.md and .csv to --out (else $OUT, else benchmarks/results/).
+columns are left out. "host" is the CPU-side time of one absorbed op call (see host_table). Writes
+kernels-<device>.md and .csv to --out (else $OUT, else benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -235,10 +236,52 @@ def prefill_table(rates, quick, flash):
     return t
 
 
+def host_table(rates, quick, flash):
+    """The CPU-side time of one `torch.ops.mla.absorbed` call at decode sizes: what a decode step's
+    Python pays per layer before any kernel runs (the launch plan is cached; nothing is decided per
+    call). Measured per call with perf_counter, the launch queue drained every 50 calls so that the
+    host never waits on the GPU; beside it the back-to-back wall time per call (CUDA events)."""
+    import statistics
+
+    import mla_compile.passes.forms  # noqa: F401  (registers torch.ops.mla)
+
+    op = torch.ops.mla.absorbed.default
+    t = common.Table("Host time of one mla.absorbed call, S=1, bf16, microseconds",
+                     [("B", "B"), ("H", "H"), ("T", "T"), ("host", "host (median)"), ("host_min", "host (min)"),
+                      ("wall", "wall per call, back to back")])
+    for B, H, T in ((1, 16, 256), (1, 128, 256), (8, 128, 4096)) if quick else \
+            ((1, 16, 256), (1, 128, 256), (8, 16, 4096), (8, 128, 4096), (32, 128, 4096)):
+        x = inputs(B, H, 1, T)
+        mask = torch.ones(B, 1, 1, T, dtype=torch.bool, device=DEV)
+        args = (x["q_nope"], x["q_rope"], x["latent"], x["k_rope"], x["w_uk"], x["w_uv"], mask, SCALE, False, None)
+        for _ in range(30):
+            op(*args)
+        torch.cuda.synchronize()
+        host = []
+        for i in range(400):
+            t0 = time.perf_counter()
+            op(*args)
+            host.append(time.perf_counter() - t0)
+            if i % 50 == 49:
+                torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(200):
+            op(*args)
+        end.record()
+        torch.cuda.synchronize()
+        t.rows.append(dict(B=B, H=H, T=T, host=statistics.median(host) * 1e6, host_min=min(host) * 1e6,
+                           wall=start.elapsed_time(end) / 200 * 1e3))
+        del x
+    return t
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few points per table")
     ap.add_argument("--out", help="result folder (default: $OUT, else benchmarks/results)")
+    ap.add_argument("--parts", default="absorbed,sparse,prefill,host",
+                    help="tables to run, comma-separated: absorbed, sparse, prefill, host")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("kernel_bench.py needs CUDA")
@@ -250,7 +293,8 @@ def main(argv=None):
              f"{rates['copy'] / 1e12:.2f} TB/s (bytes read + written)",
              f"shapes: r={R}, dr={DR}, dn=dv={DN}; times are medians in microseconds"]
     tables, failed = [], []
-    for part in (absorbed_table, sparse_table, prefill_table):
+    parts = {"absorbed": absorbed_table, "sparse": sparse_table, "prefill": prefill_table, "host": host_table}
+    for part in (parts[p] for p in args.parts.split(",")):
         try:
             tables.append(part(rates, args.quick, flash))
             torch.cuda.empty_cache()
