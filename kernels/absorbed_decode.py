@@ -322,6 +322,8 @@ class LaunchPlan:
     chunk: int         # keys a split
     r_pad: int         # r and dr padded for tl.dot (>= 16, a power of two)
     dr_pad: int
+    m_bucket: int      # the Triton kernel's autotuning keys: rows, and keys x batch
+    work: int
 
 
 @functools.lru_cache(maxsize=4096)
@@ -330,8 +332,7 @@ def launch_plan(device: torch.device, dtype: torch.dtype, B: int, H: int, S: int
     """The kernel, tiles and splits for these sizes on this device: the answer of `registry.absorbed_core`
     (gluon=False: the Triton kernel, for calls whose strides TMA cannot take), then the split count
     that fills the GPU (`choose_splits`), or `num_splits` (tests and benchmarks)."""
-    sm90_device = gluon and device.type == "cuda" and registry.is_sm90(device)
-    core = registry.absorbed_core(dtype, H, S, r, dr, is_causal, sm90=sm90_device)
+    core = registry.absorbed_core(dtype, H, S, r, dr, is_causal, sm90=gluon and registry.is_sm90(device))
     # a keys-major program takes every head of a batch (BLOCK_M = 64: one 4-warp program an SM, its
     # shared memory allows no second)
     block_m = 64 if core == "keys_major" else block_m_for(H * S)
@@ -344,7 +345,8 @@ def launch_plan(device: torch.device, dtype: torch.dtype, B: int, H: int, S: int
         splits = triton.cdiv(max(eff_T, 1), chunk)
     r_pad = max(16, triton.next_power_of_2(r))   # tl.dot needs K >= 16 on the GPU
     dr_pad = max(16, triton.next_power_of_2(dr)) if dr else 16
-    return LaunchPlan(core, block_m, row_tiles, splits, chunk, r_pad, dr_pad)
+    return LaunchPlan(core, block_m, row_tiles, splits, chunk, r_pad, dr_pad, triton.next_power_of_2(H * S),
+                      work_bucket(B * eff_T))
 
 
 def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.0, is_causal=False,
@@ -375,7 +377,6 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
         core = "triton"
     M, BLOCK_M, row_tiles, splits, chunk = H * S, plan.block_m, plan.row_tiles, plan.splits, plan.chunk
     R_PAD, DR_PAD = plan.r_pad, plan.dr_pad
-    eff_T = T if not is_causal else min(T, S)
     kind, m, ms = mask_view(mask, B, S, T)
     one = splits == 1
     if one:
@@ -397,7 +398,7 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
             q_lat, q_rope, c, kr, m if m is not None else c, kvl, out, o_part, ml,
             float(scale), M, S, T, r, dr, chunk,
             *q_lat.stride(), *q_rope.stride(), *c.stride(), *kr.stride(), *ms, *out.stride(), *sp,
-            triton.next_power_of_2(M), work_bucket(B * eff_T),
+            plan.m_bucket, plan.work,
             BLOCK_M=BLOCK_M, R_PAD=R_PAD, DR_PAD=DR_PAD, HAS_ROPE=dr > 0, MASK_KIND=kind,
             IS_CAUSAL=bool(is_causal), HAS_KVLEN=kv_lens is not None, ONE_SPLIT=one,
             DOT_PREC=dot_precision(dt),
@@ -459,8 +460,7 @@ def _inlinable(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale=1.0,
     Gluon kernel (wrap_triton takes Triton's JIT functions only); mla.absorbed_opaque runs that one."""
     _, H, S, _ = q_nope.shape
     dt, r, dr = kernel_dtype(q_nope.dtype), w_uk.shape[-1], q_rope.shape[-1]
-    sm90_device = q_nope.device.type == "cuda" and registry.is_sm90(q_nope.device)
-    return registry.absorbed_core(dt, H, S, r, dr, is_causal, sm90=sm90_device) == "triton"
+    return registry.absorbed_core(dt, H, S, r, dr, is_causal, sm90=registry.is_sm90(q_nope.device)) == "triton"
 
 
 absorbed_decode.inlinable = _inlinable
