@@ -22,7 +22,9 @@ the others with their published layer count. --layers N sets the count for every
 
 Per row (model, batch B, prompt length P, system), greedy, --new-tokens N tokens:
   decode ms/token  median gap between consecutive tokens, from a LogitsProcessor that synchronizes and
-                   takes a timestamp at every step (so HF's own per-token work in generate is in it);
+                   takes a timestamp at every step (HF's own per-token work in generate is in it; HF's
+                   greedy loop reads whether every sequence has finished each step, so a step's host
+                   work and GPU work do not overlap either way);
                    tokens/s = B / that
   prefill ms       time to the first token (input preparation, prefill forward, first logits)
   first call s     the first generate() of the row, compilation included: every row starts from a fresh
@@ -373,6 +375,32 @@ def profile_decode(model, ids, kw, device, steps: int):
     return total / 1e3 / steps, (marks["b"] - marks["a"]) * 1e3 / steps, attn / total
 
 
+def host_profile(model, ids, kw, device, steps: int, top: int = 40) -> str:
+    """Where the host time of `steps` decode steps of one call goes: cProfile's table (cumulative
+    time, then own time) over those steps. cProfile slows Python down, so its times overstate the
+    Python share; the table is for finding where the time goes, not for its size."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    first = 2
+
+    def on_step(i):
+        if i == first:
+            prof.enable()
+        elif i == first + steps:
+            prof.disable()
+
+    timed_generate(model, ids, kw, device, on_step)
+    prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
 def prompt_ids(vocab: int, B: int, P: int, device):
     g = torch.Generator().manual_seed(1000 * B + P)
     return torch.randint(3, vocab, (B, P), generator=g).to(device)
@@ -401,6 +429,10 @@ def run_row(model, system, B, P, args, device, ref, floor):
         gpu, wall, share = profile_decode(model, ids, kw, device, args.profile_steps)
         row.update(gpu_ms=None if gpu is None else round(gpu, 4), wall_ms=None if wall is None else round(wall, 4),
                    attn_share=None if share is None else f"{100 * share:.0f}%")
+    if cuda and args.host_profile:
+        name = f"e2e-host-{system}-{model.config.model_type}-B{B}-P{P}{args.tag}.txt"
+        with open(os.path.join(common.out_dir(args.out), name), "w") as f:
+            f.write(host_profile(model, ids, kw, device, args.host_profile))
     if cuda:
         row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
     if floor is not None:
@@ -440,6 +472,9 @@ def parse_args(argv=None):
     ap.add_argument("--layers", type=int, help="layers of every model (default: published; V3/V3.2: what fits)")
     ap.add_argument("--dtype", choices=DTYPES, default="bf16")
     ap.add_argument("--profile-steps", type=int, default=4, help="decode steps under torch.profiler (0: none)")
+    ap.add_argument("--host-profile", type=int, default=0, metavar="STEPS",
+                    help="also write cProfile's table over STEPS decode steps of each row "
+                         "(e2e-host-<system>-<model>-B<b>-P<p>.txt)")
     ap.add_argument("--out", help="result folder (default: $OUT, else benchmarks/results)")
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny DeepSeek-V3, hf-eager and mla, float32")

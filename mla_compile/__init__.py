@@ -1,13 +1,14 @@
 """mla-compile: a torch.compile backend for Multi-head Latent Attention.
 
     model.compile(backend="mla")                  # found through the torch_dynamo_backends entry point
+    mla_compile.compile_generate(model)           # generate(): StaticCache + CUDA graphs, decode step compiled
     import mla_compile; print(mla_compile.format_rewrite_log())
 """
 
 from mla_compile import _layout  # noqa: F401  (maps passes/ and kernels/ in a source checkout)
 from mla_compile.rewrite_log import format_rewrite_log, rewrite_log
 
-__all__ = ["export_mlir", "format_rewrite_log", "plan", "reset", "rewrite_log"]
+__all__ = ["compile_generate", "export_mlir", "format_rewrite_log", "plan", "reset", "rewrite_log"]
 __version__ = "0.1.0"
 
 
@@ -48,6 +49,14 @@ def export_mlir(model, *args, **kwargs):
     from mla_compile.mlir import export_mlir as _export_mlir
 
     return _export_mlir(model, *args, **kwargs)
+
+
+def compile_generate(model, **kwargs):
+    """Make model.generate() decode through a StaticCache compiled by backend="mla" (CUDA graphs on
+    CUDA): see mla_compile.recipes.compile_generate."""
+    from mla_compile.recipes import compile_generate as _compile_generate
+
+    return _compile_generate(model, **kwargs)
 
 
 def plan(**kwargs):
