@@ -3,7 +3,7 @@
     python benchmarks/e2e.py [--models v2-lite,v3] [--systems hf-eager,mla] [--batch 1,8,32]
                              [--prompt 2048,16384,65536] [--new-tokens 64] [--layers N] [--dtype bf16]
                              [--out DIR] [--tag -suffix]
-    python benchmarks/e2e.py --smoke [--out DIR]    # CPU: a tiny DeepSeek-V3, hf-eager and mla, float32
+    python benchmarks/e2e.py --smoke [--out DIR]    # CPU: a tiny DeepSeek-V3, hf-eager and both mla recipes, float32
 
 One process, one GPU. Systems, run in this order (hf-eager first: it is the reference of the checks):
 
@@ -11,8 +11,8 @@ One process, one GPU. Systems, run in this order (hf-eager first: it is the refe
   hf-static   generate(..., cache_implementation="static"): HF compiles the decode step itself
               (its default CompileConfig: Inductor, mode="reduce-overhead", CUDA graphs)
   inductor    model.compile() (Inductor), DynamicCache
-  mla-static  generate(..., cache_implementation="static",
-                       compile_config=CompileConfig(backend="mla", mode="reduce-overhead"))
+  mla-static  mla_compile.compile_generate(model): generate's StaticCache, its decode step compiled
+              with CompileConfig(backend="mla", mode="reduce-overhead") (CUDA graphs)
   mla         model.compile(backend="mla"), DynamicCache: the one-liner of the README
 
 Models (--models; random weights, no download): the fields of each published config.json are in
@@ -262,6 +262,8 @@ def release(model, device) -> None:
     model._compiled_call_impl = None
     for attr in ("_compiled_call", "_last_compile_config", "_previous_max_cache_length", "_cache"):
         model.__dict__.pop(attr, None)
+    model.generation_config.cache_implementation = None
+    model.generation_config.compile_config = None
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
@@ -277,21 +279,14 @@ def prepare(model, system: str, device, smoke: bool) -> None:
         model.compile()
     elif system == "mla":
         model.compile(backend="mla", **({"options": SMOKE_OPTIONS} if smoke else {}))
+    elif system == "mla-static":
+        mla_compile.compile_generate(model, **({"options": SMOKE_OPTIONS} if smoke else {}))
 
 
-def generate_kwargs(system: str, new_tokens: int, smoke: bool) -> dict:
+def generate_kwargs(system: str, new_tokens: int) -> dict:
     kw = dict(max_new_tokens=new_tokens, do_sample=False)
-    if system in ("hf-static", "mla-static"):
+    if system == "hf-static":
         kw["cache_implementation"] = "static"
-    if system == "mla-static":
-        from transformers import CompileConfig
-
-        if smoke:     # the CPU: no CUDA graphs; HF compiles off the GPU only when told to
-            cc = CompileConfig(backend="mla", mode=None, options=SMOKE_OPTIONS)
-            cc._compile_all_devices = True
-        else:
-            cc = CompileConfig(backend="mla", mode="reduce-overhead")
-        kw["compile_config"] = cc
     return kw
 
 
@@ -408,7 +403,7 @@ def prompt_ids(vocab: int, B: int, P: int, device):
 
 def run_row(model, system, B, P, args, device, ref, floor):
     """Fill one row's measurements (dict), comparing with `ref` = hf-eager's (tokens, logits) if given."""
-    kw = generate_kwargs(system, args.new_tokens, args.smoke)
+    kw = generate_kwargs(system, args.new_tokens)
     ids = prompt_ids(model.config.vocab_size, B, P, device)
     row = {}
     cuda = device.type == "cuda"
@@ -477,11 +472,11 @@ def parse_args(argv=None):
                          "(e2e-host-<system>-<model>-B<b>-P<p>.txt)")
     ap.add_argument("--out", help="result folder (default: $OUT, else benchmarks/results)")
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
-    ap.add_argument("--smoke", action="store_true", help="CPU, tiny DeepSeek-V3, hf-eager and mla, float32")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny DeepSeek-V3, hf-eager and both mla recipes, float32")
     args = ap.parse_args(argv)
     if args.smoke:
         explicit = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
-        args.systems = args.systems if "--systems" in explicit else "hf-eager,mla"
+        args.systems = args.systems if "--systems" in explicit else "hf-eager,mla-static,mla"
         args.models, args.batch, args.prompt, args.dtype = "tiny-deepseek_v3", "1", "8", "fp32"
         args.new_tokens = min(args.new_tokens, 4) if "--new-tokens" not in explicit else args.new_tokens
         args.profile_steps = 0
@@ -580,7 +575,7 @@ def write(rows, model_notes, args, device):
     if args.copy_rate:
         notes.append(f"copy rate for the floor: {args.copy_rate / 1e12:.2f} TB/s (bytes read + written)")
     if args.smoke:
-        notes.append(f"smoke: tiny deepseek_v3 (mla_compile.tiny), CPU, mla with options={SMOKE_OPTIONS}, "
+        notes.append(f"smoke: tiny deepseek_v3 (mla_compile.tiny), CPU, the mla systems with options={SMOKE_OPTIONS}, "
                      "no profiler columns")
     notes += [f"model {n}" for n in model_notes]
     table = common.Table("Decode and prefill through generate()", COLUMNS, rows)

@@ -1,6 +1,6 @@
 """benchmarks/e2e.py --smoke: the end-to-end benchmark's table, written from a CPU run of a tiny model.
 
-The mla row must generate hf-eager's tokens and logits in float32: the script's own check compares
+Each mla row must generate hf-eager's tokens and logits in float32: the script's own check compares
 the first decode step's logits, and this test reads its verdict and the token agreement back.
 """
 
@@ -23,13 +23,14 @@ def test_e2e_smoke(tmp_path):
     text = md.read_text()
     assert "- command: `python benchmarks/e2e.py --smoke" in text
     rows = {r["system"]: r for r in csv.DictReader(open(table))}
-    assert set(rows) == {"hf-eager", "mla"}, rows
+    assert set(rows) == {"hf-eager", "mla-static", "mla"}, rows
     for system in rows:
         assert f"| {system} |" in text
         assert float(rows[system]["decode_ms"]) > 0, rows[system]
         assert rows[system]["note"] == "", rows[system]
-    mla = rows["mla"]
-    assert mla["logits_ok"] == "pass", mla
-    assert float(mla["logits_diff"]) <= 1e-4, mla
-    assert float(mla["token_agreement"]) == 1.0, mla
-    assert mla["forms"], "the mla row names no form: the backend rewrote nothing"
+    for system in ("mla-static", "mla"):
+        mla = rows[system]
+        assert mla["logits_ok"] == "pass", mla
+        assert float(mla["logits_diff"]) <= 1e-4, mla
+        assert float(mla["token_agreement"]) == 1.0, mla
+        assert mla["forms"], f"the {system} row names no form: the backend rewrote nothing"
