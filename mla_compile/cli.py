@@ -215,14 +215,10 @@ def cmd_explain(a) -> int:
     print(f"mla-compile explain: {label}, {type(model).__name__}; batch {a.batch}, prompt {a.prompt_len}, "
           f"{a.decode_steps} decode steps, {a.dtype} on {a.device}, form={a.form}, remainder={options['remainder']}")
     print()
-    print(format_rewrite_log(records))
-    print()
     print(f"{len(records) - skipped} region(s) rewritten, {skipped} left alone "
           f"(the first graph is the prefill, later ones decode steps)")
-    for r in records:
-        if r.status == "rewritten" and r.crossover:
-            print(f"\ncrossover ({r.module}, graph {r.graph}):\n  " + r.crossover.replace("\n", "\n  "))
-            break
+    print()
+    print(format_rewrite_log(records))
     if a.verbose:
         seen = set()
         for r in records:

@@ -87,24 +87,31 @@ def format_seconds(seconds: float) -> str:
 
 
 def format_rewrite_log(records: list[RewriteRecord] | None = None) -> str:
-    """A readable table: module, family, status, form, shapes, predicted costs, and the reason."""
+    """A table of one row per region and graph (module, family, status, form, shapes, the reason),
+    then each distinct run-time crossover once. The predicted costs are in the reasons of static
+    decisions; every field, expressions included, is in the records (`--json`, the JSON-lines log)."""
     recs = rewrite_log() if records is None else records
     if not recs:
         return "mla_compile: no MLA attention region has been compiled yet"
-    rows = [("graph", "module", "family", "status", "form", "shapes", "costs", "reason")]
+    rows = [("graph", "module", "family", "status", "form", "shapes", "reason")]
+    crossovers: dict[str, list[RewriteRecord]] = {}
     for r in recs:
         shapes = " ".join(f"{k}={v}" for k, v in r.shapes.items() if v is not None)
-        costs = " ".join(f"{f}={format_seconds(c)}" for f, c in r.costs.items())
-        reason = r.reason + (f"; crossover: {r.crossover}" if r.crossover else "")
+        reason = r.reason
         if r.form == "auto":
             ran = ", ".join(f"{f} x{n}" for f, n in sorted(r.runs.items())) or "no call yet"
-            reason += f"; ran: {ran}"
-        reason = reason.replace("\n", "; ")
-        rows.append((str(r.graph), r.module, r.family or "?", r.status, r.form or "-", shapes, costs or "-", reason))
+            reason = f"chosen per call on the predicted times (crossover below); ran: {ran}"
+            if r.crossover:
+                crossovers.setdefault(r.crossover, []).append(r)
+        rows.append((str(r.graph), r.module, r.family or "?", r.status, r.form or "-", shapes,
+                     reason.replace("\n", "; ")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for i, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1])
         if i == 0:
             lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    for text, where in crossovers.items():
+        graphs = ", ".join(sorted({str(r.graph) for r in where}))
+        lines += ["", f"crossover (graph {graphs}, {len(where)} region(s)):", "  " + text.replace("\n", "\n  ")]
     return "\n".join(lines)

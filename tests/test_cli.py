@@ -26,7 +26,7 @@ def test_explain_table(capsys, family):
     modules = [n for n, _ in mla_attention_modules(tiny_model(family))]
     lines = out.splitlines()
     header = next(i for i, ln in enumerate(lines) if ln.startswith("graph"))
-    for col in ("module", "form", "costs", "reason"):
+    for col in ("module", "form", "shapes", "reason"):
         assert col in lines[header]
     for m in modules:                              # one row for the prefill, one for the decode step
         rows = [ln for ln in lines[header + 2:] if ln.split()[1:2] == [m] and "rewritten" in ln]
@@ -132,3 +132,11 @@ def test_torch_logs_register():
     import logging
 
     assert logging.getLogger("mla_compile") is not None
+
+
+def test_readme_explain_output_is_what_the_command_prints(capsys):
+    """The README pastes one `mla-compile explain` run; the same command must print it today."""
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    block = readme.split("$ mla-compile explain ", 1)[1].split("```", 1)[0]
+    argv, pasted = block.split("\n", 1)
+    assert _explain(capsys, *argv.split()).rstrip("\n") == pasted.rstrip("\n")
