@@ -49,7 +49,7 @@ class Region:
     q_rope: fx.Node | None
     latent: fx.Node                    # c, [B, 1, T, r]
     k_rope: fx.Node                    # kp, [B, 1, T, dr]
-    weight: fx.Node                    # kv_b_proj.weight, [H*(dn+dv), r]
+    weight: fx.Node | None             # kv_b_proj.weight, [H*(dn+dv), r] (None: w_uk / w_uv given)
     mask: fx.Node | None               # the mask as HF hands it to the core
     base_mask: fx.Node | None          # DSA: the mask before the top-k index mask was applied
     topk_indices: fx.Node | None       # DSA: [B, S, k] int indices
@@ -60,6 +60,13 @@ class Region:
     dims: dict[str, Any]               # B, H, S, T, r, dr, dn, dv
     dtype: torch.dtype
     dead: list[fx.Node] = field(default_factory=list)   # nodes to erase once the core is replaced
+    # A region written already absorbed (passes/contraction.py) names W_UK and W_UV itself, and its
+    # operands may be laid out otherwise: `layout` holds, per op argument, the permute into the op's
+    # layout, the permute of the op's [B, H, S, dv] output back ("output"), and for the mask the
+    # 4-D shape to view it as and the permute to [B, 1, S, T] ("mask").
+    w_uk: fx.Node | None = None
+    w_uv: fx.Node | None = None
+    layout: dict | None = None
 
     @property
     def is_sparse(self) -> bool:
@@ -108,11 +115,18 @@ def _val(n: Any):
     return v if isinstance(v, torch.Tensor) else None
 
 
-def _shape(n: Any, what: str) -> tuple:
+def _shape(n: Any, what: str, rank: int | tuple[int, ...] | None = None) -> tuple:
+    """n's recorded shape; with `rank`, NoMatch unless it has that many dims (or one of those), so
+    that no caller unpacks a shape it did not check."""
     v = _val(n)
     if v is None:
         raise NoMatch(f"{what}: no recorded shape")
-    return tuple(v.shape)
+    shape = tuple(v.shape)
+    ranks = (rank,) if isinstance(rank, int) else rank
+    if ranks is not None and len(shape) not in ranks:
+        want = " or ".join(f"{k}-D" for k in ranks)
+        raise NoMatch(f"{what} is {len(shape)}-D {list(shape)}, expected {want}")
+    return shape
 
 
 def _static(x: Any, what: str) -> int:
@@ -156,12 +170,17 @@ def _getitem_of(n: Any, index: int) -> fx.Node:
     return n.args[0]
 
 
-def _slice_bounds(idx: Any):
-    """For x[..., a:b] return (a, b); else None."""
-    if isinstance(idx, tuple) and len(idx) == 2 and idx[0] is Ellipsis and isinstance(idx[1], slice):
-        s = idx[1]
-        if s.step in (None, 1):
-            return s.start, s.stop
+def _slice_bounds(idx: Any, rank: int | None = None):
+    """For x[..., a:b] (or, given x's rank, x[:, :, :, a:b]) return (a, b); else None."""
+    if not isinstance(idx, tuple) or not idx or not isinstance(idx[-1], slice):
+        return None
+    lead = idx[:-1]
+    full = slice(None, None, None)
+    if not (lead == (Ellipsis,) or (rank is not None and len(idx) == rank and all(x == full for x in lead))):
+        return None
+    s = idx[-1]
+    if s.step in (None, 1):
+        return s.start, s.stop
     return None
 
 
@@ -225,11 +244,17 @@ def _eager_core(out: fx.Node) -> _Core:
     x = _self(p)
     mask = None
     if _is_fn(x, operator.add, torch.add):
+        if len(x.args) > 2 or x.kwargs:
+            raise NoMatch("the mask is added with a factor (alpha) or an out= tensor")
         mask = x.args[1]
         nodes.append(x)
         x = x.args[0]
         if not isinstance(mask, fx.Node):
             raise NoMatch("the added mask is not a tensor")
+        mv = _val(mask)
+        if mv is not None and not mv.dtype.is_floating_point:
+            # the forms read a bool mask as "attend here"; added to scores, a bool adds 0 or 1
+            raise NoMatch("the mask added to the scores is not a float tensor")
     scale = 1.0
     if _is_fn(x, operator.mul, torch.mul) and isinstance(x.args[1], (int, float)):
         scale = float(x.args[1])
@@ -306,37 +331,60 @@ def _expansion_of_value(v: fx.Node) -> tuple[_Expansion, int, int]:
     return _Expansion(latent, weight, x, split, nodes), dn, dv
 
 
-def _key_assembly(k: fx.Node, exp: _Expansion, dn: int, core: _Core) -> tuple[fx.Node, list[fx.Node]]:
-    """K = new_empty(...); K[..., :dn].copy_(k_nope); K[..., dn:].copy_(kp.expand(-1, H, -1, -1)).
-    Returns (kp, nodes to erase)."""
+def _key_assembly(k: fx.Node, exp: _Expansion, dn: int, core: _Core) -> tuple[fx.Node, fx.Node | None, list[fx.Node]]:
+    """K = new_empty(B, H, T, dn+dr) filled in two pieces, each either HF's
+    `K[..., :dn].copy_(k_nope)` or an assignment `K[..., :dn] = k_nope` (FlashInfer's reference):
+    [:dn] from the first half of V's split, [dn:] from the shared RoPE key, broadcast over heads by
+    `kp.expand(-1, H, -1, -1)` or by the write itself. Returns (kp, the expand or None, nodes to erase).
+    Both writes must come before the core reads K: a write after it (through a view taken earlier)
+    would change what the core saw."""
     if not _is_method(k, "new_empty"):
         raise NoMatch("K is not assembled from the expansion (no new_empty + copy_)")
     nope_src = rope_src = None
     nodes = [k]
+    writes = []
     for u in list(k.users):
         if u in core.k_uses:
             continue
-        bounds = _slice_bounds(u.args[1]) if _is_fn(u, operator.getitem) else None
-        copies = [c for c in u.users if _is_method(c, "copy_") and c.args[0] is u]
-        if bounds is None or len(copies) != 1 or len(u.users) != 1:
-            raise NoMatch(f"K is used by {u.name} outside the attention core")
-        src = copies[0].args[1]
-        nodes += [u, copies[0]]
-        if bounds in ((None, dn), (0, dn)):
+        if _is_fn(u, operator.setitem) and u.args[0] is k and len(u.args) == 3:
+            bounds, src, write = _slice_bounds(u.args[1], 4), u.args[2], u
+            nodes.append(u)
+        else:
+            bounds = _slice_bounds(u.args[1], 4) if _is_fn(u, operator.getitem) else None
+            copies = [c for c in u.users if _is_method(c, "copy_") and c.args[0] is u]
+            if bounds is None or len(copies) != 1 or len(u.users) != 1:
+                raise NoMatch(f"K is used by {u.name} outside the attention core")
+            src, write = copies[0].args[1], copies[0]
+            nodes += [u, write]
+        writes.append(write)
+        if bounds in ((None, dn), (0, dn)) and nope_src is None:
             nope_src = src
-        elif bounds == (dn, None):
+        elif bounds == (dn, None) and rope_src is None:
             rope_src = src
         else:
-            raise NoMatch("K is filled in pieces other than [:dn] and [dn:]")
+            raise NoMatch("K is filled in pieces other than one [:dn] and one [dn:]")
     if nope_src is None or rope_src is None:
         raise NoMatch("K is not filled from both k_nope and the RoPE key")
+    first_read = min(core.k_uses, key=_position)
+    if any(_position(w) > _position(first_read) for w in writes):
+        raise NoMatch("K is written after the attention core reads it")
     if _getitem_of(nope_src, 0) is not exp.split:
         raise NoMatch("K's no-RoPE part is not the first half of V's split")
     nodes.append(nope_src)
-    if not _is_method(rope_src, "expand"):
-        raise NoMatch("K's RoPE part is not the shared key broadcast over heads")
-    nodes.append(rope_src)
-    return _self(rope_src), nodes
+    if _is_method(rope_src, "expand"):
+        nodes.append(rope_src)
+        return _self(rope_src), rope_src, nodes
+    if not isinstance(rope_src, fx.Node):
+        raise NoMatch("K's RoPE part is not a tensor")
+    return rope_src, None, nodes      # broadcast by the write itself: _match_core checks [B, 1, T, dr]
+
+
+def _position(n: fx.Node) -> int:
+    """n's index in its graph's node order (the order the graph runs in)."""
+    for i, m in enumerate(n.graph.nodes):
+        if m is n:
+            return i
+    raise NoMatch(f"{n.name} is not in the graph")
 
 
 def _query_parts(q: fx.Node, dn: int, dr: int) -> tuple[fx.Node | None, fx.Node | None]:
@@ -359,6 +407,9 @@ def _static_cache_position(latent: fx.Node) -> fx.Node | None:
     """A StaticCache writes the new latents in place, `cache.index_copy_(2, cache_position, new)`, and
     attention then reads the whole preallocated buffer. The positions written tell how much of it is
     filled (HF fills it from the front), so the kernels can skip the rest."""
+    v = _val(latent)
+    if v is None or v.dim() != 4:        # HF's StaticCache layout [B, 1, T, r]: dim 2 is the tokens
+        return None
     writes = [u for u in latent.users if _is_method(u, "index_copy_") and u.args[0] is latent
               and _arg(u, 0, "dim") in (2, -2)]
     if len(writes) != 1:
@@ -395,29 +446,52 @@ def _dsa_mask(mask: fx.Node | None):
 
 # --------------------------------------------------------------------------------------------- #
 
+def _latent_dims(latent: fx.Node) -> tuple[Any, Any, int]:
+    """(B, T, r) of a latent laid out [B, 1, T, r] (HF's one-head cache) or [B, T, r] (a plain
+    token-major cache, as DeepSeek's and FlashInfer's references keep it); the ops take either."""
+    shape = _shape(latent, "latent", (3, 4))
+    if len(shape) == 4:
+        B, one, T, r = shape
+        if not _same(one, 1):
+            raise NoMatch(f"the latent has {one} heads, expected one shared head")
+    else:
+        B, T, r = shape
+    return B, T, _static(r, "kv_lora_rank")
+
+
 def _match_core(core: _Core) -> Region:
     exp, dn, dv = _expansion_of_value(core.v)
-    kp, key_nodes = _key_assembly(core.k, exp, dn, core)
+    kp, kp_expand, key_nodes = _key_assembly(core.k, exp, dn, core)
 
-    B, one, T, r = _shape(exp.latent, "latent")
-    if not _same(one, 1):
-        raise NoMatch(f"the latent has {one} heads, expected one shared head")
-    r = _static(r, "kv_lora_rank")
-    w_rows, w_r = (_static(s, "kv_b_proj weight dim") for s in _shape(exp.weight, "kv_b_proj weight"))
+    B, T, r = _latent_dims(exp.latent)
+    w_rows, w_r = (_static(s, "kv_b_proj weight dim") for s in _shape(exp.weight, "kv_b_proj weight", 2))
     if w_r != r or w_rows % (dn + dv):
         raise NoMatch(f"kv_b_proj weight {w_rows}x{w_r} does not fit latent rank {r} and head dims {dn}+{dv}")
     H = w_rows // (dn + dv)
-    kpb, kph, kpt, kpdr = _shape(kp, "RoPE key")
+    kpb, kph, kpt, kpdr = _shape(kp, "RoPE key", 4)
     dr = _static(kpdr, "qk_rope_head_dim")
-    qb, qh, S, qd = _shape(core.q, "Q")
+    qb, qh, S, qd = _shape(core.q, "Q", 4)
     if not (_same(qh, H) and _same(qd, dn + dr)):
         raise NoMatch(f"Q is {_shape(core.q, 'Q')}, expected [B, H={H}, S, dn+dr={dn + dr}]")
     q_nope, q_rope = _query_parts(core.q, dn, dr)
     if not (_same(kph, 1) and _same(kpdr, dr) and _same(kpt, T) and _same(kpb, B) and _same(qb, B)):
         raise NoMatch("the RoPE key is not one shared [B, 1, T, dr] head")
-    vshape = _shape(exp.x, "expansion")
-    if not (_same(vshape[1], H) and _same(vshape[3], dn + dv)):
-        raise NoMatch("the expansion's view does not split heads as the weight does")
+    # A view is a row-major reinterpretation, so its output shape alone fixes what it does: the
+    # linear's [B, (1,) T, H*(dn+dv)] read as [B, T, H, dn+dv] splits the last dim into heads and
+    # nothing else. Any other leading order (say [T, B, ...]) would mix tokens and rows.
+    view_shape = _shape(_self(exp.x), "the expansion's view", 4)
+    if not (_same(view_shape[0], B) and _same(view_shape[1], T) and _same(view_shape[2], H)
+            and _same(view_shape[3], dn + dv)):
+        raise NoMatch(f"the expansion is viewed as {list(view_shape)}, not [B, T, H={H}, dn+dv={dn + dv}]")
+    # K must be exactly [B, H, T, dn+dr] and its RoPE part the shared key broadcast to [B, H, T, dr]:
+    # copy_ broadcasts its source, so a K of another shape could be filled without an error.
+    kshape = _shape(core.k, "K", 4)
+    if not (_same(kshape[0], B) and _same(kshape[1], H) and _same(kshape[2], T) and _same(kshape[3], dn + dr)):
+        raise NoMatch(f"K is {list(kshape)}, expected [B, H={H}, T, dn+dr={dn + dr}]")
+    if kp_expand is not None:
+        eshape = _shape(kp_expand, "the broadcast RoPE key", 4)
+        if not (_same(eshape[0], B) and _same(eshape[1], H) and _same(eshape[2], T) and _same(eshape[3], dr)):
+            raise NoMatch(f"the RoPE key is broadcast to {list(eshape)}, expected [B, H={H}, T, dr={dr}]")
     dtype = _val(core.output).dtype if _val(core.output) is not None else torch.float32
 
     # What the core reads must be used only by it (else it cannot be removed); Q may be read elsewhere.
@@ -433,7 +507,7 @@ def _match_core(core: _Core) -> Region:
     dsa = _dsa_mask(core.mask)
     if dsa is not None:
         base_mask, idx, dead_mask = dsa
-        topk = _shape(idx, "top-k indices")[2]
+        topk = _shape(idx, "top-k indices", 3)[2]
     module, family = module_of(core.output)
     dead = core.nodes + key_nodes + shape_reads + [core.v] + exp.nodes[::-1] + (dead_mask if dsa else [])
     if q_nope is not None:
@@ -452,27 +526,61 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], list[Miss]]:
     """Every MLA attention region in the graph, and every attention core that was not one."""
     regions, misses = [], []
     for n in list(gm.graph.nodes):
-        if _is_fn(n, SDPA):
-            kind, build = "sdpa", _sdpa_core
-        elif _is_fn(n, torch.matmul) and _is_softmax_product(n):
-            kind, build = "eager", _eager_core
-        elif _is_fn(n, torch.matmul) and _reads_expanded_value(n):
-            module, family = module_of(n)
-            misses.append(Miss(module, family, "eager", _unrecognised_probabilities(n.args[0])))
-            continue
-        else:
-            continue
-        module, family = module_of(n)
-        core = None
         try:
-            core = build(n)
-            regions.append(_match_core(core))
-        except NoMatch as e:
-            misses.append(Miss(module, family, kind, _plain_reason(core, e)))
-        except Exception as e:  # noqa: BLE001 - a shape the matcher did not foresee: leave it as written
-            misses.append(Miss(module, family, kind, f"not matched (the matcher stopped on "
-                                                     f"{type(e).__name__}: {e}); left as written"))
+            _match_anchor(n, regions, misses)
+        except Exception as e:  # noqa: BLE001 - even the anchor tests must never stop compilation
+            try:
+                module, family = module_of(n)
+            except Exception:  # noqa: BLE001
+                module, family = "<top>", None
+            misses.append(Miss(module, family, "?", f"not matched (the matcher stopped on "
+                                                    f"{type(e).__name__}: {e}); left as written"))
     return regions, misses
+
+
+def _match_anchor(n: fx.Node, regions: list[Region], misses: list[Miss]) -> None:
+    """Match one candidate anchor node, appending to regions or misses (nothing for a non-anchor)."""
+    from mla_compile.passes import contraction
+
+    if _is_fn(n, SDPA):
+        kind, build = "sdpa", _sdpa_core
+    elif _is_fn(n, torch.matmul) and _is_softmax_product(n):
+        kind, build = "eager", _eager_core
+    elif _is_fn(n, torch.matmul) and _reads_expanded_value(n):
+        module, family = module_of(n)
+        misses.append(Miss(module, family, "eager", _unrecognised_probabilities(n.args[0])))
+        return
+    elif contraction.is_product(n) and contraction.softmax_operand(n) is not None:
+        # P @ V spelled otherwise (einsum, bmm, `@`, P on the right): only the absorbed reading applies
+        module, family = module_of(n)
+        op = getattr(n.target, "__name__", "product")
+        try:
+            regions.append(contraction.match_absorbed(n))
+        except NoMatch as e:
+            misses.append(Miss(module, family, op, f"attention written as products ({op}), not taken: {e}"))
+        return
+    else:
+        return
+    module, family = module_of(n)
+    core = None
+    try:
+        core = build(n)
+        regions.append(_match_core(core))
+    except NoMatch as e:
+        region = None
+        if kind == "eager":
+            # HF's layout failed; the same core may still be an absorbed MLA written with matmul
+            try:
+                region = contraction.match_absorbed(n)
+            except NoMatch:
+                pass
+        if region is not None:
+            regions.append(region)
+        else:
+            misses.append(Miss(module, family, kind, _plain_reason(core, e)))
+    except Exception as e:  # noqa: BLE001 - a shape the matcher did not foresee: leave it as written
+        misses.append(Miss(module, family, kind, f"not matched (the matcher stopped on "
+                                                 f"{type(e).__name__}: {e}); left as written"))
 
 
 def _plain_reason(core: "_Core | None", e: NoMatch) -> str:

@@ -6,7 +6,9 @@ Inserted just before the core's output:
     out    = torch.ops.mla.<form>(q_nope, q_rope, latent, k_rope, W_UK, W_UV, [indices,] mask, scale, is_causal)
 
 then the core, HF's key assembly (new_empty + copy_), the expansion and (for the sparse forms) the
-dense top-k mask are erased once nothing reads them. The weight views are graph nodes over the
+dense top-k mask are erased once nothing reads them. A region found already absorbed names its own
+W_UK / W_UV and may keep its operands in another layout ([B, S, H, *], DeepSeek's): each goes
+through the permute its `layout` gives, and the op's output is permuted back. The weight views are graph nodes over the
 weight placeholder, so Inductor folds them and training sees the real parameter.
 """
 
@@ -28,28 +30,59 @@ def rewrite(gm: fx.GraphModule, region: Region, form: str, dense_mask: str = "fu
     g = gm.graph
     d = region.dims
     H, dn, dv, r = d["H"], d["dn"], d["dv"], d["r"]
+    layout = region.layout or {}
+    inserted = []
+
+    def arranged(node, name):
+        """node permuted into the op's layout for argument `name` (no node when it already is)."""
+        perm = layout.get(name)
+        if perm is None or tuple(perm) == tuple(range(len(perm))):
+            return node
+        inserted.append(g.call_method("permute", (node, *perm)))
+        return inserted[-1]
+
     with g.inserting_before(region.output):
-        w = g.call_method("view", (region.weight, H, dn + dv, r))
-        w_uk = g.call_function(operator.getitem, (w, (slice(None), slice(None, dn))))
-        w_uv = g.call_function(operator.getitem, (w, (slice(None), slice(dn, None))))
+        if region.w_uk is not None:
+            w_uk, w_uv = arranged(region.w_uk, "w_uk"), arranged(region.w_uv, "w_uv")
+        else:
+            w = g.call_method("view", (region.weight, H, dn + dv, r))
+            w_uk = g.call_function(operator.getitem, (w, (slice(None), slice(None, dn))))
+            w_uv = g.call_function(operator.getitem, (w, (slice(None), slice(dn, None))))
+            inserted += [w, w_uk, w_uv]
         q_nope, q_rope = region.q_nope, region.q_rope
         if q_nope is None:
             q_nope = g.call_function(operator.getitem, (region.query, (Ellipsis, slice(None, dn))))
             q_rope = g.call_function(operator.getitem, (region.query, (Ellipsis, slice(dn, None))))
-        head = (q_nope, q_rope, region.latent, region.k_rope, w_uk, w_uv)
+            inserted += [q_nope, q_rope]
+        q_nope, q_rope = arranged(q_nope, "q_nope"), arranged(q_rope, "q_rope")
+        head = (q_nope, q_rope, arranged(region.latent, "latent"), arranged(region.k_rope, "k_rope"), w_uk, w_uv)
+        mask = region.mask
+        if layout.get("mask") is not None and mask is not None:
+            # the mask as the region's scores saw it (4-D, in their axis order), then in [B, 1, S, T]
+            lead, perm = layout["mask"]
+            for _ in range(lead):
+                inserted.append(g.call_method("unsqueeze", (mask, 0)))
+                mask = inserted[-1]
+            if tuple(perm) != (0, 1, 2, 3):
+                inserted.append(g.call_method("permute", (mask, *perm)))
+                mask = inserted[-1]
         if form == "auto":
-            mask = region.base_mask if region.is_sparse else region.mask
+            mask = region.base_mask if region.is_sparse else mask
             new = g.call_function(torch.ops.mla.auto.default,
                                   head + (region.topk_indices, mask, region.scale, region.is_causal, plan_id))
         elif form in SPARSE_FORMS:
             new = g.call_function(op_for(form), head + (region.topk_indices, region.base_mask, region.scale,
                                                         region.is_causal))
         else:
-            mask = region.base_mask if (region.is_sparse and dense_mask == "base") else region.mask
+            mask = region.base_mask if (region.is_sparse and dense_mask == "base") else mask
             new = g.call_function(op_for(form), head + (mask, region.scale, region.is_causal, _filled(g, region)))
-    for n in (w, w_uk, w_uv, q_nope, q_rope, new):
-        n.meta["nn_module_stack"] = region.output.meta.get("nn_module_stack", {})
     out_val = region.output.meta.get("example_value")
+    if layout.get("output") is not None and tuple(layout["output"]) != tuple(range(4)):
+        with g.inserting_before(region.output):
+            inserted.append(new)
+            new = g.call_method("permute", (new, *layout["output"]))
+    for n in inserted + [new]:
+        n.meta["nn_module_stack"] = region.output.meta.get("nn_module_stack", {})
     if out_val is not None:
         new.meta["example_value"] = out_val
     region.output.replace_all_uses_with(new)

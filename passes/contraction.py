@@ -1,0 +1,591 @@
+"""Find MLA written already absorbed, as products in any layout (einsum, bmm, matmul, `@`).
+
+DeepSeek's own inference code (`attn_impl="absorb"`) and similar references write MLA in the latent
+parametrisation, with einsum in a [B, S, H, *] layout:
+
+    q_lat  = einsum("bshd,hdc->bshc", q_nope, W_UK)                 W_UK = wkv_b.view(H, -1, r)[:, :dn]
+    scores = (einsum("bshc,btc->bsht", q_lat, c) + einsum("bshr,btr->bsht", q_pe, kp)) * scale
+    scores += mask                                                  (any mask with one head: [.., S, 1, T])
+    P      = softmax(scores, -1)                                    (float32 or not, cast back or not)
+    o_lat  = einsum("bsht,btc->bshc", P, c)                         the same latent c
+    out    = einsum("bshc,hdc->bshd", o_lat, W_UV)                  W_UV = wkv_b.view(H, -1, r)[:, -dv:]
+
+Nothing here depends on letters, operand order, layout or the op that spells a product. Every
+product is first read as an einsum (letters per axis; a transpose or permute of an operand only
+relabels its axes, an upcast changes no value), then each axis is given a role (B, S, H, T, and the
+contracted widths C = r, D = dn, R = dr, E = dv) by what the products do: T is the softmax axis, C
+the axis the values are summed over after P, H the axis the output projection shares with its
+weight, and so on. A region is taken only if every product contracts exactly the axis its role says,
+every operand has exactly the axes it must (a per-head key or value is not a shared latent), every
+size agrees with its role (no broadcast), the two reads of the latent are provably the same values,
+and nothing mutates an input between its reads and the rewritten op. The region then runs as the
+absorbed (or expanded) op on operands permuted into its [B, H, S, *] layout, the output permuted
+back: exactly the same sums, in the same float32-or-wider precision.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from mla_compile.passes.match import (
+    NoMatch, Region, _is_fn, _is_method, _same, _shape, _static, _val, module_of,
+)
+
+EINSUM = (torch.einsum, torch.functional.einsum)
+PRODUCTS = EINSUM + (torch.matmul, torch.bmm, operator.matmul)
+SOFTMAX = (F.softmax, torch.softmax)
+LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# Ops that return a view of their first operand: a mutation of one is a mutation of the other.
+VIEW_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "flatten",
+                "unflatten", "narrow", "select", "as_strided", "t", "contiguous", "view_as", "split"}
+
+VIEW_FUNCTIONS = (operator.getitem, torch.split, torch.functional.split, torch.chunk, torch.transpose, torch.permute,
+                  torch.unsqueeze, torch.squeeze, torch.narrow, torch.select, torch.flatten, torch.reshape,
+                  torch.view_as_real, torch.view_as_complex)
+
+
+def is_product(n: Any) -> bool:
+    return _is_fn(n, *PRODUCTS)
+
+
+@dataclass
+class Product:
+    """A product read as an einsum: out[lo] = sum over the rest of a[la] * b[lb]. `a` and `b` are the
+    operands behind any transposes and upcasts (whose nodes are in `via`)."""
+
+    node: fx.Node
+    a: fx.Node
+    b: fx.Node
+    la: str
+    lb: str
+    lo: str
+    via: list[fx.Node]
+    unit: frozenset = frozenset()      # letters of size-1 axes in one operand only (broadcast)
+
+    @property
+    def summed(self) -> set[str]:
+        return (set(self.la) | set(self.lb)) - set(self.lo) - set(self.unit)
+
+
+def _parse_einsum(n: fx.Node) -> tuple[list[str], str, list[Any]]:
+    """(input letters per operand, output letters, operands) of an einsum node."""
+    eq = n.args[0] if n.args else n.kwargs.get("equation")
+    ops = list(n.args[1:])
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    if not isinstance(eq, str):
+        raise NoMatch("einsum equation is not a constant string")
+    eq = eq.replace(" ", "")
+    if "." in eq:
+        raise NoMatch(f"einsum {eq!r} uses '...'; only explicit letters are read")
+    if "->" in eq:
+        lhs, lo = eq.split("->")
+    else:                                   # implicit output: the letters seen once, sorted
+        lhs = eq
+        flat = lhs.replace(",", "")
+        lo = "".join(sorted(c for c in set(flat) if flat.count(c) == 1))
+    return lhs.split(","), lo, ops
+
+
+def product(n: fx.Node) -> Product:
+    """n (einsum / matmul / bmm / @ of two tensors) as an einsum over the operands' own axes."""
+    if _is_fn(n, *EINSUM):
+        ins, lo, ops = _parse_einsum(n)
+        if len(ins) != 2 or len(ops) != 2:
+            raise NoMatch(f"einsum of {len(ops)} operands; attention products have two")
+        la, lb = ins
+    else:
+        if len(n.args) != 2 or n.kwargs:
+            raise NoMatch(f"{n.name}: a product with other than two positional operands")
+        ops = list(n.args)
+        ra, rb = (len(_shape(o, f"{n.name}'s operand")) for o in ops)
+        if _is_fn(n, torch.bmm) and (ra, rb) != (3, 3):
+            raise NoMatch("bmm of operands that are not 3-D")
+        if ra != rb or ra < 2:
+            # matmul broadcasting of unequal ranks (or vectors) is read only where ranks match
+            raise NoMatch(f"{n.name}: a product of {ra}-D by {rb}-D operands")
+        # A batch axis of size 1 against a larger one is broadcast: it gets a letter of its own,
+        # summed over one element (exact), and the caller sees it as a unit axis.
+        sa, sb = _shape(ops[0], "operand"), _shape(ops[1], "operand")
+        la = lb = lo = ""
+        for i in range(ra - 2):
+            shared = LETTERS[3 + i]
+            if _same(sa[i], sb[i]):
+                la, lb, lo = la + shared, lb + shared, lo + shared
+            elif _same(sa[i], 1):
+                la, lb, lo = la + LETTERS[30 + i], lb + shared, lo + shared
+            elif _same(sb[i], 1):
+                la, lb, lo = la + shared, lb + LETTERS[30 + i], lo + shared
+            else:
+                raise NoMatch(f"{n.name}: batch axes of sizes {sa[i]} and {sb[i]}")
+        la, lb, lo = la + "ab", lb + "bc", lo + "ac"
+    for name, letters, op in (("first", la, ops[0]), ("second", lb, ops[1])):
+        if len(set(letters)) != len(letters):
+            raise NoMatch(f"{n.name}: the {name} operand repeats a letter ({letters!r}: a diagonal)")
+        if len(_shape(op, f"{n.name}'s {name} operand")) != len(letters):
+            raise NoMatch(f"{n.name}: {letters!r} does not name every axis of the {name} operand")
+    if len(set(lo)) != len(lo) or not set(lo) <= set(la) | set(lb):
+        raise NoMatch(f"{n.name}: output letters {lo!r} are not distinct input letters")
+    via: list[fx.Node] = []
+    a, la = behind(ops[0], la, via)
+    b, lb = behind(ops[1], lb, via)
+    sa, sb = _shape(a, "operand"), _shape(b, "operand")
+    unit = frozenset(c for c, size in list(zip(la, sa)) + list(zip(lb, sb))
+                     if _same(size, 1) and c not in lo and (c in la) != (c in lb))
+    return Product(n, a, b, la, lb, lo, via, unit)
+
+
+def behind(x: Any, letters: str, via: list[fx.Node]) -> tuple[fx.Node, str]:
+    """Walk x back through transposes, permutes and upcasts, relabelling: returns the tensor they
+    start from and the letters of its own axes. A transpose or permute moves values, never changes
+    them; a cast is taken only where it cannot round (to a dtype at least as wide, or the same)."""
+    while isinstance(x, fx.Node):
+        src = x.args[0] if x.args else None
+        if _is_method(x, "transpose") or _is_fn(x, torch.transpose):
+            dims = [d for d in x.args[1:3]]
+            if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
+                break
+            i, j = (d % len(letters) for d in dims)
+            ls = list(letters)
+            ls[i], ls[j] = ls[j], ls[i]
+            letters = "".join(ls)
+        elif _is_method(x, "permute") or _is_fn(x, torch.permute):
+            dims = x.args[1:] if _is_method(x, "permute") else x.args[1]
+            if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+                dims = dims[0]
+            dims = list(dims)
+            if sorted(d % len(letters) for d in dims if isinstance(d, int)) != list(range(len(letters))):
+                break
+            ls = [""] * len(letters)
+            for k, d in enumerate(dims):        # out axis k is input axis dims[k]
+                ls[d % len(letters)] = letters[k]
+            letters = "".join(ls)
+        elif _is_method(x, "t") and len(letters) == 2:
+            letters = letters[::-1]
+        elif _is_method(x, "float", "double", "to", "type_as", "type", "contiguous") and _widening(x):
+            pass
+        else:
+            break
+        via.append(x)
+        x = src
+    if not isinstance(x, fx.Node):
+        raise NoMatch("a product's operand is not a tensor")
+    return x, letters
+
+
+def _widening(x: fx.Node) -> bool:
+    """x is a cast (or contiguous) that keeps every value exactly: same dtype, or a wider float."""
+    out, src = _val(x), _val(x.args[0])
+    if out is None or src is None or tuple(out.shape) != tuple(src.shape):
+        return False
+    if out.dtype == src.dtype:
+        return True
+    return (out.dtype.is_floating_point and src.dtype.is_floating_point
+            and torch.finfo(out.dtype).bits >= torch.finfo(src.dtype).bits
+            and torch.finfo(out.dtype).eps <= torch.finfo(src.dtype).eps)
+
+
+def _is_float_cast(x: fx.Node) -> bool:
+    out, src = _val(x), _val(x.args[0])
+    return (out is not None and src is not None and tuple(out.shape) == tuple(src.shape)
+            and out.dtype.is_floating_point and src.dtype.is_floating_point)
+
+
+def _roles_of(letters: str, roles: dict[str, str], unit=frozenset()) -> str:
+    """Each letter's role; "1" for a unit (size-1, broadcast) axis."""
+    return "".join("1" if c in unit else roles[c] for c in letters)
+
+
+def _perm(have: str, want: str) -> tuple[int, ...]:
+    """The permute that takes axes in role order `have` to role order `want`."""
+    return tuple(have.index(r) for r in want)
+
+
+# --------------------------------------------------------------------------------------------- #
+
+def _softmax_of(x: Any, via: list[fx.Node]) -> tuple[fx.Node, int]:
+    """Walk back from a product operand to the softmax that made it (through casts, a no-op dropout,
+    transposes are not allowed here: P is taken in the softmax's own layout). Returns (softmax, dim)."""
+    for _ in range(4):
+        if _is_fn(x, *SOFTMAX) or _is_method(x, "softmax"):
+            dim = x.args[1] if len(x.args) > 1 else x.kwargs.get("dim")
+            if not isinstance(dim, int):
+                raise NoMatch("the softmax dimension is not a constant")
+            rank = len(_shape(x, "the softmax"))
+            return x, dim % rank
+        if _is_fn(x, F.dropout):
+            p = x.args[1] if len(x.args) > 1 else x.kwargs.get("p", 0.5)
+            training = x.args[2] if len(x.args) > 2 else x.kwargs.get("training", True)
+            if p != 0.0 and training:
+                raise NoMatch("attention dropout is active (training with dropout > 0)")
+        elif not (_is_method(x, "float", "to", "type_as", "type") and _is_float_cast(x)):
+            # P may be rounded to the model's dtype after a float32 softmax (HF does the same);
+            # the forms keep it in float32, which is at least as exact.
+            break
+        via.append(x)
+        x = x.args[0]
+    raise NoMatch("no softmax behind this product")
+
+
+def softmax_operand(n: fx.Node) -> int | None:
+    """Which operand (0 or 1) of product n comes from a softmax, or None."""
+    ops = n.args[1:] if _is_fn(n, *EINSUM) else n.args
+    if _is_fn(n, *EINSUM) and len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = ops[0]
+    for i, o in enumerate(ops[:2]):
+        try:
+            _softmax_of(o, [])
+            return i
+        except NoMatch:
+            continue
+    return None
+
+
+def _only_users(n: fx.Node, allowed: set[fx.Node], what: str) -> None:
+    extra = [u for u in n.users if u not in allowed]
+    if extra:
+        raise NoMatch(f"{what} ({n.name}) is also used by {', '.join(u.name for u in extra)} outside the attention")
+
+
+def _position(g: fx.Graph) -> dict[fx.Node, int]:
+    return {n: i for i, n in enumerate(g.nodes)}
+
+
+def _root(x: fx.Node) -> fx.Node:
+    """The tensor whose storage x views (through getitem / view-like methods)."""
+    while isinstance(x, fx.Node) and x.args and isinstance(x.args[0], fx.Node) and (
+            _is_fn(x, *VIEW_FUNCTIONS) or (x.op == "call_method" and x.target in VIEW_METHODS)):
+        x = x.args[0]
+    return x
+
+
+def _mutates(n: fx.Node) -> fx.Node | None:
+    """The tensor n writes in place, if it is a write (setitem, x.op_(), x += y, out=...)."""
+    if _is_fn(n, operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow):
+        return n.args[0] if isinstance(n.args[0], fx.Node) else None
+    if n.op == "call_method" and n.target.endswith("_") and not n.target.endswith("__"):
+        return n.args[0] if isinstance(n.args[0], fx.Node) else None
+    if n.op == "call_function" and isinstance(n.kwargs.get("out"), fx.Node):
+        return n.kwargs["out"]
+    return None
+
+
+def _same_values(a: fx.Node, b: fx.Node, pos: dict[fx.Node, int]) -> bool:
+    """a and b hold the same values: the same node, or the same read (getitem with an equal index)
+    of one tensor with no write to that tensor between the two reads."""
+    if a is b:
+        return True
+    if not (_is_fn(a, operator.getitem) and _is_fn(b, operator.getitem)):
+        return False
+    if a.args[0] is not b.args[0] or a.args[1] != b.args[1]:
+        return False
+    return _unwritten(_root(a), min(pos[a], pos[b]), max(pos[a], pos[b]), pos)
+
+
+def _unwritten(root: fx.Node, start: int, end: int, pos: dict[fx.Node, int]) -> bool:
+    for n, i in pos.items():
+        if start < i < end:
+            target = _mutates(n)
+            if target is not None and _root(target) is root:
+                return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------- #
+
+@dataclass
+class _Term:
+    product: Product
+    query: fx.Node
+    query_roles: str
+    key: fx.Node
+    key_roles: str
+
+
+def match_absorbed(pv_node: fx.Node) -> Region:
+    """The absorbed MLA region whose P @ c product is pv_node (see the module docstring)."""
+    g = pv_node.graph
+    pos = _position(g)
+    region_nodes: list[fx.Node] = []
+
+    # 1. o_lat = P @ c: P's last role is the softmax axis T; the other operand must be the latent,
+    #    axes exactly {B, T, C} (a per-head value is an expanded V, not a latent).
+    pv = product(pv_node)
+    p_via: list[fx.Node] = []
+    side = softmax_operand(pv_node)
+    if side is None:
+        raise NoMatch("no softmax behind P @ V")
+    p_node, lp, lat2, lv = (pv.a, pv.la, pv.b, pv.lb) if side == 0 else (pv.b, pv.lb, pv.a, pv.la)
+    sm, sd = _softmax_of(p_node, p_via)
+    if len(lp) != 4:
+        raise NoMatch(f"P is {len(lp)}-D; expected [B, S, H, T] in some order")
+    t = lp[sd]
+    if pv.summed != {t}:
+        raise NoMatch(f"P @ V sums over {sorted(pv.summed)}, not only the softmax axis")
+    lv_all, lv = lv, "".join(c for c in lv if c not in pv.unit)     # a broadcast head axis of 1 is no head
+    shared = [c for c in lv if c in lp and c != t]
+    if len(lv) == 4 and len(shared) == 2:
+        raise NoMatch(f"the values have a head axis (per-head V, {_origin(lat2)}): P does not multiply a "
+                      "shared latent, and only the absorbed spelling is read in einsum / bmm form")
+    if len(lv) != 3 or t not in lv or len(shared) != 1:
+        raise NoMatch(f"the values are not a shared latent [B, T, r] (their axes are {lv!r} against P's {lp!r})")
+    b_ = shared[0]
+    c_ = next(c for c in lv if c not in (t, b_))
+    x_, y_ = (c for c in lp if c not in (t, b_))
+    if sorted(pv.lo) != sorted(b_ + x_ + y_ + c_):
+        raise NoMatch(f"P @ V's output axes {pv.lo!r} are not P's batch, query and head axes and r")
+
+    # 2. out = o_lat @ W_UV: the one axis the weight shares with o_lat is H; r is summed; dv is new.
+    users = list(pv_node.users)
+    if len(users) != 1:
+        raise NoMatch("the latent output o_lat is read by more than the output projection")
+    out_node = users[0]
+    if not is_product(out_node):
+        raise NoMatch("o_lat does not go straight into a product with W_UV (the output projection)")
+    oc = product(out_node)
+    if oc.a is pv_node:
+        lq, w_uv, lw = oc.la, oc.b, oc.lb
+    elif oc.b is pv_node:
+        lq, w_uv, lw = oc.lb, oc.a, oc.la
+    else:
+        raise NoMatch("the output projection does not read o_lat")
+    roles = {}      # letters of the output projection -> roles
+    q_of = dict(zip(pv.lo, lq))      # pv's output letter -> this product's letter for the same axis
+    c2 = q_of[c_]
+    if oc.summed != {c2} or len(lw) != 3 or c2 not in lw:
+        raise NoMatch(f"the output projection sums over {sorted(oc.summed)}, not only o_lat's r axis")
+    h2 = [c for c in lw if c in lq and c != c2]
+    if len(h2) != 1:
+        raise NoMatch("W_UV does not share exactly one (head) axis with o_lat")
+    h2 = h2[0]
+    e2 = next(c for c in lw if c not in (h2, c2))
+    if sorted(oc.lo) != sorted(q_of[b_] + q_of[x_] + q_of[y_] + e2):
+        raise NoMatch("the output projection's output axes are not [B, S, H, dv] in some order")
+    h_ = next(k for k, v in q_of.items() if v == h2)
+    s_ = x_ if h_ == y_ else y_
+    if h_ not in (x_, y_):
+        raise NoMatch("the head axis of W_UV is not one of P's axes")
+    pv_roles = {b_: "B", h_: "H", s_: "S", c_: "C", t: "T"}
+    roles = {q_of[k]: v for k, v in pv_roles.items() if k in q_of}
+    roles[e2] = "E"
+    out_roles = _roles_of(oc.lo, roles)
+    w_uv_roles = _roles_of(lw, roles)
+    lat2_roles = _roles_of(lv_all, pv_roles, pv.unit)
+    scores_roles = _roles_of(lp, pv_roles)      # P has the softmax's own layout
+
+    # 3. scores = (sum of terms) * scale + mask, walked back from the softmax.
+    x = sm.args[0]
+    dtype_kw = sm.kwargs.get("dtype")
+    if dtype_kw is not None and dtype_kw not in (torch.float32, torch.float64):
+        raise NoMatch(f"the softmax runs in {dtype_kw}")
+    chain: list[fx.Node] = []
+    mask, scale = None, 1.0
+    if _is_fn(x, operator.add, operator.iadd, torch.add) and not (len(x.args) > 2 or "alpha" in x.kwargs):
+        first, second = x.args[0], x.args[1]
+        if _is_fn(x, operator.iadd) or _is_scaled_sum(first):
+            body, mask = first, second
+        elif _is_scaled_sum(second):
+            body, mask = second, first
+        else:
+            raise NoMatch("the scores are a sum whose parts are not (products) * scale and a mask")
+        if not isinstance(mask, fx.Node):
+            raise NoMatch("the added mask is not a tensor")
+        mv = _val(mask)
+        if mv is None or not mv.dtype.is_floating_point:
+            # the forms read a bool mask as "attend here"; added to scores, a bool adds 0 or 1
+            raise NoMatch("the mask added to the scores is not a float tensor")
+        chain.append(x)
+        x = body
+    while True:
+        if _is_fn(x, operator.mul, torch.mul) and len(x.args) == 2 and isinstance(x.args[1], (int, float)):
+            scale *= float(x.args[1])
+            chain.append(x)
+            x = x.args[0]
+        elif _is_fn(x, operator.mul, torch.mul) and len(x.args) == 2 and isinstance(x.args[0], (int, float)):
+            scale *= float(x.args[0])
+            chain.append(x)
+            x = x.args[1]
+        elif _is_fn(x, operator.truediv, torch.div) and len(x.args) == 2 and not x.kwargs \
+                and isinstance(x.args[1], (int, float)):
+            scale /= float(x.args[1])
+            chain.append(x)
+            x = x.args[0]
+        else:
+            break
+    if _is_fn(x, operator.add, torch.add) and not (len(x.args) > 2 or x.kwargs):
+        chain.append(x)
+        term_nodes = list(x.args)
+    else:
+        term_nodes = [x]
+    if any(tn.op == "placeholder" for tn in term_nodes):
+        raise NoMatch("the scores are an input of this graph: a graph break (such as a data-dependent "
+                      "assert) separates the score products from the softmax, so no graph holds the whole core")
+    if not all(is_product(tn) for tn in term_nodes):
+        raise NoMatch("the scores are not products (q . c [+ q_pe . kp]) times a constant scale")
+
+    terms = []
+    for tn in term_nodes:
+        tp = product(tn)
+        if len(tp.lo) != 4:
+            raise NoMatch(f"a score product gives {len(tp.lo)}-D scores")
+        troles = dict(zip(tp.lo, scores_roles))
+        if len(tp.summed) != 1:
+            raise NoMatch(f"a score product sums over {sorted(tp.summed)}, not one axis")
+        k = next(iter(tp.summed))
+        troles[k] = "K"
+        t_l = tp.lo[scores_roles.index("T")]
+        key_first = t_l in tp.la
+        qn, ql, kn, kl = (tp.b, tp.lb, tp.a, tp.la) if key_first else (tp.a, tp.la, tp.b, tp.lb)
+        try:
+            qr, kr = _roles_of(ql, troles, tp.unit), _roles_of(kl, troles, tp.unit)
+        except KeyError:
+            raise NoMatch("a score product has an axis that is neither summed nor in its output") from None
+        if sorted(kr.replace("1", "", 1)) != sorted("BTK"):
+            raise NoMatch(f"a score product's key has axes {kr} (roles), not a shared [B, T, d] key: "
+                          "a per-head key is not MLA's shared latent or RoPE key")
+        if sorted(qr) != sorted("BSHK"):
+            raise NoMatch(f"a score product's query has axes {qr} (roles), not [B, S, H, d]")
+        terms.append(_Term(tp, qn, qr, kn, kr))
+
+    nope = [tm for tm in terms if _same_values(tm.key, lat2, pos)]
+    rope = [tm for tm in terms if tm not in nope]
+    if len(nope) != 1:
+        raise NoMatch("no score product reads the same latent that P multiplies (q_lat . c)"
+                      if not nope else "two score products read the latent")
+    if len(rope) != 1:
+        raise NoMatch("the scores have no separate RoPE term (q_pe . kp)" if not rope
+                      else "the scores have more than one RoPE term")
+    nope, rope = nope[0], rope[0]
+    lat_roles = nope.key_roles.replace("K", "C")
+    # The two reads of the latent may list its axes in different orders only if they are the same
+    # tensor read the same way, which _same_values proved; their role orders must then agree.
+    if nope.key_roles.replace("K", "C") != lat2_roles:
+        raise NoMatch("the latent is read with its axes in different roles by the scores and by P @ c")
+
+    # 4. q_lat = q_nope @ W_UK: the weight has exactly {H, D, C}; q_nope exactly {B, S, H, D}.
+    qa_node = nope.query
+    if not is_product(qa_node):
+        raise NoMatch("the query against the latent is not absorbed (q_nope @ W_UK) in this graph")
+    qa = product(qa_node)
+    qa_roles = dict(zip(qa.lo, nope.query_roles.replace("K", "C")))
+    if len(qa.summed) != 1 or len(qa.lo) != 4:
+        raise NoMatch(f"the absorption sums over {sorted(qa.summed)}, not one axis")
+    qa_roles[next(iter(qa.summed))] = "D"
+    try:
+        ra, rb = _roles_of(qa.la, qa_roles), _roles_of(qa.lb, qa_roles)
+    except KeyError:
+        raise NoMatch("the absorption has an axis that is neither summed nor in its output") from None
+    if sorted(ra) == sorted("HDC") and sorted(rb) == sorted("BSHD"):
+        w_uk, w_uk_roles, q_nope, q_nope_roles = qa.a, ra, qa.b, rb
+    elif sorted(rb) == sorted("HDC") and sorted(ra) == sorted("BSHD"):
+        w_uk, w_uk_roles, q_nope, q_nope_roles = qa.b, rb, qa.a, ra
+    else:
+        raise NoMatch(f"the absorption multiplies axes {ra} by {rb} (roles), not q_nope [B, S, H, D] by "
+                      "W_UK [H, D, r]")
+    rope_q_roles = rope.query_roles.replace("K", "R")
+    kp_roles = rope.key_roles.replace("K", "R")
+
+    # 5. Every size must be its role's size: no broadcast hides anywhere.
+    sizes: dict[str, Any] = {}
+    for node, rl, what in ((q_nope, q_nope_roles, "q_nope"), (w_uk, w_uk_roles, "W_UK"), (lat2, lat2_roles, "latent"),
+                           (nope.key, lat_roles, "latent"), (rope.query, rope_q_roles, "q_pe"),
+                           (rope.key, kp_roles, "the RoPE key"), (w_uv, w_uv_roles, "W_UV"),
+                           (out_node, out_roles, "the output")):
+        shape = _shape(node, what, len(rl))
+        for role, size in zip(rl, shape):
+            if role == "1":
+                continue
+            if role in sizes and not _same(sizes[role], size):
+                raise NoMatch(f"{what}'s {role} axis is {size}, elsewhere {sizes[role]} (a broadcast): "
+                              "not one consistent MLA shape")
+            sizes.setdefault(role, size)
+    H = _static(sizes["H"], "the head count")
+    r = _static(sizes["C"], "kv_lora_rank")
+    dn, dr, dv = (_static(sizes[k], n) for k, n in (("D", "qk_nope_head_dim"), ("R", "qk_rope_head_dim"),
+                                                    ("E", "v_head_dim")))
+
+    # 6. The mask: one head (its H axis 1), broadcast to the scores' layout, then moved to [B, 1, S, T].
+    mask_view = None
+    if mask is not None:
+        mshape = _shape(mask, "the mask")
+        if len(mshape) > 4:
+            raise NoMatch(f"the mask is {len(mshape)}-D")
+        full = (1,) * (4 - len(mshape)) + mshape
+        for role, size in zip(scores_roles, full):
+            if role == "H" and not _same(size, 1):
+                raise NoMatch("the mask differs per head; the MLA forms take one mask for all heads")
+            if not (_same(size, 1) or _same(size, sizes[role])):
+                raise NoMatch(f"the mask's {role} axis is {size}, not 1 or {sizes[role]}")
+        mask_view = (4 - len(mshape), _perm(scores_roles, "BHST"))
+
+    # 7. The region's own nodes are read only inside it, and nothing writes an input before the op.
+    inner = [sm, *p_via, pv_node, *pv.via, out_node, *oc.via, *chain, qa_node, *qa.via]
+    for tm in terms:
+        inner += [tm.product.node, *tm.product.via]
+    if lat2 is not nope.key:
+        inner.append(lat2)
+    inner = list(dict.fromkeys(inner))
+    allowed = set(inner)
+    for n in inner:
+        if n is not out_node:
+            _only_users(n, allowed, "a value inside the attention")
+    # The op runs where the output was; each input must still hold what the region's first read of it saw.
+    inputs = [q_nope, w_uk, nope.key, rope.query, rope.key, w_uv] + ([mask] if mask is not None else [])
+    for node in inputs:
+        first_read = min((pos[u] for u in node.users if u in allowed), default=pos[out_node])
+        if not _unwritten(_root(node), first_read, pos[out_node], pos):
+            raise NoMatch(f"{node.name} is written in place between its reads and the attention's output")
+
+    module, family = module_of(out_node)
+    dtype = _val(out_node).dtype
+    region_nodes = inner
+    return Region(
+        module=module, family=family, core=getattr(pv_node.target, "__name__", "product"), output=out_node,
+        query=q_nope, q_nope=q_nope, q_rope=rope.query, latent=nope.key, k_rope=rope.key, weight=None,
+        mask=mask, base_mask=None, topk_indices=None, topk=None, cache_position=None, scale=scale,
+        is_causal=False, dims=dict(B=sizes["B"], H=H, S=sizes["S"], T=sizes["T"], r=r, dr=dr, dn=dn, dv=dv, k=None),
+        dtype=dtype, dead=region_nodes,
+        w_uk=w_uk, w_uv=w_uv,
+        layout=dict(q_nope=_perm(q_nope_roles, "BHSD"), q_rope=_perm(rope_q_roles, "BHSR"),
+                    latent=_perm(lat_roles, "B1TC" if "1" in lat_roles else "BTC"),
+                    k_rope=_perm(kp_roles, "B1TR" if "1" in kp_roles else "BTR"),
+                    w_uk=_perm(w_uk_roles, "HDC"), w_uv=_perm(w_uv_roles, "HEC"),
+                    output=_perm("BHSE", out_roles), mask=mask_view),
+    )
+
+
+def _origin(v: fx.Node) -> str:
+    """Where per-head values come from, in words: an expansion in this graph or an input (a cache)."""
+    x = v
+    for _ in range(8):
+        if not isinstance(x, fx.Node):
+            break
+        if x.op == "placeholder":
+            return f"an input of this graph, {x.target}: computed outside it (a cache, or before a graph break)"
+        if _is_fn(x, F.linear, torch._C._nn.linear) or is_product(x):
+            return "expanded in this graph from a projection of the latent"
+        if not x.args or not isinstance(x.args[0], fx.Node):
+            break
+        x = x.args[0]
+    return "of unknown origin"
+
+
+def _is_scaled_sum(x: Any) -> bool:
+    """x is (a sum of) products, possibly times constants: the score side of `scores + mask`."""
+    for _ in range(4):
+        if is_product(x):
+            return True
+        if _is_fn(x, operator.mul, torch.mul, operator.truediv, torch.div) and len(x.args) == 2:
+            x = x.args[0] if isinstance(x.args[1], (int, float)) else x.args[1] \
+                if isinstance(x.args[0], (int, float)) else None
+        elif _is_fn(x, operator.add, torch.add) and len(x.args) == 2:
+            return is_product(x.args[0]) and is_product(x.args[1])
+        else:
+            return False
+    return False

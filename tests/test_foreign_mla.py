@@ -1,0 +1,318 @@
+"""MLA written by others, run through backend="mla" against itself run eagerly.
+
+The code under test is vendored unchanged in tests/foreign/ (README.md there says from where):
+DeepSeek-V3's `inference/model.py` (class MLA, attn_impl "absorb" and "naive"), DeepSeek-V3.2-Exp's
+(MLA with its indexer) and FlashInfer's test reference `DeepseekV2AttentionVanilla`. tests/foreign/
+shim.py replaces only what needs a GPU or a cluster, exactly:
+  - DeepSeek's `kernel` module (fp8 act_quant / weight_dequant / fp8_gemm / fp8_index, Triton and
+    tilelang): plain torch; with float32 weights the models never call the quantised paths;
+  - `world_size` / `rank`: 1 / 0; V3.2's `dist.broadcast`: the identity (one process);
+  - V3.2's `rotate_activation` (fast_hadamard_transform, bf16 only) and `einops.rearrange`: the same
+    transform as a matrix product, and the one rearrange pattern as a view;
+  - FlashInfer's imports of `flashinfer`, `tvm_ffi` and its test helpers (unused by the reference
+    class), and its RoPE helper's "cuda:0" default device (the CPU instead).
+
+Each test builds a tiny float32 module from fixed seeds, runs a causal prefill and decode steps on
+fresh random inputs, eagerly and compiled (remainder="eager": no Inductor, so the test is fast), and
+checks the outputs agree and the rewrite log has a record for every attention: rewritten where the
+matcher proves the region equal to one of our forms, otherwise a skip that says why.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mla_compile
+from mla_compile.passes.match import find_regions
+from tests.foreign import shim
+from tests.helpers.e2e import rel_err
+
+TOL = 1e-5
+
+
+def _init_(module: nn.Module, seed: int) -> None:
+    """Fresh weights: N(0, 1/fan_in) for matrices, norms near one (DeepSeek's Linear is torch.empty)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+            else:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+
+
+def _records():
+    return [r for r in mla_compile.rewrite_log()]
+
+
+# --------------------------------------------------------------------------------------------- #
+# DeepSeek-V3 inference/model.py
+
+def _deepseek_v3(attn_impl: str, seed: int = 0):
+    mod = shim.deepseek("v3", attn_impl)
+    args = mod.ModelArgs(max_batch_size=3, max_seq_len=24, dim=48, n_heads=4, q_lora_rank=0, kv_lora_rank=16,
+                         qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+    attn = mod.MLA(args)
+    _init_(attn, seed)
+    return mod, args, attn
+
+
+def _run_deepseek(mod, args, attn, batch: int, prompt: int, steps: int, seed: int, **options):
+    """Prefill `prompt` tokens with DeepSeek's causal mask, then `steps` single-token decodes, eagerly
+    (on one copy of the module and its caches) and compiled (on another). Returns both outputs."""
+    twin = copy.deepcopy(attn)
+    compiled = torch.compile(twin, backend="mla", options={"remainder": "eager", **options})
+    freqs = mod.precompute_freqs_cis(args)
+    g = torch.Generator().manual_seed(seed)
+    want, got, pos = [], [], 0
+    with torch.no_grad():
+        for s in [prompt] + [1] * steps:
+            x = torch.randn(batch, s, args.dim, generator=g)
+            mask = torch.full((s, s), float("-inf")).triu_(1) if s > 1 else None   # as Transformer.forward
+            want.append(attn(x, pos, freqs[pos:pos + s], mask))
+            got.append(compiled(x, pos, freqs[pos:pos + s], mask))
+            pos += s
+    return want, got
+
+
+@pytest.mark.parametrize("form", ["auto", "absorbed", "expanded"])
+def test_deepseek_v3_absorb_is_rewritten_and_equal(form):
+    mod, args, attn = _deepseek_v3("absorb")
+    want, got = _run_deepseek(mod, args, attn, batch=2, prompt=5, steps=3, seed=1, form=form)
+    for step, (w, o) in enumerate(zip(want, got)):
+        assert rel_err(o, w) < TOL, f"step {step}: rel err {rel_err(o, w):.2e}"
+    log = _records()
+    assert log, "the attention graphs left no record"
+    assert all(r.status == "rewritten" for r in log), [r.reason for r in log]
+    assert all(r.core == "einsum" and r.shapes["H"] == 4 and r.shapes["r"] == 16 and r.shapes["dr"] == 4
+               and r.shapes["dn"] == 8 and r.shapes["dv"] == 6 for r in log)
+    if form != "auto":
+        assert {r.form for r in log} == {form}
+
+
+def test_deepseek_v3_naive_is_a_logged_skip():
+    """attn_impl="naive" caches expanded K/V (k_cache / v_cache): no latent is attended over."""
+    mod, args, attn = _deepseek_v3("naive")
+    want, got = _run_deepseek(mod, args, attn, batch=2, prompt=4, steps=2, seed=2)
+    for w, o in zip(want, got):
+        assert rel_err(o, w) < TOL
+    log = _records()
+    assert log and all(r.status == "skipped" for r in log)
+    assert all("per-head V, an input of this graph, L_self_buffers_v_cache_" in r.reason
+               and "P does not multiply a shared latent" in r.reason for r in log), [r.reason for r in log]
+
+
+# --------------------------------------------------------------------------------------------- #
+# FlashInfer's DeepseekV2AttentionVanilla (its sizes are fixed: H=128, r=512, dn=dv=128, dr=64)
+
+@pytest.fixture(scope="module")
+def flashinfer_vanilla():
+    fi = shim.flashinfer_reference()
+    torch.manual_seed(0)
+    m = fi.DeepseekV2AttentionVanilla()
+    shim.scale_weights_(m, seed=3)
+    return m
+
+
+@pytest.mark.parametrize("form", ["auto", "absorbed"])
+def test_flashinfer_vanilla_is_rewritten_and_equal(flashinfer_vanilla, form):
+    m = flashinfer_vanilla
+    g = torch.Generator().manual_seed(4)
+    B, T = 2, 7
+    with torch.no_grad():
+        f = torch.compile(m.run_decode, backend="mla", options={"remainder": "eager", "form": form})
+        for step in range(2):           # two cache lengths: the second compiles a dynamic T
+            h = torch.randn(B, 1, m.hidden_size, generator=g)
+            c = torch.randn(B, T + step, m.kv_lora_rank, generator=g)
+            kp = torch.randn(B, T + step, m.qk_rope_head_dim, generator=g)
+            want, got = m.run_decode(h, c, kp), f(h, c, kp)
+            assert rel_err(got, want) < TOL, f"step {step}: rel err {rel_err(got, want):.2e}"
+    log = _records()
+    assert log and all(r.status == "rewritten" and r.core == "eager" for r in log), [r.reason for r in log]
+    assert all(r.shapes["H"] == 128 and r.shapes["r"] == 512 for r in log)
+
+
+# --------------------------------------------------------------------------------------------- #
+# The matcher never stops on a shape it did not foresee.
+
+B_, T_, H_, R_, DN, DV, DR = 2, 5, 3, 8, 4, 4, 2
+
+
+class _FlatLatent(nn.Module):
+    """HF's expanded core over a 3-D latent [B, T, r] with the RoPE key broadcast by expand (a variant of
+    FlashInfer's reference; the matcher once unpacked the latent's shape as 4-D and stopped on it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kv_b = nn.Linear(R_, H_ * (DN + DV), bias=False)
+
+    def forward(self, q, c, kp):
+        B, T = c.shape[0], c.shape[1]
+        kv = self.kv_b(c).view(B, T, H_, DN + DV).transpose(1, 2)
+        k_nope, v = torch.split(kv, [DN, DV], dim=-1)
+        k = k_nope.new_empty(*k_nope.shape[:3], DN + DR)
+        k[..., :DN].copy_(k_nope)
+        k[..., DN:].copy_(kp.expand(-1, k_nope.shape[1], -1, -1))
+        p = F.softmax(torch.matmul(q, k.transpose(2, 3)) * 0.3, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(p, v)
+
+
+def _flat_inputs(B=B_, T=T_, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H_, 1, DN + DR, generator=g), torch.randn(B, T, R_, generator=g),
+            torch.randn(B, 1, T, DR, generator=g))
+
+
+@pytest.mark.parametrize("form", ["expanded", "absorbed"])
+def test_flat_latent_with_expanded_rope_key_is_rewritten(form):
+    torch.manual_seed(6)
+    m = _FlatLatent()
+    args = _flat_inputs()
+    with torch.no_grad():
+        want = m(*args)
+        got = torch.compile(m, backend="mla", options={"remainder": "eager", "form": form})(*args)
+    assert rel_err(got, want) < TOL
+    (rec,) = _records()
+    assert rec.status == "rewritten" and rec.form == form and rec.shapes["T"] == T_ and rec.shapes["r"] == R_
+
+
+def test_an_unforeseen_node_is_a_miss_naming_the_error():
+    """torch.matmul(input=P, other=V) is a valid call with no positional operands: the anchor tests
+    index args and fail; find_regions must turn that into a Miss, not raise."""
+    g = fx.Graph()
+    s = g.placeholder("s")
+    v = g.placeholder("v")
+    p = g.call_function(F.softmax, (s,), {"dim": -1})
+    out = g.call_function(torch.matmul, (), {"input": p, "other": v})
+    g.output(out)
+    regions, misses = find_regions(fx.GraphModule(nn.Module(), g))
+    assert regions == [] and len(misses) == 1
+    assert "IndexError" in misses[0].reason and "left as written" in misses[0].reason
+
+
+
+def test_deepseek_v32_exp_is_a_logged_skip():
+    """V3.2-Exp asserts on its indexer's top-k (data-dependent), which breaks the graph between the
+    score products and the softmax: no graph holds a whole core, and the log says so."""
+    mod = shim.deepseek("v3.2-exp")
+    args = mod.ModelArgs(max_batch_size=2, max_seq_len=16, dim=32, n_heads=4, q_lora_rank=24, kv_lora_rank=16,
+                         qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, index_n_heads=2,
+                         index_head_dim=128, index_topk=3)
+    attn = mod.MLA(args)
+    _init_(attn, seed=8)
+    want, got = _run_deepseek(mod, args, attn, batch=2, prompt=5, steps=2, seed=9)
+    for w, o in zip(want, got):
+        assert rel_err(o, w) < TOL
+    log = _records()
+    assert log and all(r.status == "skipped" for r in log)
+    reasons = {r.reason for r in log}
+    assert any("graph break" in r for r in reasons) and any("per-head V" in r for r in reasons), reasons
+
+
+# --------------------------------------------------------------------------------------------- #
+# Near misses of DeepSeek's absorbed spelling: each is rewritten and equal, or skipped and equal.
+
+class _Absorbed(nn.Module):
+    """DeepSeek's absorbed MLA core over given tensors, with one thing changed per `variant`."""
+
+    def __init__(self, variant: str, H=3, r=8, dn=4, dr=2, dv=5):
+        super().__init__()
+        self.variant, self.H, self.r, self.dn, self.dr, self.dv = variant, H, r, dn, dr, dv
+        self.wkv_b = nn.Parameter(torch.randn(H * (dn + dv), r) / r ** 0.5)
+        self.bias = nn.Parameter(torch.randn(r))
+        self.register_buffer("cache", torch.zeros(2, 16, r))
+
+    def forward(self, q_nope, q_pe, c, kp, mask):
+        v, H, r, dn, dv = self.variant, self.H, self.r, self.dn, self.dv
+        w = self.wkv_b.view(H, -1, r)
+        w_uk, w_uv = w[:, :dn], w[:, -dv:]
+        if v == "rope_rows_as_w_uv":            # another slice of the weight: still exactly MLA's math
+            w_uv = w[:, :dv]
+        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
+        if v == "bias_on_absorption":
+            q_lat = q_lat + self.bias
+        if v == "cached":                       # DeepSeek's buffer: written, then read twice
+            B, T = c.shape[:2]
+            self.cache[:B, :T] = c
+            c = self.cache[:B, :T]
+        if v == "bhsd_matmul":                  # the same math in [B, H, S, *] with matmul and a [B, 1, T, r] latent
+            ql, qp = q_lat.transpose(1, 2), q_pe.transpose(1, 2)
+            c4, kp4 = c.unsqueeze(1), kp.unsqueeze(1)
+            scores = (torch.matmul(ql, c4.transpose(-1, -2)) + torch.matmul(qp, kp4.transpose(-1, -2))) * 0.3
+            p = scores.softmax(-1)
+            o = torch.matmul(p, c4)
+            return torch.einsum("bhsc,hdc->bshd", o, w_uv)
+        if v == "permuted_latent":              # the scores read c with T and r swapped (T == r here)
+            s_nope = torch.einsum("bshc,bct->bsht", q_lat, c)
+        elif v == "key_first":
+            s_nope = torch.einsum("btc,bshc->bsht", c, q_lat)
+        else:
+            s_nope = torch.einsum("bshc,btc->bsht", q_lat, c)
+        if v == "per_head_rope_key":
+            s_pe = torch.einsum("bshr,bthr->bsht", q_pe, kp.unsqueeze(2).expand(-1, -1, H, -1).contiguous())
+        else:
+            s_pe = torch.einsum("bshr,btr->bsht", q_pe, kp)
+        if v == "scale_on_one_term":
+            scores = s_nope * 0.3 + s_pe
+        else:
+            scores = (s_nope + s_pe) * 0.3
+        if v == "per_head_mask":
+            scores = scores + (mask.unsqueeze(1) + 0.1 * torch.arange(H).view(1, H, 1))     # [S, H, T]
+        else:
+            scores += mask.unsqueeze(1)
+        dim = 1 if v == "softmax_over_queries" else -1
+        p = scores.softmax(dim=dim, dtype=torch.float32).type_as(q_nope)
+        if v == "cached":
+            self.cache[:1, :1] = 0.0             # a write between the two reads of the latent
+            c = self.cache[:c.shape[0], :c.shape[1]]
+        if v == "other_latent":
+            c = c * 2
+        o = torch.einsum("bsht,btc->bshc", p, c)
+        return torch.einsum("bshc,hdc->bshd", o, w_uv)
+
+
+VARIANTS = {
+    "plain": "rewritten",
+    "key_first": "rewritten",
+    "bhsd_matmul": "rewritten",
+    "rope_rows_as_w_uv": "rewritten",
+    "permuted_latent": "read with its axes in different roles",
+    "bias_on_absorption": "is not absorbed",
+    "per_head_rope_key": "per-head key",
+    "scale_on_one_term": "not products",
+    "per_head_mask": "differs per head",
+    "softmax_over_queries": "not only the softmax axis",
+    "other_latent": "no score product reads the same latent",
+    "cached": "no score product reads the same latent",
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_absorbed_near_misses(variant):
+    torch.manual_seed(10)
+    m = _Absorbed(variant)
+    g = torch.Generator().manual_seed(11)
+    B, S, T = 2, 3, 8                                   # T == r, so a transposed latent has the right shape
+    q_nope = torch.randn(B, S, m.H, m.dn, generator=g)
+    q_pe = torch.randn(B, S, m.H, m.dr, generator=g)
+    c = torch.randn(B, T, m.r, generator=g)
+    kp = torch.randn(B, T, m.dr, generator=g)
+    mask = torch.where(torch.rand(S, T, generator=g) < 0.3, float("-inf"), 0.0)
+    mask[:, 0] = 0.0
+    with torch.no_grad():
+        want = copy.deepcopy(m)(q_nope, q_pe, c, kp, mask)
+        got = torch.compile(m, backend="mla", options={"remainder": "eager"})(q_nope, q_pe, c, kp, mask)
+    assert rel_err(got, want) < TOL, f"{variant}: rel err {rel_err(got, want):.2e}"
+    log = _records()
+    assert len(log) == 1, [r.reason for r in log]
+    expect = VARIANTS[variant]
+    if expect == "rewritten":
+        assert log[0].status == "rewritten", log[0].reason
+    else:
+        assert log[0].status == "skipped" and expect in log[0].reason, log[0].reason
