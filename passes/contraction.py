@@ -1,4 +1,4 @@
-"""Find MLA written already absorbed, as products in any layout (einsum, bmm, matmul, `@`).
+"""Find MLA written as products in any layout (einsum, bmm, matmul, `@`): absorbed, or expanded.
 
 DeepSeek's own inference code (`attn_impl="absorb"`) and similar references write MLA in the latent
 parametrisation, with einsum in a [B, S, H, *] layout:
@@ -21,6 +21,11 @@ size agrees with its role (no broadcast), the two reads of the latent are provab
 and nothing mutates an input between its reads and the rewritten op. The region then runs as the
 absorbed (or expanded) op on operands permuted into its [B, H, S, *] layout, the output permuted
 back: exactly the same sums, in the same float32-or-wider precision.
+
+Where P multiplies per-head values instead, the expanded spelling is read (`_match_expanded`:
+DeepSeek's MHA prefill, K = cat([k_nope, kp.expand]) and V from one split of the latent's expansion);
+values kept outside the graph (DeepSeek's `attn_impl="naive"` caches of expanded K/V) have no latent
+to attend over, and the log says so.
 """
 
 from __future__ import annotations
@@ -308,11 +313,65 @@ class _Term:
     key_roles: str
 
 
+def _scores(sm: fx.Node) -> tuple[list[fx.Node], fx.Node | None, float, list[fx.Node]]:
+    """Walk back from the softmax: scores = (sum of products) * constant [+ float mask]. Returns
+    (the score products, the mask or None, the scale, the add / mul nodes in between)."""
+    x = sm.args[0]
+    dtype_kw = sm.kwargs.get("dtype")
+    if dtype_kw is not None and dtype_kw not in (torch.float32, torch.float64):
+        raise NoMatch(f"the softmax runs in {dtype_kw}")
+    chain: list[fx.Node] = []
+    mask, scale = None, 1.0
+    if _is_fn(x, operator.add, operator.iadd, torch.add) and not (len(x.args) > 2 or x.kwargs) \
+            and not (is_product(x.args[0]) and is_product(x.args[1])):     # (that is the terms' sum)
+        first, second = x.args[0], x.args[1]
+        if _is_fn(x, operator.iadd) or _is_scaled_sum(first):
+            body, mask = first, second
+        elif _is_scaled_sum(second):
+            body, mask = second, first
+        else:
+            raise NoMatch("the scores are a sum whose parts are not (products) * scale and a mask")
+        if not isinstance(mask, fx.Node):
+            raise NoMatch("the added mask is not a tensor")
+        mv = _val(mask)
+        if mv is None or not mv.dtype.is_floating_point:
+            # the forms read a bool mask as "attend here"; added to scores, a bool adds 0 or 1
+            raise NoMatch("the mask added to the scores is not a float tensor")
+        chain.append(x)
+        x = body
+    while True:
+        if _is_fn(x, operator.mul, torch.mul) and len(x.args) == 2 and isinstance(x.args[1], (int, float)):
+            scale *= float(x.args[1])
+            chain.append(x)
+            x = x.args[0]
+        elif _is_fn(x, operator.mul, torch.mul) and len(x.args) == 2 and isinstance(x.args[0], (int, float)):
+            scale *= float(x.args[0])
+            chain.append(x)
+            x = x.args[1]
+        elif _is_fn(x, operator.truediv, torch.div) and len(x.args) == 2 and not x.kwargs \
+                and isinstance(x.args[1], (int, float)):
+            scale /= float(x.args[1])
+            chain.append(x)
+            x = x.args[0]
+        else:
+            break
+    if _is_fn(x, operator.add, operator.iadd, torch.add) and not (len(x.args) > 2 or x.kwargs):
+        chain.append(x)
+        term_nodes = list(x.args)
+    else:
+        term_nodes = [x]
+    if any(isinstance(tn, fx.Node) and tn.op == "placeholder" for tn in term_nodes):
+        raise NoMatch("the scores are an input of this graph: a graph break (such as a data-dependent "
+                      "assert) separates the score products from the softmax, so no graph holds the whole core")
+    if not all(is_product(tn) for tn in term_nodes):
+        raise NoMatch("the scores are not products (q . c [+ q_pe . kp]) times a constant scale")
+
+    return term_nodes, mask, scale, chain
+
+
 def match_absorbed(pv_node: fx.Node) -> Region:
     """The absorbed MLA region whose P @ c product is pv_node (see the module docstring)."""
-    g = pv_node.graph
-    pos = _position(g)
-    region_nodes: list[fx.Node] = []
+    pos = _position(pv_node.graph)
 
     # 1. o_lat = P @ c: P's last role is the softmax axis T; the other operand must be the latent,
     #    axes exactly {B, T, C} (a per-head value is an expanded V, not a latent).
@@ -331,8 +390,7 @@ def match_absorbed(pv_node: fx.Node) -> Region:
     lv_all, lv = lv, "".join(c for c in lv if c not in pv.unit)     # a broadcast head axis of 1 is no head
     shared = [c for c in lv if c in lp and c != t]
     if len(lv) == 4 and len(shared) == 2:
-        raise NoMatch(f"the values have a head axis (per-head V, {_origin(lat2)}): P does not multiply a "
-                      "shared latent, and only the absorbed spelling is read in einsum / bmm form")
+        return _match_expanded(pv, sm, sd, p_via, lp, lat2, lv, pos)
     if len(lv) != 3 or t not in lv or len(shared) != 1:
         raise NoMatch(f"the values are not a shared latent [B, T, r] (their axes are {lv!r} against P's {lp!r})")
     b_ = shared[0]
@@ -380,55 +438,7 @@ def match_absorbed(pv_node: fx.Node) -> Region:
     scores_roles = _roles_of(lp, pv_roles)      # P has the softmax's own layout
 
     # 3. scores = (sum of terms) * scale + mask, walked back from the softmax.
-    x = sm.args[0]
-    dtype_kw = sm.kwargs.get("dtype")
-    if dtype_kw is not None and dtype_kw not in (torch.float32, torch.float64):
-        raise NoMatch(f"the softmax runs in {dtype_kw}")
-    chain: list[fx.Node] = []
-    mask, scale = None, 1.0
-    if _is_fn(x, operator.add, operator.iadd, torch.add) and not (len(x.args) > 2 or "alpha" in x.kwargs):
-        first, second = x.args[0], x.args[1]
-        if _is_fn(x, operator.iadd) or _is_scaled_sum(first):
-            body, mask = first, second
-        elif _is_scaled_sum(second):
-            body, mask = second, first
-        else:
-            raise NoMatch("the scores are a sum whose parts are not (products) * scale and a mask")
-        if not isinstance(mask, fx.Node):
-            raise NoMatch("the added mask is not a tensor")
-        mv = _val(mask)
-        if mv is None or not mv.dtype.is_floating_point:
-            # the forms read a bool mask as "attend here"; added to scores, a bool adds 0 or 1
-            raise NoMatch("the mask added to the scores is not a float tensor")
-        chain.append(x)
-        x = body
-    while True:
-        if _is_fn(x, operator.mul, torch.mul) and len(x.args) == 2 and isinstance(x.args[1], (int, float)):
-            scale *= float(x.args[1])
-            chain.append(x)
-            x = x.args[0]
-        elif _is_fn(x, operator.mul, torch.mul) and len(x.args) == 2 and isinstance(x.args[0], (int, float)):
-            scale *= float(x.args[0])
-            chain.append(x)
-            x = x.args[1]
-        elif _is_fn(x, operator.truediv, torch.div) and len(x.args) == 2 and not x.kwargs \
-                and isinstance(x.args[1], (int, float)):
-            scale /= float(x.args[1])
-            chain.append(x)
-            x = x.args[0]
-        else:
-            break
-    if _is_fn(x, operator.add, torch.add) and not (len(x.args) > 2 or x.kwargs):
-        chain.append(x)
-        term_nodes = list(x.args)
-    else:
-        term_nodes = [x]
-    if any(tn.op == "placeholder" for tn in term_nodes):
-        raise NoMatch("the scores are an input of this graph: a graph break (such as a data-dependent "
-                      "assert) separates the score products from the softmax, so no graph holds the whole core")
-    if not all(is_product(tn) for tn in term_nodes):
-        raise NoMatch("the scores are not products (q . c [+ q_pe . kp]) times a constant scale")
-
+    term_nodes, mask, scale, chain = _scores(sm)
     terms = []
     for tn in term_nodes:
         tp = product(tn)
@@ -492,11 +502,143 @@ def match_absorbed(pv_node: fx.Node) -> Region:
     kp_roles = rope.key_roles.replace("K", "R")
 
     # 5. Every size must be its role's size: no broadcast hides anywhere.
+    sizes = _sizes(((q_nope, q_nope_roles, "q_nope"), (w_uk, w_uk_roles, "W_UK"), (lat2, lat2_roles, "latent"),
+                    (nope.key, lat_roles, "latent"), (rope.query, rope_q_roles, "q_pe"),
+                    (rope.key, kp_roles, "the RoPE key"), (w_uv, w_uv_roles, "W_UV"),
+                    (out_node, out_roles, "the output"), (sm, scores_roles, "the scores")))
+
+    # 6. The mask, 7. the region's own nodes read only inside it, its inputs unwritten until the op.
+    mask_view = _mask_layout(mask, scores_roles, sizes)
+    inner = [sm, *p_via, pv_node, *pv.via, out_node, *oc.via, *chain, qa_node, *qa.via]
+    for tm in terms:
+        inner += [tm.product.node, *tm.product.via]
+    if lat2 is not nope.key:
+        inner.append(lat2)
+    inner = _checked_inner(inner, [q_nope, w_uk, nope.key, rope.query, rope.key, w_uv, mask], out_node, pos)
+    return _region(out_node, pv_node, sizes, scale, mask, inner, q_nope=q_nope, q_rope=rope.query,
+                   latent=nope.key, k_rope=rope.key, weight=None, w_uk=w_uk, w_uv=w_uv,
+                   layout=dict(q_nope=_perm(q_nope_roles, "BHSD"), q_rope=_perm(rope_q_roles, "BHSR"),
+                               latent=_perm(lat_roles, "B1TC" if "1" in lat_roles else "BTC"),
+                               k_rope=_perm(kp_roles, "B1TR" if "1" in kp_roles else "BTR"),
+                               w_uk=_perm(w_uk_roles, "HDC"), w_uv=_perm(w_uv_roles, "HEC"),
+                               output=_perm("BHSE", out_roles), mask=mask_view))
+
+
+def _match_expanded(pv: Product, sm: fx.Node, sd: int, p_via: list[fx.Node], lp: str, v: fx.Node, lv: str,
+                    pos: dict[fx.Node, int]) -> Region:
+    """P @ V with per-head values, read as the expanded form (DeepSeek's MHA prefill spelling):
+
+        X = linear(c, W).view(B, T, H, dn+dv);  k_nope, V = X.split([dn, dv], -1)
+        K = cat([k_nope, kp.expand(-1, -1, H, -1)], -1)          kp [B, T, 1, dr]
+        scores = einsum(Q, K) * scale [+ mask];  out = einsum(softmax(scores), V)
+
+    A view is a row-major reinterpretation, so the view's output shape [B, T, H, dn+dv] (in that
+    order) is what proves it splits only the linear's last dim into heads: the roles of V's and K's
+    axes are therefore fixed by position, and each product must use them as such."""
+    t = lp[sd]
+    # V's (and X's) axes by position: B, T, H, E (dv)
+    v_roles = dict(zip(lv, "BTHE"))
+    if lv[1] != t or lv[0] not in lp or lv[2] not in lp or lv[3] in lp or lv[3] not in pv.lo:
+        raise NoMatch(f"the values have a head axis (per-head V, {_origin(v)}), but P @ V does not read them "
+                      f"as [B, T, H, dv] split from one latent expansion (axes {lv!r} against P's {lp!r})")
+    s_ = next(c for c in lp if c not in lv)
+    pv_roles = {**v_roles, s_: "S"}
+    scores_roles = _roles_of(lp, pv_roles)
+    out_roles = _roles_of(pv.lo, pv_roles)
+    if sorted(out_roles) != sorted("BSHE"):
+        raise NoMatch(f"P @ V's output axes {pv.lo!r} are not [B, S, H, dv] in some order")
+
+    try:
+        split = _item_of_split(v, 1)
+    except NoMatch:
+        raise NoMatch(f"the values have a head axis (per-head V, {_origin(v)}) and are not the second half of "
+                      "a latent expansion's split in this graph: P does not multiply a shared latent") from None
+    x = split.args[0]
+    if not (_is_method(x, "view", "reshape") and _is_fn(x.args[0], F.linear, torch._C._nn.linear)):
+        raise NoMatch(f"the per-head values ({_origin(v)}) are not a view of a linear layer (the latent's expansion)")
+    lin = x.args[0]
+    if len(lin.args) > 2 and lin.args[2] is not None or lin.kwargs.get("bias") is not None:
+        raise NoMatch("the expansion has a bias (kv_b_proj with bias is not absorbed)")
+    latent, weight = lin.args[0], lin.args[1]
+
+    term_nodes, mask, scale, chain = _scores(sm)
+    if len(term_nodes) != 1:
+        raise NoMatch("the expanded scores are a sum of products; only Q . K with K = [k_nope, RoPE key] is read")
+    tp = product(term_nodes[0])
+    if len(tp.lo) != 4 or len(tp.summed) != 1:
+        raise NoMatch("the score product is not [B, S, H, T] summed over one axis")
+    troles = dict(zip(tp.lo, scores_roles))
+    troles[next(iter(tp.summed))] = "K"
+    t_l = tp.lo[scores_roles.index("T")]
+    qn, ql, kn, kl = (tp.b, tp.lb, tp.a, tp.la) if t_l in tp.la else (tp.a, tp.la, tp.b, tp.lb)
+    try:
+        q_roles, k_roles = _roles_of(ql, troles, tp.unit), _roles_of(kl, troles, tp.unit)
+    except KeyError:
+        raise NoMatch("the score product has an axis that is neither summed nor in its output") from None
+    if k_roles != "BTHK":
+        raise NoMatch(f"the score product reads K's axes as {k_roles} (roles), not in the expansion's own "
+                      "[B, T, H, d] order: a permuted K")
+    if sorted(q_roles) != sorted("BSHK") or q_roles[-1] != "K":
+        raise NoMatch(f"Q's axes are {q_roles} (roles), expected [B, S, H, dn+dr] with dn+dr last")
+    if not _is_fn(kn, torch.cat):
+        raise NoMatch("K is not cat([k_nope, RoPE key], -1)")
+    parts, dim = kn.args[0], kn.args[1] if len(kn.args) > 1 else kn.kwargs.get("dim", 0)
+    if not (isinstance(parts, (list, tuple)) and len(parts) == 2 and dim in (-1, 3)):
+        raise NoMatch("K is a cat of other than [k_nope, RoPE key] over the last dim")
+    try:
+        k_split = _item_of_split(parts[0], 0)
+    except NoMatch:
+        k_split = None
+    if k_split is not split:
+        raise NoMatch("K's first part is not the first half of V's split (k_nope)")
+    rope = parts[1]
+    if not _is_method(rope, "expand"):
+        raise NoMatch("K's RoPE part is not one shared key broadcast over heads (expand)")
+    kp = rope.args[0]
+
+    lat_shape = _shape(latent, "latent", (3, 4))
+    lat_roles = "BTC" if len(lat_shape) == 3 else "B1TC"
+    sizes = _sizes(((v, "BTHE", "V"), (x, "BTHX", "the expansion's view"), (kn, "BTHK", "K"),
+                    (parts[0], "BTHD", "k_nope"), (rope, "BTHR", "the broadcast RoPE key"), (kp, "BT1R", "the RoPE key"),
+                    (qn, q_roles, "Q"), (pv.node, out_roles, "the output"), (sm, scores_roles, "the scores"),
+                    (latent, lat_roles, "latent")))
+    dn, dr, dv, X = (_static(sizes[k], k) for k in "DREX")
+    if X != dn + dv or sizes.pop("K") != dn + dr:
+        raise NoMatch("the split is not [dn, dv] of the expansion, or K is not [k_nope, RoPE key]")
+    rows, cols = _shape(weight, "kv_b_proj weight", 2)
+    if not (_same(cols, sizes["C"]) and _same(rows, sizes["H"] * sizes["X"])):
+        raise NoMatch(f"the weight {rows}x{cols} does not fit H={sizes['H']} heads of {sizes['X']} over r={sizes['C']}")
+    from mla_compile.passes.match import _query_parts
+    q_nope, q_rope = _query_parts(qn, dn, dr)
+    mask_view = _mask_layout(mask, scores_roles, sizes)
+    inner = [sm, *p_via, pv.node, *pv.via, *chain, tp.node, *tp.via, kn, parts[0], rope, v]
+    # the expansion itself (split, view, linear) is pure: erased once unread, kept where read elsewhere
+    inner = _checked_inner(inner, [qn, latent, kp, weight, mask], pv.node, pos) + [split, x, lin]
+    q_perm = _perm(q_roles.replace("K", "D"), "BHSD")
+    return _region(pv.node, pv.node, sizes, scale, mask, inner, query=qn, q_nope=q_nope, q_rope=q_rope,
+                   latent=latent, k_rope=kp, weight=weight,
+                   layout=dict(q_nope=q_perm, q_rope=q_perm, k_rope=_perm("BT1R", "B1TR"),
+                               output=_perm("BHSE", out_roles), mask=mask_view))
+
+
+def _item_of_split(n: Any, index: int) -> fx.Node:
+    """The split node of which n is item `index`, if that split is [dn, dv] over the last dim."""
+    if not (_is_fn(n, operator.getitem) and n.args[1] == index):
+        raise NoMatch("expected an item of the expansion's split")
+    split = n.args[0]
+    if not (_is_fn(split, torch.split, torch.functional.split) or _is_method(split, "split")):
+        raise NoMatch("expected an item of the expansion's split")
+    sizes = split.args[1] if len(split.args) > 1 else split.kwargs.get("split_size_or_sections")
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if not (isinstance(sizes, (list, tuple)) and len(sizes) == 2 and dim in (-1, 3)):
+        raise NoMatch("the expansion's split is not [dn, dv] over the last dim")
+    return split
+
+
+def _sizes(entries) -> dict[str, Any]:
+    """role -> size over (node, roles per axis, name) entries; NoMatch where one role has two sizes."""
     sizes: dict[str, Any] = {}
-    for node, rl, what in ((q_nope, q_nope_roles, "q_nope"), (w_uk, w_uk_roles, "W_UK"), (lat2, lat2_roles, "latent"),
-                           (nope.key, lat_roles, "latent"), (rope.query, rope_q_roles, "q_pe"),
-                           (rope.key, kp_roles, "the RoPE key"), (w_uv, w_uv_roles, "W_UV"),
-                           (out_node, out_roles, "the output")):
+    for node, rl, what in entries:
         shape = _shape(node, what, len(rl))
         for role, size in zip(rl, shape):
             if role == "1":
@@ -505,59 +647,54 @@ def match_absorbed(pv_node: fx.Node) -> Region:
                 raise NoMatch(f"{what}'s {role} axis is {size}, elsewhere {sizes[role]} (a broadcast): "
                               "not one consistent MLA shape")
             sizes.setdefault(role, size)
-    H = _static(sizes["H"], "the head count")
-    r = _static(sizes["C"], "kv_lora_rank")
-    dn, dr, dv = (_static(sizes[k], n) for k, n in (("D", "qk_nope_head_dim"), ("R", "qk_rope_head_dim"),
-                                                    ("E", "v_head_dim")))
+    return sizes
 
-    # 6. The mask: one head (its H axis 1), broadcast to the scores' layout, then moved to [B, 1, S, T].
-    mask_view = None
-    if mask is not None:
-        mshape = _shape(mask, "the mask")
-        if len(mshape) > 4:
-            raise NoMatch(f"the mask is {len(mshape)}-D")
-        full = (1,) * (4 - len(mshape)) + mshape
-        for role, size in zip(scores_roles, full):
-            if role == "H" and not _same(size, 1):
-                raise NoMatch("the mask differs per head; the MLA forms take one mask for all heads")
-            if not (_same(size, 1) or _same(size, sizes[role])):
-                raise NoMatch(f"the mask's {role} axis is {size}, not 1 or {sizes[role]}")
-        mask_view = (4 - len(mshape), _perm(scores_roles, "BHST"))
 
-    # 7. The region's own nodes are read only inside it, and nothing writes an input before the op.
-    inner = [sm, *p_via, pv_node, *pv.via, out_node, *oc.via, *chain, qa_node, *qa.via]
-    for tm in terms:
-        inner += [tm.product.node, *tm.product.via]
-    if lat2 is not nope.key:
-        inner.append(lat2)
+def _mask_layout(mask: fx.Node | None, scores_roles: str, sizes: dict[str, Any]):
+    """The mask has one head (its H axis 1) and broadcasts to the scores: (leading unit axes to add,
+    the permute of the scores' layout into [B, 1, S, T]); None without a mask."""
+    if mask is None:
+        return None
+    mshape = _shape(mask, "the mask")
+    if len(mshape) > 4:
+        raise NoMatch(f"the mask is {len(mshape)}-D")
+    full = (1,) * (4 - len(mshape)) + mshape
+    for role, size in zip(scores_roles, full):
+        if role == "H" and not _same(size, 1):
+            raise NoMatch("the mask differs per head; the MLA forms take one mask for all heads")
+        if not (_same(size, 1) or _same(size, sizes[role])):
+            raise NoMatch(f"the mask's {role} axis is {size}, not 1 or {sizes[role]}")
+    return 4 - len(mshape), _perm(scores_roles, "BHST")
+
+
+def _checked_inner(inner: list[fx.Node], inputs: list, out_node: fx.Node, pos) -> list[fx.Node]:
+    """The region's own nodes must be read only inside it (the rewrite erases them, and an in-place
+    add read elsewhere would change meaning), and the op, which runs where the output was, must see
+    each input as the region's first read of it did: no write to it in between."""
     inner = list(dict.fromkeys(inner))
     allowed = set(inner)
     for n in inner:
         if n is not out_node:
             _only_users(n, allowed, "a value inside the attention")
-    # The op runs where the output was; each input must still hold what the region's first read of it saw.
-    inputs = [q_nope, w_uk, nope.key, rope.query, rope.key, w_uv] + ([mask] if mask is not None else [])
     for node in inputs:
+        if node is None:
+            continue
         first_read = min((pos[u] for u in node.users if u in allowed), default=pos[out_node])
         if not _unwritten(_root(node), first_read, pos[out_node], pos):
             raise NoMatch(f"{node.name} is written in place between its reads and the attention's output")
+    return inner
 
+
+def _region(out_node, pv_node, sizes, scale, mask, dead, **operands) -> Region:
     module, family = module_of(out_node)
-    dtype = _val(out_node).dtype
-    region_nodes = inner
-    return Region(
-        module=module, family=family, core=getattr(pv_node.target, "__name__", "product"), output=out_node,
-        query=q_nope, q_nope=q_nope, q_rope=rope.query, latent=nope.key, k_rope=rope.key, weight=None,
-        mask=mask, base_mask=None, topk_indices=None, topk=None, cache_position=None, scale=scale,
-        is_causal=False, dims=dict(B=sizes["B"], H=H, S=sizes["S"], T=sizes["T"], r=r, dr=dr, dn=dn, dv=dv, k=None),
-        dtype=dtype, dead=region_nodes,
-        w_uk=w_uk, w_uv=w_uv,
-        layout=dict(q_nope=_perm(q_nope_roles, "BHSD"), q_rope=_perm(rope_q_roles, "BHSR"),
-                    latent=_perm(lat_roles, "B1TC" if "1" in lat_roles else "BTC"),
-                    k_rope=_perm(kp_roles, "B1TR" if "1" in kp_roles else "BTR"),
-                    w_uk=_perm(w_uk_roles, "HDC"), w_uv=_perm(w_uv_roles, "HEC"),
-                    output=_perm("BHSE", out_roles), mask=mask_view),
-    )
+    dims = dict(B=sizes["B"], H=_static(sizes["H"], "the head count"), S=sizes["S"], T=sizes["T"],
+                r=_static(sizes["C"], "kv_lora_rank"), dr=_static(sizes["R"], "qk_rope_head_dim"),
+                dn=_static(sizes["D"], "qk_nope_head_dim"), dv=_static(sizes["E"], "v_head_dim"), k=None)
+    query = operands.pop("query", operands.get("q_nope"))
+    return Region(module=module, family=family, core=getattr(pv_node.target, "__name__", "product"),
+                  output=out_node, query=query, mask=mask, base_mask=None, topk_indices=None, topk=None,
+                  cache_position=None, scale=scale, is_causal=False, dims=dims, dtype=_val(out_node).dtype,
+                  dead=dead, **operands)
 
 
 def _origin(v: fx.Node) -> str:

@@ -7,7 +7,8 @@ A region is anchored at an attention core and traced back through its operands:
     V      = split(X, [dn, dv], -1)[1]
     K      = new_empty(B, H, T, dn+dr) filled by copy_(K[..., :dn], split(X)[0])
                                           and copy_(K[..., dn:], kp.expand(-1, H, -1, -1))
-    X      = linear(c, W).view(B, T, H, dn+dv).transpose(1, 2)        c: the latent [B, 1, T, r]
+             (or by assignments K[..., :dn] = ..., K[..., dn:] = kp, or cat([split(X)[0], kp.expand]))
+    X      = linear(c, W).view(B, T, H, dn+dv).transpose(1, 2)        c: the latent [B, 1, T, r] or [B, T, r]
     Q      = cat((q_nope, q_rope), -1)
     mask   (DSA) = masked_fill(base, scatter(new_ones(..., bool), -1, idx, False).unsqueeze(1), min)
                 or base & ~(that index mask)
@@ -15,7 +16,9 @@ A region is anchored at an attention core and traced back through its operands:
 What matters is which tensor feeds which op and how dims split, never a variable name: W is
 whatever weight the latent is multiplied with, H and the ranks come from tensor shapes.
 Every anchor that fails a step becomes a `Miss` with the step that failed, so the log can say why a
-near-miss was left alone.
+near-miss was left alone; every shape is rank-checked before it is unpacked, and anything else a
+match raises becomes a Miss naming the error. Attention written as other products (einsum, bmm,
+`@`, any layout: DeepSeek's own code) is read by passes/contraction.py.
 """
 
 from __future__ import annotations
@@ -139,7 +142,13 @@ def _same(a: Any, b: Any) -> bool:
     """Size equality that never installs a guard on a symbolic size."""
     if isinstance(a, int) and isinstance(b, int):
         return a == b
-    return str(a) == str(b)
+    if str(a) == str(b):
+        return True
+    try:          # e.g. s0 + 1 against 1 + s0: equal for every value, proven without a guard
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+        return bool(statically_known_true(a == b))
+    except Exception:  # noqa: BLE001 - not comparable: not the same size
+        return False
 
 
 def _only_users(n: fx.Node, allowed: set[fx.Node], what: str) -> None:
@@ -268,12 +277,25 @@ def _eager_core(out: fx.Node) -> _Core:
         raise NoMatch("no Q @ K^T product before the softmax")
     nodes.append(x)
     q, kt = x.args[0], x.args[1]
-    if not (_is_method(kt, "transpose") and sorted(kt.args[1:3]) in ([2, 3], [-2, -1])):
+    if not _swaps_last_two(kt):
         raise NoMatch("the key is not transposed into Q @ K^T")
     nodes.append(kt)
     for n in nodes[1:]:
         _only_users(n, set(nodes), f"the attention core value {n.name}")
     return _Core("eager", out, q, _self(kt), v, mask, scale, False, nodes, {kt})
+
+
+def _swaps_last_two(kt: Any) -> bool:
+    """kt is K^T of a 4-D K: transpose(2, 3) / (-2, -1) in either order, or permute(0, 1, 3, 2)."""
+    if _is_method(kt, "transpose") or _is_fn(kt, torch.transpose):
+        dims = kt.args[1:3]
+        return len(dims) == 2 and all(isinstance(d, int) for d in dims) and sorted(d % 4 for d in dims) == [2, 3]
+    if _is_method(kt, "permute"):
+        dims = kt.args[1:]
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = dims[0]
+        return all(isinstance(d, int) for d in dims) and [d % 4 for d in dims] == [0, 1, 3, 2]
+    return False
 
 
 def _sdpa_core(out: fx.Node) -> _Core:
@@ -338,8 +360,22 @@ def _key_assembly(k: fx.Node, exp: _Expansion, dn: int, core: _Core) -> tuple[fx
     `kp.expand(-1, H, -1, -1)` or by the write itself. Returns (kp, the expand or None, nodes to erase).
     Both writes must come before the core reads K: a write after it (through a view taken earlier)
     would change what the core saw."""
+    if _is_fn(k, torch.cat):
+        # K = cat([k_nope, kp.expand(-1, H, -1, -1)], -1), as DeepSeek's own code writes it
+        parts, dim = k.args[0], _arg(k, 0, "dim", 0)
+        if not (isinstance(parts, (list, tuple)) and len(parts) == 2 and dim in (-1, 3)):
+            raise NoMatch("K is a cat of other than [k_nope, RoPE key] over the last dim")
+        nope_src, rope_src = parts
+        extra = [u for u in k.users if u not in core.k_uses]
+        if extra:
+            raise NoMatch(f"K is used by {extra[0].name} outside the attention core")
+        if _getitem_of(nope_src, 0) is not exp.split:
+            raise NoMatch("K's no-RoPE part is not the first half of V's split")
+        if not _is_method(rope_src, "expand"):
+            raise NoMatch("K's RoPE part is not the shared key broadcast over heads")
+        return _self(rope_src), rope_src, [k, nope_src, rope_src]
     if not _is_method(k, "new_empty"):
-        raise NoMatch("K is not assembled from the expansion (no new_empty + copy_)")
+        raise NoMatch("K is not assembled from the expansion (no new_empty + copy_, no cat)")
     nope_src = rope_src = None
     nodes = [k]
     writes = []

@@ -316,3 +316,148 @@ def test_absorbed_near_misses(variant):
         assert log[0].status == "rewritten", log[0].reason
     else:
         assert log[0].status == "skipped" and expect in log[0].reason, log[0].reason
+
+
+# --------------------------------------------------------------------------------------------- #
+# Near misses of the expanded spelling (HF's and FlashInfer's): rewritten and equal, or skipped and equal.
+
+class _Expanded(nn.Module):
+    """An expanded MLA core (latent -> kv_b -> per-head K/V), with one thing changed per `variant`."""
+
+    H, R, DN, DR, DV = 3, 8, 4, 2, 5
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.kv_b = nn.Linear(self.R, self.H * (self.DN + self.DV), bias=variant == "bias_on_expansion")
+
+    def forward(self, q, c, kp):
+        v, H, DN, DR, DV = self.variant, self.H, self.DN, self.DR, self.DV
+        B, T = c.shape[0], c.shape[-2]
+        if v == "latent_head_axis":
+            c = c.unsqueeze(1)                                  # HF's cache layout [B, 1, T, r]
+        kv = self.kv_b(c).view(B, T, H, DN + DV).transpose(1, 2)
+        k_nope, val = torch.split(kv, [DN, DV], dim=-1)
+        kp_h = kp.expand(-1, H, -1, -1)
+        if v == "per_head_rope_key":
+            kp_h = kp_h * torch.arange(1.0, H + 1).view(1, H, 1, 1)      # a different RoPE key per head
+        if v == "k_by_cat":
+            k = torch.cat([k_nope, kp_h], dim=-1)
+        else:
+            k = k_nope.new_empty(B, H, T, DN + DR)
+            if v == "rope_on_wrong_half":
+                k[..., :DR] = kp_h
+                k[..., DR:] = k_nope
+                q = torch.cat([q[..., DN:], q[..., :DN]], dim=-1)
+            elif v == "k_by_setitem":
+                k[:, :, :, :DN] = k_nope
+                k[:, :, :, DN:] = kp                            # the write broadcasts the shared key
+            else:
+                k[..., :DN].copy_(k_nope)
+                k[..., DN:].copy_(kp_h)
+        if v == "kt_by_permute":
+            kt = k.permute(0, 1, 3, 2)
+        elif v == "wrong_permute":                              # [B, T, D, H]: runs only because H == T
+            kt = k.permute(0, 2, 3, 1)
+        else:
+            kt = k.transpose(2, 3)
+        p = F.softmax(torch.matmul(q, kt) * 0.3, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(p, val)
+
+
+EXPANDED_VARIANTS = {
+    "plain": "rewritten",
+    "latent_head_axis": "rewritten",
+    "k_by_cat": "rewritten",
+    "k_by_setitem": "rewritten",
+    "kt_by_permute": "rewritten",
+    "wrong_permute": "the key is not transposed",
+    "bias_on_expansion": "has a bias",
+    "rope_on_wrong_half": "pieces other than",
+    "per_head_rope_key": "the RoPE key is not one shared [B, 1, T, dr] head",
+}
+
+
+@pytest.mark.parametrize("variant", sorted(EXPANDED_VARIANTS))
+def test_expanded_near_misses(variant):
+    torch.manual_seed(12)
+    m = _Expanded(variant)
+    g = torch.Generator().manual_seed(13)
+    B, S, T = 2, 2, 3                                       # T == H: a wrong permute still runs
+    q = torch.randn(B, m.H, S, m.DN + m.DR, generator=g)
+    c = torch.randn(B, T, m.R, generator=g)
+    kp = torch.randn(B, 1, T, m.DR, generator=g)
+    with torch.no_grad():
+        want = m(q, c, kp)
+        got = torch.compile(m, backend="mla", options={"remainder": "eager"})(q, c, kp)
+    assert rel_err(got, want) < TOL, f"{variant}: rel err {rel_err(got, want):.2e}"
+    log = _records()
+    assert len(log) == 1, [r.reason for r in log]
+    expect = EXPANDED_VARIANTS[variant]
+    if expect == "rewritten":
+        assert log[0].status == "rewritten", log[0].reason
+    else:
+        assert log[0].status == "skipped" and expect in log[0].reason, log[0].reason
+
+
+# --------------------------------------------------------------------------------------------- #
+# DeepSeek's expanded spelling (V3.2-Exp's MHA prefill without its indexer): einsum over per-head K/V.
+
+class _ExpandedEinsum(nn.Module):
+    H, R, DN, DR, DV = 3, 8, 4, 2, 5
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.wkv_b = nn.Linear(self.R, self.H * (self.DN + self.DV), bias=variant == "bias_on_expansion")
+
+    def forward(self, q_nope, q_pe, c, kp, mask):
+        v, H, DN, DV = self.variant, self.H, self.DN, self.DV
+        B, T = c.shape[:2]
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        kv = self.wkv_b(c).view(B, T, H, DN + DV)
+        k_nope, val = torch.split(kv, [DN, DV], dim=-1)
+        kp_h = kp.expand(-1, -1, H, -1)
+        if v == "per_head_rope_key":
+            kp_h = kp_h * torch.arange(1.0, H + 1).view(1, 1, H, 1)
+        k = torch.cat([kp_h, k_nope] if v == "rope_first_in_k" else [k_nope, kp_h], dim=-1)
+        if v == "rope_first_in_k":
+            q = torch.cat([q_pe, q_nope], dim=-1)
+        eq = "bshd,bhtd->bsht" if v == "permuted_k" else "bshd,bthd->bsht"   # T read as H: runs as T == H
+        scores = torch.einsum(eq, q.float(), k.float()) * 0.4
+        scores += mask.unsqueeze(1)
+        scores = scores.softmax(dim=-1, dtype=torch.float32)
+        return torch.einsum("bsht,bthd->bshd", scores.type_as(q), val)
+
+
+EXPANDED_EINSUM_VARIANTS = {
+    "plain": "rewritten",
+    "permuted_k": "a permuted K",
+    "per_head_rope_key": "not one shared key broadcast over heads",
+    "rope_first_in_k": "not the first half of V's split",
+    "bias_on_expansion": "has a bias",
+}
+
+
+@pytest.mark.parametrize("variant,form", [(v, "auto") for v in sorted(EXPANDED_EINSUM_VARIANTS)]
+                         + [("plain", "absorbed")])
+def test_expanded_einsum_near_misses(variant, form):
+    torch.manual_seed(14)
+    m = _ExpandedEinsum(variant)
+    g = torch.Generator().manual_seed(15)
+    B, S = 2, 3                                             # S == T == H: a permuted K still runs
+    args = (torch.randn(B, S, m.H, m.DN, generator=g), torch.randn(B, S, m.H, m.DR, generator=g),
+            torch.randn(B, S, m.R, generator=g), torch.randn(B, S, 1, m.DR, generator=g),
+            torch.full((S, S), float("-inf")).triu_(1))
+    with torch.no_grad():
+        want = m(*args)
+        got = torch.compile(m, backend="mla", options={"remainder": "eager", "form": form})(*args)
+    assert rel_err(got, want) < TOL, f"{variant}: rel err {rel_err(got, want):.2e}"
+    log = _records()
+    assert len(log) == 1, [r.reason for r in log]
+    expect = EXPANDED_EINSUM_VARIANTS[variant]
+    if expect == "rewritten":
+        assert log[0].status == "rewritten" and log[0].core == "einsum", log[0].reason
+        assert form == "auto" or log[0].form == form
+    else:
+        assert log[0].status == "skipped" and expect in log[0].reason, log[0].reason
