@@ -461,3 +461,90 @@ def test_expanded_einsum_near_misses(variant, form):
         assert form == "auto" or log[0].form == form
     else:
         assert log[0].status == "skipped" and expect in log[0].reason, log[0].reason
+
+
+# --------------------------------------------------------------------------------------------- #
+# Fuzz: the absorbed math in random layouts, letters and operand orders, sometimes with one
+# subscript corrupted (two letters swapped). Every size is 3, batch included, so a corrupted product still
+# runs and only structure can tell it apart: each case must be rewritten and equal, or skipped and
+# equal; an uncorrupted case must be rewritten.
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _layout(draw, roles):
+    return "".join(draw(st.permutations(list(roles))))
+
+
+@st.composite
+def absorbed_case(draw):
+    lay = {name: _layout(draw, roles) for name, roles in (
+        ("q_nope", "bshd"), ("q_pe", "bshr"), ("lat", "btc"), ("kp", "btr"), ("w_uk", "hdc"), ("w_uv", "hec"),
+        ("q_lat", "bshc"), ("scores", "bsht"), ("o_lat", "bshc"), ("out", "bshe"))}
+    letters = draw(st.permutations(list("bshdrtcexyz")))       # any letters stand for the roles
+    swap_first = [draw(st.booleans()) for _ in range(5)]         # operand order of each product
+    corrupt = draw(st.sampled_from([None] + [(i, j) for i in range(5) for j in range(2)]))
+    return lay, dict(zip("bshdrtce", letters)), swap_first, corrupt
+
+
+def _equations(lay, letters, swap_first, corrupt):
+    def sub(roles):
+        return "".join(letters[c] for c in roles)
+    prods = [(lay["q_nope"], lay["w_uk"], lay["q_lat"]), (lay["q_lat"], lay["lat"], lay["scores"]),
+             (lay["q_pe"], lay["kp"], lay["scores"]), (lay["scores"], lay["lat"], lay["o_lat"]),
+             (lay["o_lat"], lay["w_uv"], lay["out"])]
+    eqs = []
+    for k, (a, b, o) in enumerate(prods):
+        ins = [sub(a), sub(b)]
+        if corrupt is not None and corrupt[0] == k:             # swap the first two letters of one operand
+            x = ins[corrupt[1]]
+            ins[corrupt[1]] = x[1] + x[0] + x[2:]
+        eqs.append((ins, sub(o), swap_first[k]))
+    return eqs
+
+
+class _FuzzAbsorbed(nn.Module):
+    def __init__(self, eqs, scores_layout):
+        super().__init__()
+        self.eqs, self.t_axis = eqs, scores_layout.index("t")
+
+    def _prod(self, k, a, b):
+        (la, lb), lo, swap = self.eqs[k]
+        if swap:
+            return torch.einsum(f"{lb},{la}->{lo}", b, a)
+        return torch.einsum(f"{la},{lb}->{lo}", a, b)
+
+    def forward(self, q_nope, q_pe, c, kp, w_uk, w_uv, mask):
+        q_lat = self._prod(0, q_nope, w_uk)
+        scores = (self._prod(1, q_lat, c) + self._prod(2, q_pe, kp)) * 0.5 + mask
+        p = scores.softmax(dim=self.t_axis, dtype=torch.float32)
+        return self._prod(4, self._prod(3, p, c), w_uv)
+
+
+@settings(max_examples=24, derandomize=True, deadline=None)
+@given(absorbed_case())
+def test_fuzz_absorbed_layouts(case):
+    torch._dynamo.reset()
+    mla_compile.reset()
+    lay, letters, swap_first, corrupt = case
+    eqs = _equations(lay, letters, swap_first, corrupt)
+    m = _FuzzAbsorbed(eqs, lay["scores"])
+    g = torch.Generator().manual_seed(16)
+    size: dict[str, int] = {}
+
+    def make(roles):
+        return torch.randn(*[size.get(c, 3) for c in roles], generator=g)
+    mask_shape = [1 if c == "h" else size.get(c, 3) for c in lay["scores"]]
+    mask = torch.where(torch.rand(*mask_shape, generator=g) < 0.3, float("-inf"), 0.0)
+    mask.select(lay["scores"].index("t"), 0).fill_(0.0)           # every row keeps one key
+    args = (make(lay["q_nope"]), make(lay["q_pe"]), make(lay["lat"]), make(lay["kp"]), make(lay["w_uk"]),
+            make(lay["w_uv"]), mask)
+    with torch.no_grad():
+        want = m(*args)
+        got = torch.compile(m, backend="mla", options={"remainder": "eager"})(*args)
+    assert rel_err(got, want) < TOL, (eqs, rel_err(got, want))
+    log = _records()
+    assert len(log) == 1, [r.reason for r in log]
+    if corrupt is None:
+        assert log[0].status == "rewritten", (eqs, log[0].reason)
