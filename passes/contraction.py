@@ -578,8 +578,8 @@ def _match_expanded(pv: Product, sm: fx.Node, sd: int, p_via: list[fx.Node], lp:
     if k_roles != "BTHK":
         raise NoMatch(f"the score product reads K's axes as {k_roles} (roles), not in the expansion's own "
                       "[B, T, H, d] order: a permuted K")
-    if sorted(q_roles) != sorted("BSHK") or q_roles[-1] != "K":
-        raise NoMatch(f"Q's axes are {q_roles} (roles), expected [B, S, H, dn+dr] with dn+dr last")
+    if sorted(q_roles) != sorted("BSHK"):
+        raise NoMatch(f"Q's axes are {q_roles} (roles), expected [B, S, H, dn+dr] in some order")
     if not _is_fn(kn, torch.cat):
         raise NoMatch("K is not cat([k_nope, RoPE key], -1)")
     parts, dim = kn.args[0], kn.args[1] if len(kn.args) > 1 else kn.kwargs.get("dim", 0)
@@ -609,15 +609,20 @@ def _match_expanded(pv: Product, sm: fx.Node, sd: int, p_via: list[fx.Node], lp:
     if not (_same(cols, sizes["C"]) and _same(rows, sizes["H"] * sizes["X"])):
         raise NoMatch(f"the weight {rows}x{cols} does not fit H={sizes['H']} heads of {sizes['X']} over r={sizes['C']}")
     from mla_compile.passes.match import _query_parts
-    q_nope, q_rope = _query_parts(qn, dn, dr)
+    # Q's parts: its cat's operands where Q = cat([q_nope, q_pe], -1); else the rewrite permutes Q to
+    # [B, H, S, dn+dr] and slices [..., :dn] and [..., dn:]
+    q_nope, q_rope = _query_parts(qn, dn, dr) if q_roles[-1] == "K" else (None, None)
     mask_view = _mask_layout(mask, scores_roles, sizes)
     inner = [sm, *p_via, pv.node, *pv.via, *chain, tp.node, *tp.via, kn, parts[0], rope, v]
     # the expansion itself (split, view, linear) is pure: erased once unread, kept where read elsewhere
     inner = _checked_inner(inner, [qn, latent, kp, weight, mask], pv.node, pos) + [split, x, lin]
-    q_perm = _perm(q_roles.replace("K", "D"), "BHSD")
+    if q_nope is not None:
+        q_perm, query_perm = _perm(q_roles.replace("K", "D"), "BHSD"), None
+    else:
+        q_perm, query_perm = None, _perm(q_roles, "BHSK")
     return _region(pv.node, pv.node, sizes, scale, mask, inner, query=qn, q_nope=q_nope, q_rope=q_rope,
                    latent=latent, k_rope=kp, weight=weight,
-                   layout=dict(q_nope=q_perm, q_rope=q_perm, k_rope=_perm("BT1R", "B1TR"),
+                   layout=dict(query=query_perm, q_nope=q_perm, q_rope=q_perm, k_rope=_perm("BT1R", "B1TR"),
                                output=_perm("BHSE", out_roles), mask=mask_view))
 
 

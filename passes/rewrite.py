@@ -51,8 +51,9 @@ def rewrite(gm: fx.GraphModule, region: Region, form: str, dense_mask: str = "fu
             inserted += [w, w_uk, w_uv]
         q_nope, q_rope = region.q_nope, region.q_rope
         if q_nope is None:
-            q_nope = g.call_function(operator.getitem, (region.query, (Ellipsis, slice(None, dn))))
-            q_rope = g.call_function(operator.getitem, (region.query, (Ellipsis, slice(dn, None))))
+            query = arranged(region.query, "query")          # [B, H, S, dn+dr]
+            q_nope = g.call_function(operator.getitem, (query, (Ellipsis, slice(None, dn))))
+            q_rope = g.call_function(operator.getitem, (query, (Ellipsis, slice(dn, None))))
             inserted += [q_nope, q_rope]
         q_nope, q_rope = arranged(q_nope, "q_nope"), arranged(q_rope, "q_rope")
         head = (q_nope, q_rope, arranged(region.latent, "latent"), arranged(region.k_rope, "k_rope"), w_uk, w_uv)

@@ -548,3 +548,72 @@ def test_fuzz_absorbed_layouts(case):
     assert len(log) == 1, [r.reason for r in log]
     if corrupt is None:
         assert log[0].status == "rewritten", (eqs, log[0].reason)
+
+
+@st.composite
+def expanded_case(draw):
+    lay = {name: _layout(draw, roles) for name, roles in (("q", "bshk"), ("scores", "bsht"), ("out", "bshe"))}
+    letters = dict(zip("bshtke", draw(st.permutations(list("bshtkexyz")))))
+    swap_first = [draw(st.booleans()) for _ in range(2)]
+    # a corruption swaps two size-3 axes (B, S, H, T) of one subscript, so the product still runs
+    corrupt = draw(st.sampled_from([None, (0, 0), (0, 1), (1, 0), (1, 1)]))
+    pair = draw(st.permutations(range(3)))[:2]       # every operand has at least three size-3 axes
+    return lay, letters, swap_first, corrupt, sorted(pair)
+
+
+class _FuzzExpanded(nn.Module):
+    """DeepSeek's expanded spelling with Q, scores and output in the given layouts (K and V keep
+    the expansion's own [B, T, H, *] order, which the view fixes)."""
+
+    H, R, D = 3, 5, 3                            # dn = dr = dv = 3
+
+    def __init__(self, eqs, scores_layout):
+        super().__init__()
+        self.eqs, self.t_axis = eqs, scores_layout.index("t")
+        self.wkv_b = nn.Linear(self.R, self.H * 2 * self.D, bias=False)
+
+    def forward(self, q, c, kp, mask):
+        B, T = c.shape[:2]
+        kv = self.wkv_b(c).view(B, T, self.H, 2 * self.D)
+        k_nope, v = torch.split(kv, [self.D, self.D], dim=-1)
+        k = torch.cat([k_nope, kp.expand(-1, -1, self.H, -1)], dim=-1)
+        (la, lb), lo, swap = self.eqs[0]
+        scores = torch.einsum(f"{lb},{la}->{lo}", k, q) if swap else torch.einsum(f"{la},{lb}->{lo}", q, k)
+        p = (scores * 0.5 + mask).softmax(dim=self.t_axis)
+        (la, lb), lo, swap = self.eqs[1]
+        return torch.einsum(f"{lb},{la}->{lo}", v, p) if swap else torch.einsum(f"{la},{lb}->{lo}", p, v)
+
+
+@settings(max_examples=20, derandomize=True, deadline=None)
+@given(expanded_case())
+def test_fuzz_expanded_layouts(case):
+    torch._dynamo.reset()
+    mla_compile.reset()
+    lay, letters, swap_first, corrupt, pair = case
+
+    def sub(roles):
+        return "".join(letters[c] for c in roles)
+    eqs = [[[sub(lay["q"]), sub("bthk")], sub(lay["scores"]), swap_first[0]],
+           [[sub(lay["scores"]), sub("bthe")], sub(lay["out"]), swap_first[1]]]
+    if corrupt is not None:
+        ins = eqs[corrupt[0]][0]
+        x = list(ins[corrupt[1]])
+        small = [i for i, c in enumerate(x) if c not in (letters["k"], letters["e"])]
+        i, j = small[pair[0]], small[pair[1]]
+        x[i], x[j] = x[j], x[i]
+        ins[corrupt[1]] = "".join(x)
+    m = _FuzzExpanded(eqs, lay["scores"])
+    g = torch.Generator().manual_seed(17)
+    q = torch.randn(*[6 if c == "k" else 3 for c in lay["q"]], generator=g)
+    mask_shape = [1 if c == "h" else 3 for c in lay["scores"]]
+    mask = torch.where(torch.rand(*mask_shape, generator=g) < 0.3, float("-inf"), 0.0)
+    mask.select(lay["scores"].index("t"), 0).fill_(0.0)
+    args = (q, torch.randn(3, 3, m.R, generator=g), torch.randn(3, 3, 1, m.D, generator=g), mask)
+    with torch.no_grad():
+        want = m(*args)
+        got = torch.compile(m, backend="mla", options={"remainder": "eager"})(*args)
+    assert rel_err(got, want) < TOL, (eqs, rel_err(got, want))
+    log = _records()
+    assert len(log) == 1, [r.reason for r in log]
+    if corrupt is None:
+        assert log[0].status == "rewritten", (eqs, log[0].reason)
