@@ -383,7 +383,8 @@ def match_absorbed(pv_node: fx.Node) -> Region:
     p_node, lp, lat2, lv = (pv.a, pv.la, pv.b, pv.lb) if side == 0 else (pv.b, pv.lb, pv.a, pv.la)
     sm, sd = _softmax_of(p_node, p_via)
     if len(lp) != 4:
-        raise NoMatch(f"P is {len(lp)}-D; expected [B, S, H, T] in some order")
+        raise NoMatch(f"P is {len(lp)}-D; expected [B, S, H, T] in some order (axes merged by a reshape, "
+                      "e.g. heads with queries for bmm, are not read)")
     t = lp[sd]
     if pv.summed != {t}:
         raise NoMatch(f"P @ V sums over {sorted(pv.summed)}, not only the softmax axis")
@@ -413,7 +414,6 @@ def match_absorbed(pv_node: fx.Node) -> Region:
         lq, w_uv, lw = oc.lb, oc.a, oc.la
     else:
         raise NoMatch("the output projection does not read o_lat")
-    roles = {}      # letters of the output projection -> roles
     q_of = dict(zip(pv.lo, lq))      # pv's output letter -> this product's letter for the same axis
     c2 = q_of[c_]
     if oc.summed != {c2} or len(lw) != 3 or c2 not in lw:

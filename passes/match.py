@@ -242,10 +242,10 @@ def _eager_core(out: fx.Node) -> _Core:
             raise NoMatch("attention dropout is active (training with dropout > 0)")
         nodes.append(p)
         p = _self(p)
-    if _is_method(p, "to", "type"):
+    if _is_method(p, "to", "type", "type_as"):
         nodes.append(p)
         p = _self(p)
-    if not _is_fn(p, F.softmax, torch.softmax):
+    if not (_is_fn(p, F.softmax, torch.softmax) or _is_method(p, "softmax")):
         raise NoMatch("no softmax before P @ V")
     if _arg(p, 0, "dim", None) not in (-1, 3):
         raise NoMatch("softmax is not over the key dimension")
@@ -569,7 +569,7 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], list[Miss]]:
                 module, family = module_of(n)
             except Exception:  # noqa: BLE001
                 module, family = "<top>", None
-            misses.append(Miss(module, family, "?", f"not matched (the matcher stopped on "
+            misses.append(Miss(module, family, getattr(n.target, "__name__", str(n.target)), f"not matched (the matcher stopped on "
                                                     f"{type(e).__name__}: {e}); left as written"))
     return regions, misses
 
@@ -640,9 +640,9 @@ def _is_softmax_product(n: fx.Node) -> bool:
     """matmul(P, V) whose P comes (through dropout/to) from a softmax: an attention core's last product."""
     p = n.args[0]
     for _ in range(3):
-        if _is_fn(p, F.softmax, torch.softmax):
+        if _is_fn(p, F.softmax, torch.softmax) or _is_method(p, "softmax"):
             return True
-        if not (_is_fn(p, F.dropout) or _is_method(p, "to", "type")):
+        if not (_is_fn(p, F.dropout) or _is_method(p, "to", "type", "type_as")):
             return False
         p = _self(p)
     return False

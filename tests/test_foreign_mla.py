@@ -248,6 +248,13 @@ class _Absorbed(nn.Module):
             p = scores.softmax(-1)
             o = torch.matmul(p, c4)
             return torch.einsum("bhsc,hdc->bshd", o, w_uv)
+        if v == "bmm_merged_heads":             # heads folded into the rows of bmm (as our own reference does)
+            B, S, T = q_lat.shape[0], q_lat.shape[1], c.shape[1]
+            rows = (torch.bmm(q_lat.reshape(B, S * H, r), c.transpose(1, 2))
+                    + torch.bmm(q_pe.reshape(B, S * H, self.dr), kp.transpose(1, 2))) * 0.3
+            p = (rows + mask.repeat_interleave(H, dim=0)).softmax(-1)
+            o = torch.bmm(p, c).view(B, S, H, r)
+            return torch.einsum("bshc,hdc->bshd", o, w_uv)
         if v == "permuted_latent":              # the scores read c with T and r swapped (T == r here)
             s_nope = torch.einsum("bshc,bct->bsht", q_lat, c)
         elif v == "key_first":
@@ -279,6 +286,7 @@ class _Absorbed(nn.Module):
 
 VARIANTS = {
     "plain": "rewritten",
+    "bmm_merged_heads": "axes merged by a reshape",
     "key_first": "rewritten",
     "bhsd_matmul": "rewritten",
     "rope_rows_as_w_uv": "rewritten",
@@ -361,7 +369,10 @@ class _Expanded(nn.Module):
             kt = k.permute(0, 2, 3, 1)
         else:
             kt = k.transpose(2, 3)
-        p = F.softmax(torch.matmul(q, kt) * 0.3, dim=-1, dtype=torch.float32).to(q.dtype)
+        if v == "method_softmax":                             # DeepSeek's spelling of the softmax
+            p = (torch.matmul(q, kt) * 0.3).softmax(dim=-1, dtype=torch.float32).type_as(q)
+        else:
+            p = F.softmax(torch.matmul(q, kt) * 0.3, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(p, val)
 
 
@@ -371,6 +382,7 @@ EXPANDED_VARIANTS = {
     "k_by_cat": "rewritten",
     "k_by_setitem": "rewritten",
     "kt_by_permute": "rewritten",
+    "method_softmax": "rewritten",
     "wrong_permute": "the key is not transposed",
     "bias_on_expansion": "has a bias",
     "rope_on_wrong_half": "pieces other than",
