@@ -271,6 +271,11 @@ class _Absorbed(nn.Module):
             scores = (s_nope + s_pe) * 0.3
         if v == "per_head_mask":
             scores = scores + (mask.unsqueeze(1) + 0.1 * torch.arange(H).view(1, H, 1))     # [S, H, T]
+        elif v == "dsa_index_mask":             # V3.2's decode: -inf but at an indexer's top-k, as [B, 1, 1, T]
+            B, T = c.shape[:2]
+            top = c.sum(-1).topk(3, dim=-1)[1].unsqueeze(1)                               # [B, 1, 3]
+            index_mask = torch.full((B, 1, T), float("-inf")).scatter_(-1, top, 0)
+            scores += index_mask.unsqueeze(2)
         else:
             scores += mask.unsqueeze(1)
         dim = 1 if v == "softmax_over_queries" else -1
@@ -295,6 +300,7 @@ VARIANTS = {
     "per_head_rope_key": "per-head key",
     "scale_on_one_term": "not products",
     "per_head_mask": "differs per head",
+    "dsa_index_mask": "rewritten",
     "softmax_over_queries": "not only the softmax axis",
     "other_latent": "no score product reads the same latent",
     "cached": "no score product reads the same latent",
