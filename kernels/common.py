@@ -35,6 +35,7 @@ real tensors the kernel is launched as is: wrap_triton's dispatch would only add
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -158,8 +159,31 @@ def is_traced(t: torch.Tensor) -> bool:
 
 
 
+# Triton reads this when it decorates a kernel: the kernels of this process run on the CPU, in numpy.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class _Interpreted:
+    """A kernel run by Triton's interpreter, indexed by its grid like the kernel. The kernels rely on
+    IEEE float arithmetic overflowing to -inf (HF's finfo.min mask times log2(e), before exp2 takes it
+    to 0), which the GPU does silently; numpy warns about each such overflow. The warning says
+    nothing wrong, so it is silenced around the launch, and only there."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        import numpy as np
+
+        def run(*args, **kwargs):
+            with np.errstate(over="ignore"):
+                return self.kernel[grid](*args, **kwargs)
+
+        return run
+
+
 def launcher(kernel, like: torch.Tensor):
     """`kernel`, or its traceable wrapper when `like` is a tracer's stand-in; index it with the grid."""
     if is_traced(like):
         return torch.library.wrap_triton(kernel)
-    return kernel
+    return _Interpreted(kernel) if INTERPRETED else kernel
