@@ -31,6 +31,8 @@ def test_e2e_smoke(tmp_path):
     for system in ("mla-static", "mla"):
         mla = rows[system]
         assert mla["logits_ok"] == "pass", mla
-        assert float(mla["logits_diff"]) <= 1e-4, mla
+        assert float(mla["prefill_logits_diff"]) <= 1e-4, mla
+        decode_diff, sequences = mla["decode_logits_diff"].split()
+        assert float(decode_diff) <= 1e-4 and sequences == "(1/1)", mla
         assert float(mla["token_agreement"]) == 1.0, mla
         assert mla["forms"], f"the {system} row names no form: the backend rewrote nothing"
