@@ -34,3 +34,21 @@ def test_bad_options_fail_when_the_recipe_is_set():
     with pytest.raises(ValueError, match="unknown form 'bogus'"):
         mla_compile.compile_generate(model, options={"form": "bogus"})
     assert model.generation_config.cache_implementation is None      # nothing set on failure
+
+
+def test_a_256_token_generate_compiles_the_decode_step_once():
+    """The static recipe's decode step has the same shapes at every step: one graph, no recompiles."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("deepseek_v3", seed=34, attn_implementation="sdpa")
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(3, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(35))
+    torch._dynamo.reset()
+    counters.clear()
+    mla_compile.reset()
+    mla_compile.compile_generate(model, options={"remainder": "eager"})
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=256, min_new_tokens=256,
+                         do_sample=False)
+    assert out.shape == (2, 5 + 256)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert len({r.graph for r in mla_compile.rewrite_log()}) == 1, mla_compile.format_rewrite_log()
