@@ -51,6 +51,26 @@ def _records():
     return [r for r in mla_compile.rewrite_log()]
 
 
+def _one_record_equal_to_eager(m, args, what, **options):
+    """m(*args) eagerly and compiled with backend="mla" (the rest eager) must agree; the graph holds
+    one attention region, so the log holds one record, returned."""
+    with torch.no_grad():
+        want = copy.deepcopy(m)(*args)
+        got = torch.compile(m, backend="mla", options={"remainder": "eager", **options})(*args)
+    assert rel_err(got, want) < TOL, (what, rel_err(got, want))
+    log = _records()
+    assert len(log) == 1, [r.reason for r in log]
+    return log[0]
+
+
+def _as_expected(rec, expect: str) -> None:
+    """expect: "rewritten", or a phrase the reason of a skip must contain."""
+    if expect == "rewritten":
+        assert rec.status == "rewritten", rec.reason
+    else:
+        assert rec.status == "skipped" and expect in rec.reason, rec.reason
+
+
 # --------------------------------------------------------------------------------------------- #
 # DeepSeek-V3 inference/model.py
 
@@ -319,17 +339,7 @@ def test_absorbed_near_misses(variant):
     kp = torch.randn(B, T, m.dr, generator=g)
     mask = torch.where(torch.rand(S, T, generator=g) < 0.3, float("-inf"), 0.0)
     mask[:, 0] = 0.0
-    with torch.no_grad():
-        want = copy.deepcopy(m)(q_nope, q_pe, c, kp, mask)
-        got = torch.compile(m, backend="mla", options={"remainder": "eager"})(q_nope, q_pe, c, kp, mask)
-    assert rel_err(got, want) < TOL, f"{variant}: rel err {rel_err(got, want):.2e}"
-    log = _records()
-    assert len(log) == 1, [r.reason for r in log]
-    expect = VARIANTS[variant]
-    if expect == "rewritten":
-        assert log[0].status == "rewritten", log[0].reason
-    else:
-        assert log[0].status == "skipped" and expect in log[0].reason, log[0].reason
+    _as_expected(_one_record_equal_to_eager(m, (q_nope, q_pe, c, kp, mask), variant), VARIANTS[variant])
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -405,17 +415,7 @@ def test_expanded_near_misses(variant):
     q = torch.randn(B, m.H, S, m.DN + m.DR, generator=g)
     c = torch.randn(B, T, m.R, generator=g)
     kp = torch.randn(B, 1, T, m.DR, generator=g)
-    with torch.no_grad():
-        want = m(q, c, kp)
-        got = torch.compile(m, backend="mla", options={"remainder": "eager"})(q, c, kp)
-    assert rel_err(got, want) < TOL, f"{variant}: rel err {rel_err(got, want):.2e}"
-    log = _records()
-    assert len(log) == 1, [r.reason for r in log]
-    expect = EXPANDED_VARIANTS[variant]
-    if expect == "rewritten":
-        assert log[0].status == "rewritten", log[0].reason
-    else:
-        assert log[0].status == "skipped" and expect in log[0].reason, log[0].reason
+    _as_expected(_one_record_equal_to_eager(m, (q, c, kp), variant), EXPANDED_VARIANTS[variant])
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -467,18 +467,11 @@ def test_expanded_einsum_near_misses(variant, form):
     args = (torch.randn(B, S, m.H, m.DN, generator=g), torch.randn(B, S, m.H, m.DR, generator=g),
             torch.randn(B, S, m.R, generator=g), torch.randn(B, S, 1, m.DR, generator=g),
             torch.full((S, S), float("-inf")).triu_(1))
-    with torch.no_grad():
-        want = m(*args)
-        got = torch.compile(m, backend="mla", options={"remainder": "eager", "form": form})(*args)
-    assert rel_err(got, want) < TOL, f"{variant}: rel err {rel_err(got, want):.2e}"
-    log = _records()
-    assert len(log) == 1, [r.reason for r in log]
-    expect = EXPANDED_EINSUM_VARIANTS[variant]
-    if expect == "rewritten":
-        assert log[0].status == "rewritten" and log[0].core == "einsum", log[0].reason
-        assert form == "auto" or log[0].form == form
-    else:
-        assert log[0].status == "skipped" and expect in log[0].reason, log[0].reason
+    rec = _one_record_equal_to_eager(m, args, variant, form=form)
+    _as_expected(rec, EXPANDED_EINSUM_VARIANTS[variant])
+    if rec.status == "rewritten":
+        assert rec.core == "einsum", rec.reason
+        assert form == "auto" or rec.form == form
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -558,14 +551,9 @@ def test_fuzz_absorbed_layouts(case):
     mask.select(lay["scores"].index("t"), 0).fill_(0.0)           # every row keeps one key
     args = (make(lay["q_nope"]), make(lay["q_pe"]), make(lay["lat"]), make(lay["kp"]), make(lay["w_uk"]),
             make(lay["w_uv"]), mask)
-    with torch.no_grad():
-        want = m(*args)
-        got = torch.compile(m, backend="mla", options={"remainder": "eager"})(*args)
-    assert rel_err(got, want) < TOL, (eqs, rel_err(got, want))
-    log = _records()
-    assert len(log) == 1, [r.reason for r in log]
+    rec = _one_record_equal_to_eager(m, args, eqs)
     if corrupt is None:
-        assert log[0].status == "rewritten", (eqs, log[0].reason)
+        assert rec.status == "rewritten", (eqs, rec.reason)
 
 
 @st.composite
@@ -627,11 +615,6 @@ def test_fuzz_expanded_layouts(case):
     mask = torch.where(torch.rand(*mask_shape, generator=g) < 0.3, float("-inf"), 0.0)
     mask.select(lay["scores"].index("t"), 0).fill_(0.0)
     args = (q, torch.randn(3, 3, m.R, generator=g), torch.randn(3, 3, 1, m.D, generator=g), mask)
-    with torch.no_grad():
-        want = m(*args)
-        got = torch.compile(m, backend="mla", options={"remainder": "eager"})(*args)
-    assert rel_err(got, want) < TOL, (eqs, rel_err(got, want))
-    log = _records()
-    assert len(log) == 1, [r.reason for r in log]
+    rec = _one_record_equal_to_eager(m, args, eqs)
     if corrupt is None:
-        assert log[0].status == "rewritten", (eqs, log[0].reason)
+        assert rec.status == "rewritten", (eqs, rec.reason)
