@@ -362,7 +362,8 @@ def _scores(sm: fx.Node) -> tuple[list[fx.Node], fx.Node | None, float, list[fx.
         term_nodes = [x]
     if any(isinstance(tn, fx.Node) and tn.op == "placeholder" for tn in term_nodes):
         raise NoMatch("the scores are an input of this graph: a graph break (such as a data-dependent "
-                      "assert) separates the score products from the softmax, so no graph holds the whole core")
+                      "assert) separates the score products from the softmax, so no graph holds the whole core "
+                      "(the record of the graph before the break names it)")
     if not all(is_product(tn) for tn in term_nodes):
         raise NoMatch("the scores are not products (q . c [+ q_pe . kp]) times a constant scale")
 
@@ -382,6 +383,11 @@ def match_absorbed(pv_node: fx.Node) -> Region:
         raise NoMatch("no softmax behind P @ V")
     p_node, lp, lat2, lv = (pv.a, pv.la, pv.b, pv.lb) if side == 0 else (pv.b, pv.lb, pv.a, pv.la)
     sm, sd = _softmax_of(p_node, p_via)
+    try:
+        _scores(sm)
+    except NoMatch as e:        # said first: whatever else fails follows from the break
+        if "an input of this graph" in str(e):
+            raise
     if len(lp) != 4:
         raise NoMatch(f"P is {len(lp)}-D; expected [B, S, H, T] in some order (axes merged by a reshape, "
                       "e.g. heads with queries for bmm, are not read)")

@@ -571,7 +571,45 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], list[Miss]]:
                 module, family = "<top>", None
             misses.append(Miss(module, family, getattr(n.target, "__name__", str(n.target)), f"not matched (the matcher stopped on "
                                                     f"{type(e).__name__}: {e}); left as written"))
+    try:
+        misses += _scores_cut_by_graph_break(gm)
+    except Exception:  # noqa: BLE001 - a note for the log only; never stops compilation
+        pass
     return regions, misses
+
+
+def _scores_cut_by_graph_break(gm: fx.GraphModule) -> list[Miss]:
+    """Attention scores (a scaled sum of products) that are an output of a graph Dynamo ended at a
+    graph break: the softmax and P @ V are in the next graph, so no graph holds the attention. The
+    miss names the break, as Dynamo recorded it, and what removes it where the break is an assert."""
+    from mla_compile.passes import contraction
+
+    why = getattr(gm, "compile_subgraph_reason", None)
+    if why is None or not getattr(why, "graph_break", False):
+        return []
+    out = next((n for n in gm.graph.nodes if n.op == "output"), None)
+    if out is None:
+        return []
+    flat = out.args[0] if isinstance(out.args[0], (list, tuple)) else [out.args[0]]
+    scores = [x for x in flat if isinstance(x, fx.Node) and _val(x) is not None and _val(x).dim() == 4
+              and contraction._is_scaled_sum(x)]
+    if not scores:
+        return []
+    frame = why.user_stack[-1] if getattr(why, "user_stack", None) else None
+    where = (f" at {frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} `{(frame.line or '').strip()}`"
+             if frame is not None else "")
+    cause = str(why.reason).strip().splitlines()[0] if str(why.reason).strip() else "a graph break"
+    reason = (f"attention scores ({', '.join(x.name for x in scores)}) leave this graph at a graph break before "
+              f"the softmax, so no graph holds the whole attention: Dynamo broke the graph{where} ({cause})")
+    if frame is not None and (frame.line or "").lstrip().startswith("assert "):
+        reason += (". Dynamo turns an assert on a tensor into torch._assert_async only when its message is a "
+                   "constant string, and no torch._dynamo.config setting changes that: run Python with -O "
+                   "(PYTHONOPTIMIZE=1), which compiles asserts out, and the attention is one graph")
+    out_misses = []
+    for x in scores:
+        module, family = module_of(x)
+        out_misses.append(Miss(module, family, getattr(x.target, "__name__", "product"), reason))
+    return out_misses[:1]
 
 
 def _match_anchor(n: fx.Node, regions: list[Region], misses: list[Miss]) -> None:

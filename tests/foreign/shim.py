@@ -16,6 +16,7 @@ DeepSeek-V3.2-Exp `inference/model.py`:
     `rotate_activation` (fast_hadamard_transform, bf16 only): the same Hadamard transform as a
     matrix product, any float dtype.
     `dist` (torch.distributed): broadcast is the identity, as it is for one process.
+    `optimize=1` compiles the file as `python -O` does (asserts left out, nothing else changed).
 FlashInfer `tests/attention/test_mla_decode_kernel.py`:
     `flashinfer`, `flashinfer.utils`, `tvm_ffi`, `tests.test_helpers.test_helpers`: the names it
     imports, unused by the reference class `DeepseekV2AttentionVanilla`.
@@ -39,8 +40,10 @@ HERE = Path(__file__).parent
 FP8_MAX = 448.0
 
 
-def _load(path: Path, name: str, stand_ins: dict[str, types.ModuleType]) -> types.ModuleType:
-    """Import the file at `path` as a fresh module `name`, with `stand_ins` in sys.modules meanwhile."""
+def _load(path: Path, name: str, stand_ins: dict[str, types.ModuleType], optimize: int = -1) -> types.ModuleType:
+    """Import the file at `path` as a fresh module `name`, with `stand_ins` in sys.modules meanwhile.
+    optimize=1 compiles it as `python -O` would (its assert statements left out); -1 as this
+    interpreter does."""
     saved = {k: sys.modules.get(k) for k in stand_ins}
     sys.modules.update(stand_ins)
     try:
@@ -49,7 +52,10 @@ def _load(path: Path, name: str, stand_ins: dict[str, types.ModuleType]) -> type
         # Registered under its own name (never the stand-ins'): Dynamo looks a traced function's
         # globals up through sys.modules[fn.__module__].
         sys.modules[name] = mod
-        spec.loader.exec_module(mod)
+        if optimize == -1:
+            spec.loader.exec_module(mod)
+        else:
+            exec(compile(path.read_text(), str(path), "exec", optimize=optimize), mod.__dict__)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -137,15 +143,20 @@ class _OneProcess:
 # --------------------------------------------------------------------------------------------- #
 # Loaders.
 
-def deepseek(version: str, attn_impl: str | None = None, dtype: torch.dtype = torch.float32) -> types.ModuleType:
+def deepseek(version: str, attn_impl: str | None = None, dtype: torch.dtype = torch.float32,
+             optimize: int = -1) -> types.ModuleType:
     """A fresh import of DeepSeek's `inference/model.py` ("v3" or "v3.2-exp"), set up for one CPU
-    process: world_size 1, rank 0, Linear weights in `dtype`, and for V3 the given `attn_impl`."""
+    process: world_size 1, rank 0, Linear weights in `dtype`, and for V3 the given `attn_impl`.
+    optimize=1 compiles the file as `python -O` (PYTHONOPTIMIZE=1) would, without its asserts: what a
+    user runs so that V3.2-Exp's indexer assert does not break Dynamo's graph."""
     file = {"v3": "deepseek_v3_model.py", "v3.2-exp": "deepseek_v32_exp_model.py"}[version]
     stand_ins = {"kernel": _kernel_module()}
     if version == "v3.2-exp":
         stand_ins["einops"] = _module("einops", rearrange=_rearrange)
     name = f"foreign_deepseek_{version.replace('.', '').replace('-', '_')}_{attn_impl or 'default'}"
-    mod = _load(HERE / file, name, stand_ins)
+    if optimize != -1:
+        name += f"_O{optimize}"
+    mod = _load(HERE / file, name, stand_ins, optimize)
     mod.world_size, mod.rank = 1, 0
     mod.Linear.dtype = dtype
     if attn_impl is not None:
