@@ -2,7 +2,7 @@
 
     python benchmarks/e2e.py [--models v2-lite,v3] [--systems hf-eager,mla] [--batch 1,8,32]
                              [--prompt 2048,16384,65536] [--new-tokens 64] [--layers N] [--dtype bf16]
-                             [--out DIR] [--tag -suffix]
+                             [--host-profile STEPS] [--kernel-table N] [--out DIR] [--tag=-suffix]
     python benchmarks/e2e.py --smoke [--out DIR]    # CPU: a tiny DeepSeek-V3, hf-eager and both mla recipes, float32
 
 One process, one GPU. Systems, run in this order (hf-eager first: it is the reference of the checks):
@@ -352,8 +352,9 @@ def timed_generate(model, ids, kw, device, on_step=None):
     return out, clock, t0
 
 
-def profile_decode(model, ids, kw, device, steps: int):
-    """(GPU ms per step, wall ms per step, attention share) over `steps` decode steps of one call."""
+def profile_decode(model, ids, kw, device, steps: int, top: int = 0):
+    """(GPU ms per step, wall ms per step, attention share, kernel table) over `steps` decode steps of
+    one call; the table (top > 0) lists the `top` kernels by GPU time per step, with their share."""
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CUDA])
@@ -371,7 +372,7 @@ def profile_decode(model, ids, kw, device, steps: int):
     timed_generate(model, ids, kw, device, on_step)
     if "b" not in marks:          # fewer steps than asked for
         prof.stop()
-        return None, None, None
+        return None, None, None, ""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "trace.json")
         prof.export_chrome_trace(path)
@@ -382,8 +383,24 @@ def profile_decode(model, ids, kw, device, steps: int):
     attn = sum(e["dur"] for e in dev if e.get("cat") == "kernel"
                and any(w in e.get("name", "").lower() for w in ATTENTION_KERNEL_WORDS))
     if not total:                 # the profiler saw no kernels (CUDA-graph replays untraced)
-        return None, (marks["b"] - marks["a"]) * 1e3 / steps, None
-    return total / 1e3 / steps, (marks["b"] - marks["a"]) * 1e3 / steps, attn / total
+        return None, (marks["b"] - marks["a"]) * 1e3 / steps, None, ""
+    return (total / 1e3 / steps, (marks["b"] - marks["a"]) * 1e3 / steps, attn / total,
+            kernel_table(dev, steps, top) if top else "")
+
+
+def kernel_table(events, steps: int, top: int) -> str:
+    """The `top` kernels (and copies) by GPU time per decode step: us per step, calls per step, share."""
+    by_name: dict[str, list] = {}
+    for e in events:
+        t = by_name.setdefault(e.get("name", "?"), [0.0, 0])
+        t[0] += e["dur"]
+        t[1] += 1
+    total = sum(t for t, _ in by_name.values())
+    lines = [f"GPU time per decode step: {total / steps:.1f} us over {len(by_name)} distinct kernels",
+             f"{'us/step':>9} {'calls/step':>10} {'share':>6}  kernel"]
+    for name, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{t / steps:9.1f} {n / steps:10.1f} {100 * t / total:5.1f}%  {name[:160]}")
+    return "\n".join(lines) + "\n"
 
 
 def host_profile(model, ids, kw, device, steps: int, top: int = 40) -> str:
@@ -441,7 +458,11 @@ def run_row(model, system, B, P, args, device, ref, floor):
         row["tok_s"] = round(B / decode, 1)
     row["prefill_ms"] = round((clock.times[0] - t0) * 1e3, 2)
     if cuda and args.profile_steps:
-        gpu, wall, share = profile_decode(model, ids, kw, device, args.profile_steps)
+        gpu, wall, share, table = profile_decode(model, ids, kw, device, args.profile_steps, args.kernel_table)
+        if table:
+            name = f"e2e-kernels-{system}-{model.config.model_type}-B{B}-P{P}{args.tag}.txt"
+            with open(os.path.join(common.out_dir(args.out), name), "w") as f:
+                f.write(table)
         row.update(gpu_ms=None if gpu is None else round(gpu, 4), wall_ms=None if wall is None else round(wall, 4),
                    attn_share=None if share is None else f"{100 * share:.0f}%")
     if cuda and args.host_profile:
@@ -499,6 +520,9 @@ def parse_args(argv=None):
     ap.add_argument("--host-profile", type=int, default=0, metavar="STEPS",
                     help="also write cProfile's table over STEPS decode steps of each row "
                          "(e2e-host-<system>-<model>-B<b>-P<p>.txt)")
+    ap.add_argument("--kernel-table", type=int, default=0, metavar="N",
+                    help="also write the N kernels with the most GPU time per decode step of each row "
+                         "(e2e-kernels-<system>-<model>-B<b>-P<p>.txt)")
     ap.add_argument("--out", help="result folder (default: $OUT, else benchmarks/results)")
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny DeepSeek-V3, hf-eager and both mla recipes, float32")
