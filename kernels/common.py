@@ -39,6 +39,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 DENSE_FORMS = ("expanded", "absorbed")
 SPARSE_FORMS = ("sparse_absorbed", "sparse_expanded")
@@ -110,10 +112,8 @@ def check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask) -> Dims:
             raise TypeError(f"mask: expected a tensor or None, got {type(mask).__name__}")
         if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
             raise TypeError(f"mask: expected bool (True = attend) or a float additive mask, got {mask.dtype}")
-        try:
-            torch.broadcast_shapes(tuple(mask.shape), (B, 1, S, T))
-        except RuntimeError:
-            raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to [B={B}, 1, S={S}, T={T}]") from None
+        if not _broadcasts(tuple(mask.shape), (B, 1, S, T)):
+            raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to [B={B}, 1, S={S}, T={T}]")
         if mask.dim() == 4 and mask.shape[1] not in (1,):
             raise ValueError(f"mask: per-head masks are not supported (dim 1 is {mask.shape[1]}, expected 1)")
         devices.add(mask.device)
@@ -150,12 +150,25 @@ def check_topk_range(topk_indices: torch.Tensor, kv_len: int) -> None:
             raise ValueError(f"topk_indices: values must lie in [-1, T={kv_len}), got min {lo}, max {hi}")
 
 
+def _broadcasts(shape: tuple, to: tuple) -> bool:
+    """Whether `shape` and `to` broadcast together: torch's rule, written out for plain sizes (it runs at every
+    call, and torch.broadcast_shapes takes longer than the rest of the checks together); symbolic
+    sizes (a traced call) go to torch, which compares them without adding guards."""
+    if not all(type(n) is int for n in (*shape, *to)):
+        try:
+            torch.broadcast_shapes(shape, to)
+        except RuntimeError:
+            return False
+        return True
+    return all(n == m or n == 1 or m == 1 for n, m in zip(reversed(shape), reversed(to)))
+
+
+_TRACER_TENSORS = (FakeTensor, FunctionalTensor)
+
+
 def is_traced(t: torch.Tensor) -> bool:
     """True for the stand-ins a tracer passes (fake, functional or meta tensors: no data to read)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return isinstance(t, (FakeTensor, FunctionalTensor)) or t.device.type == "meta"
+    return isinstance(t, _TRACER_TENSORS) or t.device.type == "meta"
 
 
 
