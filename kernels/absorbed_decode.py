@@ -38,7 +38,7 @@ import triton.language as tl
 from mla_compile.kernels import absorbed_decode_keys_major as keys_major
 from mla_compile.kernels import absorbed_decode_seesaw as seesaw
 from mla_compile.kernels import common, head_projection, registry, sm90
-from mla_compile.kernels.common import as_tokens, check_args, is_traced, launcher
+from mla_compile.kernels.common import as_tokens, check_args, check_sinks, is_traced, launcher
 
 LOG2E = tl.constexpr(common.LOG2E)    # exp(x) = exp2(x * LOG2E)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -160,10 +160,11 @@ def _absorbed_split_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    OP, ML, O, S, R, P, M,
+    OP, ML, O, SINK, S, R, P, M,
     s_pb, s_pp,
     s_ob, s_oh, s_os, s_od,
     R_PAD: tl.constexpr, RB: tl.constexpr, PB: tl.constexpr, ONE_PASS: tl.constexpr = False,
+    HAS_SINK: tl.constexpr = False,
 ):
     # One flat axis over (batch, row): either alone can pass the 65535 limit of grid axes 1 and 2.
     pid = tl.program_id(0).to(tl.int64)
@@ -187,9 +188,14 @@ def _merge_splits_kernel(
                     other=0.0)
         has = l_p > 0
         m = tl.max(tl.where(has, m_p, float("-inf")), 0)
+        if HAS_SINK:
+            sink = tl.load(SINK + h).to(tl.float32)
+            m = tl.maximum(m, sink)
         m = tl.where(m == float("-inf"), 0.0, m)
         w = tl.where(has, l_p * tl.exp(tl.where(has, m_p, m) - m), 0.0)
         tot = tl.sum(w, 0)
+        if HAS_SINK:      # the sink: one more key in the normaliser, with a zero value
+            tot += tl.exp(sink - m)
         tot = tl.where(tot > 0, tot, 1.0)
         tl.store(O + b * s_ob + h * s_oh + s * s_os + offs_r * s_od,
                  (tl.sum(w[:, None] * o, 0) / tot).to(O.dtype.element_ty), mask=offs_r < R)
@@ -203,6 +209,9 @@ def _merge_splits_kernel(
             l_p = tl.load(ml_base + offs_p * ml_pp + 1, mask=p_ok, other=0.0)
             mx = tl.maximum(mx, tl.where(l_p > 0, m_p, float("-inf")))
         m = tl.max(mx, 0)
+        if HAS_SINK:
+            sink = tl.load(SINK + h).to(tl.float32)
+            m = tl.maximum(m, sink)
         m = tl.where(m == float("-inf"), 0.0, m)
         # pass 2: weights w_p = l_p exp(m_p - m) (0 for an empty split) and the weighted sum of the
         # (normalised) split outputs, PB splits at a time
@@ -220,6 +229,8 @@ def _merge_splits_kernel(
                         other=0.0)
             acc += tl.sum(w[:, None] * o, 0)
         tot = tl.sum(total, 0)
+        if HAS_SINK:
+            tot += tl.exp(sink - m)
         tot = tl.where(tot > 0, tot, 1.0)
         tl.store(O + b * s_ob + h * s_oh + s * s_os + offs_r * s_od, (acc / tot).to(O.dtype.element_ty),
                  mask=offs_r < R)
@@ -290,11 +301,13 @@ def choose_splits(device, B: int, row_tiles: int, T: int, block_m: int = 64, flo
     return triton.cdiv(max(T, 1), chunk), chunk
 
 
-def merge_splits(o_part, ml, out_view, S: int, R: int, splits: int, rb: int | None = None, num_warps: int = 4):
+def merge_splits(o_part, ml, out_view, S: int, R: int, splits: int, rb: int | None = None, num_warps: int = 4,
+                 sinks=None):
     """o_part [B, P, M, R_PAD] fp32 contiguous (each split's output, normalised by its own sum l_p) and
     ml [B, P, M, 2] fp32 contiguous (each split's row max m_p and sum l_p of exp(x - m_p), natural
     units; m_p = -inf, l_p = 0 for a split that saw no key) -> out_view [B, H, S, R] (any strides):
-    sum_p w_p o_p / sum_p w_p with w_p = l_p exp(m_p - max_p m_p); zeros for a row with no key at all."""
+    sum_p w_p o_p / sum_p w_p with w_p = l_p exp(m_p - max_p m_p); zeros for a row with no key at all.
+    sinks (None or [H], row = h * S + s): exp(sink_h - max) joins the denominator (attention sinks)."""
     B, P, M, R_PAD = o_part.shape
     # One program per row over the whole r (4 warps): on an H200 the fastest or within 0.5 us of it at
     # 128-1024 rows and 4-16 splits, where a quarter of r a program takes up to 3.3x as long
@@ -302,11 +315,12 @@ def merge_splits(o_part, ml, out_view, S: int, R: int, splits: int, rb: int | No
     # so that the merge is not a handful of long serial loops (not measured).
     RB = rb or (R_PAD if B * M >= 64 else min(R_PAD, 128))   # rb: a benchmark's override
     PB = max(2, min(16, triton.next_power_of_2(P)))
+    sink = sinks.to(torch.float32).contiguous() if sinks is not None else ml
     launcher(_merge_splits_kernel, o_part)[(B * M, R_PAD // RB)](
-        o_part, ml, out_view, S, R, splits, M,
+        o_part, ml, out_view, sink, S, R, splits, M,
         o_part.stride(0), o_part.stride(1),
         *out_view.stride(),
-        R_PAD=R_PAD, RB=RB, PB=PB, ONE_PASS=P <= PB,
+        R_PAD=R_PAD, RB=RB, PB=PB, ONE_PASS=P <= PB, HAS_SINK=sinks is not None,
         num_warps=num_warps,
     )
 
@@ -350,10 +364,12 @@ def launch_plan(device: torch.device, dtype: torch.dtype, B: int, H: int, S: int
 
 
 def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.0, is_causal=False,
-                              kv_lens=None, out=None, num_splits=None):
+                              kv_lens=None, out=None, num_splits=None, sinks=None):
     """The attention core of the absorbed form: q_lat [B, H, S, r] (q_nope W_UK, any strides),
     q_rope [B, H, S, dr], latent [B, (1,) T, r], k_rope [B, (1,) T, dr] -> o_lat [B, H, S, r] in q_lat's
-    dtype (or written into `out`, any strides). kv_lens: optional int32 [B], keys j >= kv_lens[b] ignored."""
+    dtype (or written into `out`, any strides). kv_lens: optional int32 [B], keys j >= kv_lens[b] ignored.
+    sinks: optional [H]; the merge adds them to each row's normaliser, so a call with sinks always
+    takes the split path (its partial outputs and (m, l) rows), one split or more."""
     B, H, S, r = q_lat.shape
     c = as_tokens(latent, "latent")
     kr = as_tokens(k_rope, "k_rope")
@@ -378,7 +394,7 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
     M, BLOCK_M, row_tiles, splits, chunk = H * S, plan.block_m, plan.row_tiles, plan.splits, plan.chunk
     R_PAD, DR_PAD = plan.r_pad, plan.dr_pad
     kind, m, ms = mask_view(mask, B, S, T)
-    one = splits == 1
+    one = splits == 1 and sinks is None
     if one:
         o_part = ml = out  # unused
         sp = (0, 0, 0)
@@ -404,7 +420,7 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
             DOT_PREC=dot_precision(dt),
         )
     if not one:
-        merge_splits(o_part, ml, out, S, r, splits)
+        merge_splits(o_part, ml, out, S, r, splits, sinks=sinks)
     return out
 
 
@@ -435,9 +451,10 @@ def project(o_lat_hbs, w_uv, B, S, out_dtype):
 
 
 def absorbed_decode(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale=1.0, is_causal=False,
-                    kv_lens=None):
+                    kv_lens=None, sinks=None):
     """Drop-in for `absorbed_reference` (same signature), kernel-backed; kv_lens is an internal extra."""
     d = check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask)
+    check_sinks(sinks, d)
     dt = kernel_dtype(q_nope.dtype)
     if dt is None:
         raise TypeError(f"the MLA kernels take float16, bfloat16 or float32, got {q_nope.dtype} "
@@ -448,14 +465,15 @@ def absorbed_decode(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale
     q_lat = absorb(q_nope, w_uk, dt)
     o_lat = torch.empty(H, B * S, d.rank, dtype=dt, device=q_nope.device)
     absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask, scale, is_causal, kv_lens=kv_lens,
-                              out=o_lat.view(H, B, S, d.rank).permute(1, 0, 2, 3))
+                              out=o_lat.view(H, B, S, d.rank).permute(1, 0, 2, 3), sinks=sinks)
     return project(o_lat, w_uv, B, S, q_nope.dtype)
 
 
 absorbed_decode.accepts_kv_lens = True   # mla.absorbed passes a static cache's valid length through
 
 
-def _inlinable(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale=1.0, is_causal=False, kv_lens=None):
+def _inlinable(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale=1.0, is_causal=False, kv_lens=None,
+               sinks=None):
     """Whether a traced call may become Triton launches in Inductor's code: not when it would take a
     Gluon kernel (wrap_triton takes Triton's JIT functions only); mla.absorbed_opaque runs that one."""
     _, H, S, _ = q_nope.shape

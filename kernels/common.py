@@ -18,6 +18,9 @@ and take the same arguments, so the backend can swap one for another:
     scale   softmax scale
     is_causal  torch SDPA's meaning: query i sees keys j <= i (top-left aligned), used only when
                HF handed SDPA no mask
+    sinks   None or [H]: attention sinks (HY-V4, DeepSeek-V4), one logit per head that joins the
+            softmax's normaliser as a key with a zero value, never masked:
+            out = sum_j exp(s_j) v_j / (sum_j exp(s_j) + exp(sink_h))
 
 Errors name the argument at fault and are raised before any arithmetic: bad input gets a clear
 error, never a wrong answer or a crash inside a kernel.
@@ -120,6 +123,20 @@ def check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask) -> Dims:
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
     return Dims(B, H, S, T, r, dr, dn, w_uv.shape[1], next(iter(devices)))
+
+
+def check_sinks(sinks, dims: Dims) -> None:
+    """Attention sinks: None, or a floating [H] tensor on the others' device (one logit per head)."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks: expected a tensor or None, got {type(sinks).__name__}")
+    if sinks.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"sinks: expected a floating dtype {FLOAT_DTYPES}, got {sinks.dtype}")
+    if tuple(sinks.shape) != (dims.heads,):
+        raise ValueError(f"sinks: expected one logit per head, shape [H={dims.heads}], got {tuple(sinks.shape)}")
+    if dims.device is not None and sinks.device != dims.device:
+        raise ValueError(f"sinks: on {sinks.device}, the other tensors on {dims.device}")
 
 
 def check_indices(topk_indices, dims: Dims) -> int:

@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mla_compile.kernels.absorbed_decode import dot_precision, kernel_dtype, mask_view, online_softmax_step
-from mla_compile.kernels.common import as_tokens, check_args, launcher
+from mla_compile.kernels.absorbed_decode import LOG2E, dot_precision, kernel_dtype, mask_view, online_softmax_step
+from mla_compile.kernels.common import as_tokens, check_args, check_sinks, launcher
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -89,7 +89,7 @@ def _attend_block(acc, m_i, l_i, q, qr, n0, offs_m, m_ok, kn_base, v_base, kr_ba
                                         "BLOCK_N", "DOT_PREC"])
 @triton.jit
 def _expanded_fwd_kernel(
-    Q, QR, KN, V, KR, MASK, LIST, CNT, O,
+    Q, QR, KN, V, KR, MASK, LIST, CNT, O, SINK,
     sm_scale, H, S, T, DN, DV, DR, n_mblocks, n_nblocks,
     s_qb, s_qh, s_qs, s_qd,
     s_rb, s_rh, s_rs, s_rd,
@@ -100,7 +100,7 @@ def _expanded_fwd_kernel(
     s_ob, s_oh, s_os, s_od,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DN_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     DR_PAD: tl.constexpr, HAS_ROPE: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_SINK: tl.constexpr = False,
 ):
     sm_scale = tl.cast(sm_scale, tl.float32)   # Inductor passes a Python float as an fp64 scalar: keep the tiles' math fp32
     pid_m = n_mblocks - 1 - tl.program_id(0)          # heaviest (causal) query tiles first
@@ -157,6 +157,13 @@ def _expanded_fwd_kernel(
                 sm_scale, T, DN, DV, DR, s_kt, s_kd, s_vt, s_vd, s_krt, s_krd, s_mt,
                 BLOCK_N, DN_PAD, DV_PAD, DR_PAD, HAS_ROPE, MASK_KIND, True, IS_CAUSAL, DOT_PREC)
 
+    if HAS_SINK:
+        # the head's sink: one more key in the normaliser, with a zero value (never masked)
+        sink = tl.load(SINK + h).to(tl.float32)
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.exp2((m_i - m_new) * LOG2E)
+        l_i = l_i * alpha + tl.exp2((sink - m_new) * LOG2E)
+        acc = acc * alpha[:, None]
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
     offs_dv = tl.arange(0, DV_PAD)
@@ -303,9 +310,10 @@ def expansion_weight(w_uk, w_uv):
     return torch.cat([w_uk, w_uv], 1).reshape(H * (dn + dv), r)
 
 
-def expanded_attention(q_nope, q_rope, k_nope, v, k_rope, mask=None, scale=1.0, is_causal=False, out=None):
+def expanded_attention(q_nope, q_rope, k_nope, v, k_rope, mask=None, scale=1.0, is_causal=False, out=None,
+                       sinks=None):
     """Core: q_nope [B, H, S, dn], q_rope [B, H, S, dr], k_nope [B, H, T, dn] and v [B, H, T, dv] (any
-    strides), k_rope [B, T, dr] shared by the heads -> out [B, H, S, dv]."""
+    strides), k_rope [B, T, dr] shared by the heads, sinks None or [H] -> out [B, H, S, dv]."""
     B, H, S, dn = q_nope.shape
     T, dv, dr = k_nope.shape[2], v.shape[3], k_rope.shape[2]
     dt = q_nope.dtype
@@ -320,21 +328,25 @@ def expanded_attention(q_nope, q_rope, k_nope, v, k_rope, mask=None, scale=1.0, 
         entries, counts = block_map((kind, m, ms), S, T, is_causal, BM, BN)
     else:
         entries = counts = q_nope
+    sink = sinks.to(torch.float32).contiguous() if sinks is not None else out
     launcher(_expanded_fwd_kernel, q_nope)[(nM, B * H)](
-        q_nope, q_rope, k_nope, v, k_rope, m if m is not None else q_nope, entries, counts, out,
+        q_nope, q_rope, k_nope, v, k_rope, m if m is not None else q_nope, entries, counts, out, sink,
         float(scale), H, S, T, dn, dv, dr, nM, nN,
         *q_nope.stride(), *q_rope.stride(), *k_nope.stride(), *v.stride(), *k_rope.stride(), *ms,
         *out.stride(),
         BLOCK_M=BM, BLOCK_N=BN, DN_PAD=max(16, triton.next_power_of_2(dn)),
         DV_PAD=max(16, triton.next_power_of_2(dv)), DR_PAD=max(16, triton.next_power_of_2(max(dr, 1))),
         HAS_ROPE=dr > 0, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), DOT_PREC=dot_precision(dt),
+        HAS_SINK=sinks is not None,
     )
     return out
 
 
-def expanded_prefill(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale=1.0, is_causal=False):
+def expanded_prefill(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale=1.0, is_causal=False,
+                     sinks=None):
     """Drop-in for `expanded_reference` (same signature), kernel-backed."""
     d = check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask)
+    check_sinks(sinks, d)
     dt = kernel_dtype(q_nope.dtype)
     if dt is None:
         raise TypeError(f"the MLA kernels take float16, bfloat16 or float32, got {q_nope.dtype} "
@@ -347,4 +359,4 @@ def expanded_prefill(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scal
     k_nope = kv[..., :dn].permute(0, 2, 1, 3)                     # [B, H, T, dn] strided views
     v = kv[..., dn:].permute(0, 2, 1, 3)
     out = torch.empty(B, H, d.q_len, dv, dtype=q_nope.dtype, device=q_nope.device)
-    return expanded_attention(q_nope, q_rope.to(dt), k_nope, v, kr, mask, scale, is_causal, out=out)
+    return expanded_attention(q_nope, q_rope.to(dt), k_nope, v, kr, mask, scale, is_causal, out=out, sinks=sinks)

@@ -27,7 +27,7 @@ from mla_compile.kernels.absorbed_decode import (
     SPLIT_CONFIGS, absorb, block_m_for, dot_precision, kernel_dtype, mask_view, merge_splits, num_sms,
     online_softmax_step, project, work_bucket,
 )
-from mla_compile.kernels.common import as_tokens, check_args, check_indices, launcher
+from mla_compile.kernels.common import as_tokens, check_args, check_indices, check_sinks, launcher
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -119,10 +119,11 @@ def _sparse_split_kernel(
 
 
 def sparse_latent_attention(q_lat, q_rope, latent, k_rope, topk_indices, mask=None, scale=1.0,
-                            is_causal=False, out=None, num_splits=None):
+                            is_causal=False, out=None, num_splits=None, sinks=None):
     """Core: q_lat [B, H, S, r] (any strides), q_rope [B, H, S, dr], latent/k_rope [B, (1,) T, *],
     topk_indices [B, S, k] (-1 = none) -> o_lat written into `out`, a [B*S, H, 1, r] view (any strides)
-    or a fresh [B*S, H, 1, r] tensor."""
+    or a fresh [B*S, H, 1, r] tensor. sinks: optional [H], added to each row's normaliser by the merge
+    (a call with sinks always takes the split path)."""
     B, H, S, r = q_lat.shape
     c = as_tokens(latent, "latent")
     kr = as_tokens(k_rope, "k_rope")
@@ -148,7 +149,7 @@ def sparse_latent_attention(q_lat, q_rope, latent, k_rope, topk_indices, mask=No
     kind, m, ms = mask_view(mask, B, S, T)
     R_PAD = max(16, triton.next_power_of_2(r))   # tl.dot needs K >= 16 on the GPU
     DR_PAD = max(16, triton.next_power_of_2(dr)) if dr else 16
-    one = splits == 1
+    one = splits == 1 and sinks is None
     if one:
         o_part = ml = out
         sp = (0, 0)
@@ -166,15 +167,16 @@ def sparse_latent_attention(q_lat, q_rope, latent, k_rope, topk_indices, mask=No
         IS_CAUSAL=bool(is_causal), ONE_SPLIT=one, DOT_PREC=dot_precision(dt),
     )
     if not one:
-        merge_splits(o_part, ml, out, 1, r, splits)
+        merge_splits(o_part, ml, out, 1, r, splits, sinks=sinks)
     return out
 
 
 def sparse_absorbed_decode(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask=None, scale=1.0,
-                           is_causal=False):
+                           is_causal=False, sinks=None):
     """Drop-in for `sparse_absorbed_reference` (same signature), kernel-backed."""
     d = check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask)
     check_indices(topk_indices, d)
+    check_sinks(sinks, d)
     dt = kernel_dtype(q_nope.dtype)
     if dt is None:
         raise TypeError(f"the MLA kernels take float16, bfloat16 or float32, got {q_nope.dtype} "
@@ -183,5 +185,5 @@ def sparse_absorbed_decode(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indi
     q_lat = absorb(q_nope, w_uk, dt)
     o_lat = torch.empty(H, B * S, d.rank, dtype=dt, device=q_nope.device)
     sparse_latent_attention(q_lat, q_rope, latent, k_rope, topk_indices, mask, scale, is_causal,
-                            out=o_lat.permute(1, 0, 2).unsqueeze(2))
+                            out=o_lat.permute(1, 0, 2).unsqueeze(2), sinks=sinks)
     return project(o_lat, w_uv, B, S, q_nope.dtype)

@@ -57,23 +57,25 @@ def chooser(plan_id: int) -> Chooser:
 @torch.library.custom_op("mla::auto", mutates_args=())
 def auto(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
          w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: Optional[torch.Tensor],
-         mask: Optional[torch.Tensor], scale: float, is_causal: bool, plan_id: int) -> torch.Tensor:
+         mask: Optional[torch.Tensor], scale: float, is_causal: bool, plan_id: int,
+         sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     B, H, S, _ = q_nope.shape
     T = latent.shape[-2]
     k = topk_indices.shape[-1] if topk_indices is not None else None
     form = _CHOOSERS[plan_id]({"B": B, "S": S, "T": T, "k": k})
     fn = implementation_for(form, q_nope)
+    extra = {} if sinks is None else {"sinks": sinks}
     if form in SPARSE_FORMS:
-        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal)
+        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, **extra)
     if topk_indices is not None and k < T:
         # The cost model found dense attention cheaper even though k < T (tiny T): apply the top-k
         # selection as a dense mask, as HF does; exact, and what the model's dense cost counted.
         mask = mask_outside_topk(mask, topk_indices, S, T)
-    return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal)
+    return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, **extra)
 
 
 @auto.register_fake
-def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, plan_id):
+def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, plan_id, sinks=None):
     B, H, S, _ = q_nope.shape
     return q_nope.new_empty(B, H, S, w_uv.shape[1])
 
@@ -81,9 +83,10 @@ def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_
 # mla.auto's backward: the form the plan chose for these sizes, differentiated as that form
 
 def _setup_auto(ctx, inputs, output):
-    q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, plan_id = inputs
-    ctx.save_for_backward(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask)
-    ctx.scale, ctx.is_causal, ctx.plan_id = scale, is_causal, plan_id
+    q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, plan_id = inputs[:11]
+    sinks = inputs[11] if len(inputs) > 11 else None
+    ctx.save_for_backward(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, sinks)
+    ctx.scale, ctx.is_causal, ctx.plan_id, ctx.n_inputs = scale, is_causal, plan_id, len(inputs)
 
 
 def auto_form(plan_id: int, q_nope, latent, topk_indices) -> str:
@@ -95,16 +98,19 @@ def auto_form(plan_id: int, q_nope, latent, topk_indices) -> str:
 
 
 def _backward_auto(ctx, grad):
-    q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask = ctx.saved_tensors
+    q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, sinks = ctx.saved_tensors
     form = auto_form(ctx.plan_id, q_nope, latent, topk_indices)
     if form in SPARSE_FORMS:
         grads = sparse_backward(grad, q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask,
-                                ctx.scale, ctx.is_causal)
+                                ctx.scale, ctx.is_causal, sinks)
     else:
         if topk_indices is not None and topk_indices.shape[-1] < latent.shape[-2]:
             mask = mask_outside_topk(mask, topk_indices, q_nope.shape[2], latent.shape[-2])
-        grads = dense_backward(grad, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, ctx.scale, ctx.is_causal)
-    return grads + (None, None, None, None, None)
+        grads = dense_backward(grad, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, ctx.scale, ctx.is_causal,
+                               sinks)
+    # (topk_indices, mask, scale, is_causal, plan_id) get none; sinks, when given, its own
+    grads, d_sinks = grads[:6], grads[6:]
+    return grads + (None,) * 5 + (d_sinks if ctx.n_inputs > 11 else ())
 
 
 torch.library.register_autograd("mla::auto", _backward_auto, setup_context=_setup_auto)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from mla_compile.passes.forms.common import (
-    additive_mask, as_tokens, causal_mask, check_args, compute_dtype, softmax_rows,
+    additive_mask, as_tokens, causal_mask, check_args, check_sinks, compute_dtype, head_sinks, softmax_rows,
 )
 
 
@@ -43,8 +43,10 @@ def masked_scores(scores: torch.Tensor, mask, is_causal: bool) -> torch.Tensor:
     return scores if add is None else scores + add
 
 
-def absorbed_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale=1.0, is_causal=False):
+def absorbed_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale=1.0, is_causal=False,
+                       sinks=None):
     d = check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask)
+    check_sinks(sinks, d)
     B, H, S, T = d.batch, d.heads, d.q_len, d.kv_len
     ct = compute_dtype(q_nope.dtype)
     c = as_tokens(latent, "latent").to(ct)                    # [B, T, r]
@@ -54,7 +56,7 @@ def absorbed_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, sc
         kp = as_tokens(k_rope, "k_rope").to(ct)
         scores = scores + torch.bmm(q_rope.to(ct).reshape(B, H * S, d.rope_dim), kp.transpose(1, 2))
     scores = masked_scores(scores.view(B, H, S, T) * scale, mask, is_causal)
-    p = softmax_rows(scores).to(ct)
+    p = softmax_rows(scores, head_sinks(sinks)).to(ct)
     o_lat = torch.bmm(p.reshape(B, H * S, T), c).view(B, H, S, d.rank)
     # contiguous, as the fake function promises (Inductor plans its reads from the fake strides)
     return project_output(o_lat, w_uv).to(q_nope.dtype).contiguous()

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from mla_compile.passes.forms.absorbed import masked_scores
-from mla_compile.passes.forms.common import compute_dtype, softmax_rows
+from mla_compile.passes.forms.common import compute_dtype, head_sinks, softmax_rows
 from mla_compile.passes.forms.sparse import GATHER_BUDGET, gather_rows, mask_outside_topk, selected_bias
 
 _DENSE_ARGS = ("q_nope", "q_rope", "latent", "k_rope", "w_uk", "w_uv", "mask")
@@ -54,8 +54,10 @@ def _from_head_rows(x: torch.Tensor, B: int, S: int) -> torch.Tensor:
     return x.reshape(H, B, S, d).permute(1, 0, 2, 3)
 
 
-def dense_backward(grad_out, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal):
-    """Gradients of the dense MLA function w.r.t. (q_nope, q_rope, latent, k_rope, w_uk, w_uv)."""
+def dense_backward(grad_out, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, sinks=None):
+    """Gradients of the dense MLA function w.r.t. (q_nope, q_rope, latent, k_rope, w_uk, w_uv), and
+    w.r.t. the sinks when there are any (a seventh gradient, [H]): a sink is a key with a zero value,
+    so dP_sink = 0 and dS_sink = -P_sink rowsum(dP * P), summed over batch and queries per head."""
     B, H, S, dn = q_nope.shape
     ct = compute_dtype(q_nope.dtype)
     c = _tokens(latent).to(ct)                                   # [B, T, r]
@@ -68,14 +70,15 @@ def dense_backward(grad_out, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, s
     scores = torch.matmul(q_lat.reshape(B, H * S, r), c.transpose(1, 2))
     scores = scores + torch.matmul(qr.reshape(B, H * S, dr), kp.transpose(1, 2))
     scores = masked_scores(scores.view(B, H, S, T) * scale, mask, is_causal)
-    p = softmax_rows(scores).to(ct)                                            # [B, H, S, T]
+    p = softmax_rows(scores, head_sinks(sinks)).to(ct)                         # [B, H, S, T]
     p_rows = p.reshape(B, H * S, T)
     o_lat = torch.bmm(p_rows, c).view(B, H, S, r)
 
     d_o_lat = _from_head_rows(torch.bmm(_per_head_rows(dO), wv), B, S)        # [B, H, S, r]
     d_wv = torch.bmm(_per_head_rows(dO).transpose(1, 2), _per_head_rows(o_lat))   # [H, dv, r]
     dp = torch.bmm(d_o_lat.reshape(B, H * S, r), c.transpose(1, 2)).view(B, H, S, T)
-    ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+    row_dot = (dp * p).sum(-1, keepdim=True)
+    ds = p * (dp - row_dot) * scale
     ds_rows = ds.reshape(B, H * S, T)
 
     dq_lat = torch.bmm(ds_rows, c).view(B, H, S, r)
@@ -85,12 +88,19 @@ def dense_backward(grad_out, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, s
     d_kp = torch.bmm(ds_rows.transpose(1, 2), qr.reshape(B, H * S, dr))            # [B, T, dr]
     d_qn = _from_head_rows(torch.bmm(_per_head_rows(dq_lat), wk.transpose(1, 2)), B, S)
     d_wk = torch.bmm(_per_head_rows(qn).transpose(1, 2), _per_head_rows(dq_lat))  # [H, dn, r]
-    return (d_qn.to(q_nope.dtype), d_qr.to(q_rope.dtype), d_c.reshape(latent.shape).to(latent.dtype),
-            d_kp.reshape(k_rope.shape).to(k_rope.dtype), d_wk.to(w_uk.dtype), d_wv.to(w_uv.dtype))
+    grads = (d_qn.to(q_nope.dtype), d_qr.to(q_rope.dtype), d_c.reshape(latent.shape).to(latent.dtype),
+             d_kp.reshape(k_rope.shape).to(k_rope.dtype), d_wk.to(w_uk.dtype), d_wv.to(w_uv.dtype))
+    if sinks is None:
+        return grads
+    p_sink = 1 - p.sum(-1, keepdim=True)                                       # [B, H, S, 1]
+    d_sinks = -(p_sink * row_dot).sum((0, 2, 3))
+    return grads + (d_sinks.to(sinks.dtype),)
 
 
-def sparse_backward(grad_out, q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal):
-    """Gradients of the sparse (top-k gathered) MLA function; the row gradients are scatter-added."""
+def sparse_backward(grad_out, q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal,
+                    sinks=None):
+    """Gradients of the sparse (top-k gathered) MLA function; the row gradients are scatter-added.
+    With sinks, a seventh gradient [H], as in `dense_backward`."""
     B, H, S, dn = q_nope.shape
     ct = compute_dtype(q_nope.dtype)
     c = _tokens(latent).to(ct)
@@ -101,6 +111,8 @@ def sparse_backward(grad_out, q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_i
     d_c = torch.zeros(B * T, r, dtype=ct, device=c.device)
     d_kp = torch.zeros(B * T, dr, dtype=ct, device=c.device)
     d_qn, d_qr, d_wk, d_wv = [], [], torch.zeros_like(wk), torch.zeros_like(wv)
+    sink_col = None if sinks is None else sinks.reshape(1, H, 1)          # the sink of [B*s, H, k] rows
+    d_sinks = None if sinks is None else torch.zeros(H, dtype=ct, device=c.device)
     # Chunk the query positions like the forward does, when S is a plain number (a symbolic S under
     # dynamic-shape tracing runs as one chunk, with no guard on its value).
     if isinstance(S, int):
@@ -125,14 +137,17 @@ def sparse_backward(grad_out, q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_i
         q_lat_r, qr_r = rows(q_lat), rows(qr)                                    # [B*s, H, .]
         scores = torch.bmm(q_lat_r, c_g.transpose(1, 2)) + torch.bmm(qr_r, kp_g.transpose(1, 2))
         bias = selected_bias(mask, idx, valid, s0, S, T, is_causal, ct).reshape(B * s, 1, k)
-        p = softmax_rows(scores * scale + bias).to(ct)                            # [B*s, H, k]
+        p = softmax_rows(scores * scale + bias, sink_col).to(ct)                  # [B*s, H, k]
         o_lat = torch.bmm(p, c_g)                                                 # [B*s, H, r]
         d_o_lat_bhs = _from_head_rows(torch.bmm(_per_head_rows(dO), wv), B, s)  # [B, H, s, r]
         o_lat_bhs = o_lat.view(B, s, H, r).permute(0, 2, 1, 3)
         d_wv = d_wv + torch.bmm(_per_head_rows(dO).transpose(1, 2), _per_head_rows(o_lat_bhs))
         d_o_lat = rows(d_o_lat_bhs)
         dp = torch.bmm(d_o_lat, c_g.transpose(1, 2))                              # [B*s, H, k]
-        ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+        row_dot = (dp * p).sum(-1, keepdim=True)
+        ds = p * (dp - row_dot) * scale
+        if sinks is not None:
+            d_sinks = d_sinks - ((1 - p.sum(-1, keepdim=True)) * row_dot).sum((0, 2))
         dq_lat = torch.bmm(ds, c_g)                                               # [B*s, H, r]
         d_cg = torch.bmm(p.transpose(1, 2), d_o_lat) + torch.bmm(ds.transpose(1, 2), q_lat_r)   # [B*s, k, r]
         d_kpg = torch.bmm(ds.transpose(1, 2), qr_r)                               # [B*s, k, dr]
@@ -146,8 +161,9 @@ def sparse_backward(grad_out, q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_i
         d_wk = d_wk + torch.bmm(_per_head_rows(qn).transpose(1, 2), _per_head_rows(dq_lat_bhs))
     d_qn = torch.cat(d_qn, dim=2) if len(d_qn) > 1 else d_qn[0]
     d_qr = torch.cat(d_qr, dim=2) if len(d_qr) > 1 else d_qr[0]
-    return (d_qn.to(q_nope.dtype), d_qr.to(q_rope.dtype), d_c.reshape(latent.shape).to(latent.dtype),
-            d_kp.reshape(k_rope.shape).to(k_rope.dtype), d_wk.to(w_uk.dtype), d_wv.to(w_uv.dtype))
+    grads = (d_qn.to(q_nope.dtype), d_qr.to(q_rope.dtype), d_c.reshape(latent.shape).to(latent.dtype),
+             d_kp.reshape(k_rope.shape).to(k_rope.dtype), d_wk.to(w_uk.dtype), d_wv.to(w_uv.dtype))
+    return grads if sinks is None else grads + (d_sinks.to(sinks.dtype),)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -169,15 +185,22 @@ def with_kv_lens(mask, kv_lens, T: int):
 def _setup_dense(ctx, inputs, output):
     q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal = inputs[:9]
     kv_lens = inputs[9] if len(inputs) > 9 else None
-    ctx.save_for_backward(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, kv_lens)
+    sinks = inputs[10] if len(inputs) > 10 else None
+    ctx.save_for_backward(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, kv_lens, sinks)
     ctx.scale, ctx.is_causal, ctx.n_inputs = scale, is_causal, len(inputs)
 
 
 def _backward_dense(ctx, grad):
-    q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, kv_lens = ctx.saved_tensors
+    q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, kv_lens, sinks = ctx.saved_tensors
     mask = with_kv_lens(mask, kv_lens, latent.shape[-2])
-    grads = dense_backward(grad, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, ctx.scale, ctx.is_causal)
-    return grads + (None,) * (ctx.n_inputs - 6)
+    grads = dense_backward(grad, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, ctx.scale, ctx.is_causal,
+                           sinks)
+    # (mask, scale, is_causal, kv_lens) get none; sinks, the eleventh input, its own when given
+    grads, d_sinks = grads[:6], (grads[6:] or (None,))
+    rest = (None,) * (ctx.n_inputs - 6)
+    if ctx.n_inputs > 10:
+        rest = rest[:4] + d_sinks + rest[5:]
+    return grads + rest
 
 
 def _setup_sparse(ctx, inputs, output):

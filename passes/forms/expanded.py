@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 
 from mla_compile.passes.forms.absorbed import masked_scores
-from mla_compile.passes.forms.common import as_tokens, check_args, compute_dtype, softmax_rows
+from mla_compile.passes.forms.common import (
+    as_tokens, check_args, check_sinks, compute_dtype, head_sinks, softmax_rows,
+)
 
 
 def expand_latent(c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -24,8 +26,10 @@ def expand_latent(c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out.view(B, T, H, dh).transpose(1, 2)
 
 
-def expanded_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale=1.0, is_causal=False):
+def expanded_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale=1.0, is_causal=False,
+                       sinks=None):
     d = check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask)
+    check_sinks(sinks, d)
     B, H, S, T = d.batch, d.heads, d.q_len, d.kv_len
     ct = compute_dtype(q_nope.dtype)
     c = as_tokens(latent, "latent").to(ct)
@@ -37,5 +41,5 @@ def expanded_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, sc
         rope = torch.bmm(q_rope.to(ct).reshape(B, H * S, d.rope_dim), kp.transpose(1, 2))
         scores = scores + rope.view(B, H, S, T)
     scores = masked_scores(scores * scale, mask, is_causal)
-    p = softmax_rows(scores).to(ct)
+    p = softmax_rows(scores, head_sinks(sinks)).to(ct)
     return torch.matmul(p, v).to(q_nope.dtype)

@@ -42,16 +42,17 @@ def _out_like(q_nope: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
     return q_nope.new_empty(B, H, S, w_uv.shape[1])
 
 
-def _dense(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens):
+def _dense(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens, sinks=None):
     """Run a dense form. kv_lens (int, [B] or a scalar): keys at or past it are not read. A static
     cache is allocated at its maximum length and HF masks the unfilled tail; with kv_lens the filled
     part alone is read. Kernels take kv_lens on the device; elsewhere the inputs are cut to its
     maximum (a host read, skipped while a CUDA graph is being captured: the mask keeps it exact)."""
     fn = implementation_for(form, q_nope)
+    extra = {} if sinks is None else {"sinks": sinks}     # attention sinks: every implementation takes them
     if kv_lens is None:
-        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal)
+        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, **extra)
     if getattr(fn, "accepts_kv_lens", False):
-        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens=kv_lens)
+        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens=kv_lens, **extra)
     capturing = q_nope.is_cuda and torch.cuda.is_current_stream_capturing()
     T = latent.shape[-2]
     n = T if capturing else int(kv_lens.max())
@@ -61,7 +62,7 @@ def _dense(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_cau
         latent, k_rope = latent[..., :n, :], k_rope[..., :n, :]
         if mask is not None and mask.shape[-1] == T:
             mask = mask[..., :n]
-    return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal)
+    return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, **extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ def has_static_sizes(t: torch.Tensor) -> bool:
 
 
 _DENSE_SCHEMA_DOC = ("(q_nope [B,H,S,dn], q_rope [B,H,S,dr], latent [B,(1,)T,r], k_rope [B,(1,)T,dr], "
-                     "W_UK [H,dn,r], W_UV [H,dv,r], mask, scale, is_causal, kv_lens) -> [B,H,S,dv]")
+                     "W_UK [H,dn,r], W_UV [H,dv,r], mask, scale, is_causal, kv_lens, sinks [H]) -> [B,H,S,dv]")
 
 
 def _register(form: str, body: Callable, run: Callable):
@@ -125,13 +126,15 @@ def _fake_out(q_nope, q_rope, latent, k_rope, w_uk, w_uv, *rest, **kwargs):
 def _dense_op(form: str):
     def run(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
             w_uk: torch.Tensor, w_uv: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
-            is_causal: bool, kv_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return _dense(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens)
+            is_causal: bool, kv_lens: Optional[torch.Tensor] = None,
+            sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _dense(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens, sinks)
 
     def body(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
              w_uk: torch.Tensor, w_uv: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
-             is_causal: bool, kv_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        args = (q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens)
+             is_causal: bool, kv_lens: Optional[torch.Tensor] = None,
+             sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        args = (q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens, sinks)
         if is_traced(q_nope) and not traceable(form, q_nope, args, kv_lens):
             return getattr(torch.ops.mla, f"{form}_opaque")(*args)
         return run(*args)
