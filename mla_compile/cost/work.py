@@ -37,6 +37,10 @@ Counting rules (decisions, written down so benchmarks can contest them):
   reads its queries' mask rows: min(H, max(1, H*S/ROW_TILE)) reads of the mask.  The expanded kernel
   runs one head per program and reads the mask only in partially masked tiles (its block map says
   which): none but the diagonal for a causal mask, every tile, once per head, for a top-k mask.
+* Attention sinks (one logit per head in each row's normaliser): B*H*S exponentials and H floats
+  read, below what the model resolves; the split merge that adds them in the latent forms is
+  counted for every call already (their "attention" kernel is two launches), and the expanded
+  kernel adds them in its epilogue. No term.
 * Expanded form includes the expansion GEMM over all T cached tokens (2*B*T*r*H*(dn+dv) FLOPs),
   writing K_nope and V (B*H*T*(dn+dv)*e) and reading them back in attention.
 * Absorbed form reads the latent once per batch row (B*T*(r+dr)*e), not once per head.
