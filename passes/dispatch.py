@@ -110,7 +110,7 @@ def _backward_auto(ctx, grad):
                                sinks)
     # (topk_indices, mask, scale, is_causal, plan_id) get none; sinks, when given, its own
     grads, d_sinks = grads[:6], grads[6:]
-    return grads + (None,) * 5 + (d_sinks if ctx.n_inputs > 11 else ())
+    return grads + (None,) * 5 + ((d_sinks or (None,)) if ctx.n_inputs > 11 else ())
 
 
 torch.library.register_autograd("mla::auto", _backward_auto, setup_context=_setup_auto)

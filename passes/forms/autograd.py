@@ -204,16 +204,18 @@ def _backward_dense(ctx, grad):
 
 
 def _setup_sparse(ctx, inputs, output):
-    q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal = inputs
-    ctx.save_for_backward(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask)
-    ctx.scale, ctx.is_causal = scale, is_causal
+    q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal = inputs[:10]
+    sinks = inputs[10] if len(inputs) > 10 else None
+    ctx.save_for_backward(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, sinks)
+    ctx.scale, ctx.is_causal, ctx.n_inputs = scale, is_causal, len(inputs)
 
 
 def _backward_sparse(ctx, grad):
-    q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask = ctx.saved_tensors
+    q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, sinks = ctx.saved_tensors
     grads = sparse_backward(grad, q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask,
-                            ctx.scale, ctx.is_causal)
-    return grads + (None, None, None, None)
+                            ctx.scale, ctx.is_causal, sinks)
+    # (topk_indices, mask, scale, is_causal) get none; sinks, the eleventh input, its own when given
+    return grads[:6] + (None,) * 4 + ((grads[6:] or (None,)) if ctx.n_inputs > 10 else ())
 
 
 def register() -> None:

@@ -146,14 +146,17 @@ def _dense_op(form: str):
 def _sparse_op(form: str):
     def run(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
             w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: torch.Tensor,
-            mask: Optional[torch.Tensor], scale: float, is_causal: bool) -> torch.Tensor:
+            mask: Optional[torch.Tensor], scale: float, is_causal: bool,
+            sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
         fn = implementation_for(form, q_nope)
-        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal)
+        extra = {} if sinks is None else {"sinks": sinks}
+        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, **extra)
 
     def body(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
              w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: torch.Tensor,
-             mask: Optional[torch.Tensor], scale: float, is_causal: bool) -> torch.Tensor:
-        args = [q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal]
+             mask: Optional[torch.Tensor], scale: float, is_causal: bool,
+             sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        args = [q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, sinks]
         if is_traced(q_nope):
             if not traceable(form, q_nope, args):
                 return getattr(torch.ops.mla, f"{form}_opaque")(*args)

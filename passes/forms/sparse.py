@@ -21,7 +21,7 @@ import torch
 
 from mla_compile.passes.forms.absorbed import absorb_query, project_output
 from mla_compile.passes.forms.common import (
-    additive_mask, as_tokens, check_args, check_indices, compute_dtype, softmax_rows,
+    additive_mask, as_tokens, check_args, check_indices, check_sinks, compute_dtype, softmax_rows,
 )
 
 # Gathered latent elements held at once per chunk of query positions (bounds the reference's memory).
@@ -67,9 +67,12 @@ def selected_bias(mask, idx, valid, s0: int, q_len: int, kv_len: int, is_causal:
     return bias.masked_fill(~valid, float("-inf"))
 
 
-def _sparse(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, absorbed: bool):
+def _sparse(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, absorbed: bool,
+            sinks=None):
     d = check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask)
     k = check_indices(topk_indices, d)
+    check_sinks(sinks, d)
+    sink_col = None if sinks is None else sinks.reshape(1, d.heads, 1)   # the sink of [B*s, H, k] rows
     B, H, S = d.batch, d.heads, d.q_len
     ct = compute_dtype(q_nope.dtype)
     out = q_nope.new_empty(B, H, S, d.v_dim)
@@ -99,7 +102,7 @@ def _sparse(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scal
             kp_g = gather_rows(kp, idx).reshape(B * s, k, d.rope_dim)
             scores = scores + torch.bmm(rows(qr), kp_g.transpose(1, 2))
         bias = selected_bias(mask, idx, valid, s0, d.q_len, d.kv_len, is_causal, scores.dtype).reshape(B * s, 1, k)
-        p = softmax_rows(scores * scale + bias).to(ct)                            # [B*s, H, k]
+        p = softmax_rows(scores * scale + bias, sink_col).to(ct)                  # [B*s, H, k]
         if absorbed:
             o_lat = torch.bmm(p, c_g).view(B, s, H, d.rank).permute(0, 2, 1, 3)
             o = project_output(o_lat, w_uv)
@@ -112,10 +115,10 @@ def _sparse(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scal
 
 
 def sparse_absorbed_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask=None,
-                              scale=1.0, is_causal=False):
-    return _sparse(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, True)
+                              scale=1.0, is_causal=False, sinks=None):
+    return _sparse(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, True, sinks)
 
 
 def sparse_expanded_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask=None,
-                              scale=1.0, is_causal=False):
-    return _sparse(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, False)
+                              scale=1.0, is_causal=False, sinks=None):
+    return _sparse(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, False, sinks)
