@@ -515,13 +515,15 @@ def match_absorbed(pv_node: fx.Node) -> Region:
 
     # 6. The mask, 7. the region's own nodes read only inside it, its inputs unwritten until the op.
     mask_view = _mask_layout(mask, scores_roles, sizes)
-    inner = [sm, *p_via, pv_node, *pv.via, out_node, *oc.via, *chain, qa_node, *qa.via]
+    im = index_mask(mask, scores_roles, sizes)
+    inner = [sm, *p_via, pv_node, *pv.via, out_node, *oc.via, *chain, qa_node, *qa.via, *(im.nodes if im else [])]
     for tm in terms:
         inner += [tm.product.node, *tm.product.via]
     if lat2 is not nope.key:
         inner.append(lat2)
-    inner = _checked_inner(inner, [q_nope, w_uk, nope.key, rope.query, rope.key, w_uv, mask], out_node, pos)
-    return _region(out_node, pv_node, sizes, scale, mask, inner, q_nope=q_nope, q_rope=rope.query,
+    inner = _checked_inner(inner, [q_nope, w_uk, nope.key, rope.query, rope.key, w_uv, *_mask_inputs(mask, im)],
+                           out_node, pos)
+    return _region(out_node, pv_node, sizes, scale, mask, inner, index=im, q_nope=q_nope, q_rope=rope.query,
                    latent=nope.key, k_rope=rope.key, weight=None, w_uk=w_uk, w_uv=w_uv,
                    layout=dict(q_nope=_perm(q_nope_roles, "BHSD"), q_rope=_perm(rope_q_roles, "BHSR"),
                                latent=_perm(lat_roles, "B1TC" if "1" in lat_roles else "BTC"),
@@ -554,11 +556,18 @@ def _match_expanded(pv: Product, sm: fx.Node, sd: int, p_via: list[fx.Node], lp:
     if sorted(out_roles) != sorted("BSHE"):
         raise NoMatch(f"P @ V's output axes {pv.lo!r} are not [B, S, H, dv] in some order")
 
+    # V (and K) read back from a cache buffer the graph has just written them into, whole (DeepSeek's
+    # naive prefill from position 0): the read holds exactly the written values
+    reads, v_read = [], v
+    v = _written_then_read(v_read, pos)
+    if v is not v_read:
+        reads.append(v_read)
     try:
         split = _item_of_split(v, 1)
     except NoMatch:
         raise NoMatch(f"the values have a head axis (per-head V, {_origin(v)}) and are not the second half of "
-                      "a latent expansion's split in this graph: P does not multiply a shared latent") from None
+                      f"a latent expansion's split in this graph: P does not multiply a shared latent"
+                      f"{_partial_write(v, pos)}") from None
     x = split.args[0]
     if not (_is_method(x, "view", "reshape") and _is_fn(x.args[0], F.linear, torch._C._nn.linear)):
         raise NoMatch(f"the per-head values ({_origin(v)}) are not a view of a linear layer (the latent's expansion)")
@@ -577,6 +586,10 @@ def _match_expanded(pv: Product, sm: fx.Node, sd: int, p_via: list[fx.Node], lp:
     troles[next(iter(tp.summed))] = "K"
     t_l = tp.lo[scores_roles.index("T")]
     qn, ql, kn, kl = (tp.b, tp.lb, tp.a, tp.la) if t_l in tp.la else (tp.a, tp.la, tp.b, tp.lb)
+    k_read = kn
+    kn = _written_then_read(k_read, pos)
+    if kn is not k_read:
+        reads.append(k_read)
     try:
         q_roles, k_roles = _roles_of(ql, troles, tp.unit), _roles_of(kl, troles, tp.unit)
     except KeyError:
@@ -619,17 +632,84 @@ def _match_expanded(pv: Product, sm: fx.Node, sd: int, p_via: list[fx.Node], lp:
     # [B, H, S, dn+dr] and slices [..., :dn] and [..., dn:]
     q_nope, q_rope = _query_parts(qn, dn, dr) if q_roles[-1] == "K" else (None, None)
     mask_view = _mask_layout(mask, scores_roles, sizes)
-    inner = [sm, *p_via, pv.node, *pv.via, *chain, tp.node, *tp.via, kn, parts[0], rope, v]
+    im = index_mask(mask, scores_roles, sizes)
+    kv_nodes = [kn, parts[0], rope, v]
+    inner = [sm, *p_via, pv.node, *pv.via, *chain, tp.node, *tp.via, *reads, *(im.nodes if im else [])]
     # the expansion itself (split, view, linear) is pure: erased once unread, kept where read elsewhere
-    inner = _checked_inner(inner, [qn, latent, kp, weight, mask], pv.node, pos) + [split, x, lin]
+    # (K and V too, where a cache write keeps them)
+    inner = _checked_inner(inner + ([] if reads else kv_nodes), [qn, latent, kp, weight, *_mask_inputs(mask, im)],
+                           pv.node, pos) + (kv_nodes if reads else []) + [split, x, lin]
     if q_nope is not None:
         q_perm, query_perm = _perm(q_roles.replace("K", "D"), "BHSD"), None
     else:
         q_perm, query_perm = None, _perm(q_roles, "BHSK")
-    return _region(pv.node, pv.node, sizes, scale, mask, inner, query=qn, q_nope=q_nope, q_rope=q_rope,
+    return _region(pv.node, pv.node, sizes, scale, mask, inner, index=im, query=qn, q_nope=q_nope, q_rope=q_rope,
                    latent=latent, k_rope=kp, weight=weight,
                    layout=dict(query=query_perm, q_nope=q_perm, q_rope=q_perm, k_rope=_perm("BT1R", "B1TR"),
                                output=_perm("BHSE", out_roles), mask=mask_view))
+
+
+def _cache_write(r: Any, pos: dict[fx.Node, int]):
+    """For r = buf[a:b, c:d] (slices only), the last setitem of buf before r in this graph: (write, buf)."""
+    if not (_is_fn(r, operator.getitem) and isinstance(r.args[0], fx.Node) and isinstance(r.args[1], tuple)
+            and all(isinstance(e, slice) for e in r.args[1])):
+        return None
+    buf = r.args[0]
+    writes = [u for u in buf.users if _is_fn(u, operator.setitem) and u.args[0] is buf and pos[u] < pos[r]]
+    return (max(writes, key=pos.get), buf) if writes else None
+
+
+def _bounds(s: slice) -> tuple | None:
+    if s.step not in (None, 1):
+        return None
+    return (0 if s.start is None else s.start), s.stop
+
+
+def _written_then_read(r: Any, pos: dict[fx.Node, int]) -> Any:
+    """r itself, or the tensor src where r = buf[:b, :t] reads back exactly what `buf[:b, 0:t] = src`
+    wrote earlier in this graph: the same slices with the same static (or identical) bounds, from 0,
+    src already of r's shape and dtype (no broadcast, no cast in the write) and no write to buf between."""
+    found = _cache_write(r, pos)
+    if found is None:
+        return r
+    w, buf = found
+    ridx, widx, src = r.args[1], w.args[1], w.args[2]
+    if not (isinstance(widx, tuple) and len(widx) == len(ridx) and all(isinstance(e, slice) for e in widx)):
+        return r
+    for a, b in zip(ridx, widx):
+        ra, wb = _bounds(a), _bounds(b)
+        if ra is None or wb is None or ra[0] != 0 or wb[0] != 0:
+            return r
+        if not (ra[1] is wb[1] or (isinstance(ra[1], int) and isinstance(wb[1], int) and ra[1] == wb[1])):
+            return r
+    vr, vs = _val(r), _val(src)
+    if vr is None or vs is None or vr.dtype != vs.dtype or len(vr.shape) != len(vs.shape) \
+            or not all(_same(x, y) for x, y in zip(vr.shape, vs.shape)):
+        return r
+    if not _unwritten(_root(buf), pos[w], pos[r], pos):
+        return r
+    return src
+
+
+def _partial_write(r: Any, pos: dict[fx.Node, int]) -> str:
+    """Why a read of a cache buffer written in this graph is not the written values, for the log."""
+    found = _cache_write(r, pos)
+    if found is None:
+        return ""
+    w, buf = found
+    name = buf.target if buf.op == "placeholder" else buf.name
+    return (f"; this graph writes {name}{_index_text(w.args[1])} and reads {name}{_index_text(r.args[1])}, not "
+            "exactly the region written from position 0 with the same bounds: the rest holds values from earlier "
+            "calls, which nothing in this graph proves are images of a latent")
+
+
+def _index_text(idx: Any) -> str:
+    def one(s):
+        if not isinstance(s, slice):
+            return "?"
+        name = lambda b: "" if b is None else (b.name if isinstance(b, fx.Node) else str(b))  # noqa: E731
+        return f"{name(s.start)}:{name(s.stop)}"
+    return "[" + ", ".join(one(s) for s in (idx if isinstance(idx, tuple) else (idx,))) + "]"
 
 
 def _item_of_split(n: Any, index: int) -> fx.Node:
@@ -696,14 +776,26 @@ def _checked_inner(inner: list[fx.Node], inputs: list, out_node: fx.Node, pos) -
     return inner
 
 
-def _region(out_node, pv_node, sizes, scale, mask, dead, **operands) -> Region:
+def _mask_inputs(mask: fx.Node | None, im: "IndexMask | None") -> list:
+    """What the op reads of the mask: the mask itself, or a top-k index mask's indices and base."""
+    return [mask] if im is None else [im.indices, im.base]
+
+
+def _region(out_node, pv_node, sizes, scale, mask, dead, index: "IndexMask | None" = None, **operands) -> Region:
+    """The region; with a top-k index mask (`index`), a DSA region: the sparse forms read its indices
+    and base mask, the dense forms the whole mask as written."""
     module, family = module_of(out_node)
     dims = dict(B=sizes["B"], H=_static(sizes["H"], "the head count"), S=sizes["S"], T=sizes["T"],
                 r=_static(sizes["C"], "kv_lora_rank"), dr=_static(sizes["R"], "qk_rope_head_dim"),
-                dn=_static(sizes["D"], "qk_nope_head_dim"), dv=_static(sizes["E"], "v_head_dim"), k=None)
+                dn=_static(sizes["D"], "qk_nope_head_dim"), dv=_static(sizes["E"], "v_head_dim"),
+                k=index.k if index is not None else None)
     query = operands.pop("query", operands.get("q_nope"))
+    if index is not None:
+        operands["layout"] = dict(operands.get("layout") or {}, topk_indices=index.roles, base_mask=index.base_view)
+        dead = dead + index.loose
     return Region(module=module, family=family, core=getattr(pv_node.target, "__name__", "product"),
-                  output=out_node, query=query, mask=mask, base_mask=None, topk_indices=None, topk=None,
+                  output=out_node, query=query, mask=mask, base_mask=index.base if index else None,
+                  topk_indices=index.indices if index else None, topk=index.k if index else None,
                   cache_position=None, scale=scale, is_causal=False, dims=dims, dtype=_val(out_node).dtype,
                   dead=dead, **operands)
 
@@ -737,3 +829,268 @@ def _is_scaled_sum(x: Any) -> bool:
         else:
             return False
     return False
+
+
+# --------------------------------------------------------------------------------------------- #
+# A dense top-k index mask in any spelling (DeepSeek-V3.2's and kin): -inf everywhere but zero at
+# each row's selected keys, added to the scores before the softmax.
+
+FILLS = ("full", "new_full", "full_like")
+
+
+@dataclass
+class IndexMask:
+    """mask = fill(-inf) with zeros written at `indices` along the key axis [+ base], viewed to the
+    scores: every key outside a row's selection is dropped, so the sparse forms attend only to the
+    selection (with `base` read there)."""
+
+    indices: fx.Node
+    roles: str                 # the roles of the indices' axes; "K" is the selection's axis
+    k: Any
+    base: fx.Node | None       # a float mask added to the index mask, broadcast to it
+    base_view: tuple           # (leading unit axes that give base the index mask's rank, its unsqueezes)
+    nodes: list[fx.Node]       # the dense mask's own nodes (erased once nothing reads them)
+    loose: list[fx.Node]       # nodes only the write reads (aranges): erased if then unread
+
+
+def _fill_value(n: Any):
+    """(fill value, dtype) when n is a constant fill (full / new_full / full_like), else None."""
+    if _is_fn(n, torch.full):
+        v = n.args[1] if len(n.args) > 1 else n.kwargs.get("fill_value")
+    elif _is_method(n, "new_full"):
+        v = n.args[2] if len(n.args) > 2 else n.kwargs.get("fill_value")
+    elif _is_fn(n, torch.full_like):
+        v = n.args[1] if len(n.args) > 1 else n.kwargs.get("fill_value")
+    else:
+        return None
+    val = _val(n)
+    return (v, val.dtype if val is not None else None)
+
+
+def _is_scatter(n: Any) -> bool:
+    return _is_method(n, "scatter", "scatter_") or _is_fn(n, torch.scatter)
+
+
+def _unit_views(x: fx.Node, chain: list[fx.Node]) -> tuple[fx.Node, list[int]]:
+    """Walk back from the mask through unsqueezes (and x[:, None]-style indexing that only adds unit
+    axes): the tensor they start from and the unsqueezes, in the order they apply."""
+    ups: list[int] = []
+    while True:
+        if (_is_method(x, "unsqueeze") or _is_fn(x, torch.unsqueeze)) and isinstance(
+                d := (x.args[1] if len(x.args) > 1 else x.kwargs.get("dim")), int):
+            ups.insert(0, d)
+        elif _is_fn(x, operator.getitem) and isinstance(x.args[1], tuple) and None in x.args[1] \
+                and all(e is None or e == slice(None) for e in x.args[1]):
+            ups = [i for i, e in enumerate(x.args[1]) if e is None] + ups
+        else:
+            return x, ups
+        chain.append(x)
+        x = x.args[0]
+
+
+def _distinct(idx: Any, axis: int) -> bool:
+    """The values of idx along `axis` are distinct in every row: idx is a topk's indices over that
+    axis (through integer casts, copies and indexing of other axes)."""
+    for _ in range(8):
+        if not isinstance(idx, fx.Node):
+            return False
+        if _is_fn(idx, operator.getitem) and idx.args[1] == 1 and (
+                _is_method(idx.args[0], "topk") or _is_fn(idx.args[0], torch.topk)):
+            t = idx.args[0]
+            dim = t.args[2] if len(t.args) > 2 else t.kwargs.get("dim", -1)
+            src = _val(t.args[0])
+            return isinstance(dim, int) and src is not None and dim % src.dim() == axis
+        if _is_method(idx, "long", "int", "clone", "contiguous", "to", "type"):
+            v, s = _val(idx), _val(idx.args[0])
+            if v is None or s is None or v.is_floating_point() or s.is_floating_point():
+                return False
+            idx = idx.args[0]
+        elif (_is_method(idx, "unsqueeze") or _is_fn(idx, torch.unsqueeze)) and isinstance(idx.args[1], int):
+            d = idx.args[1] % len(_shape(idx, "indices"))
+            if axis == d:
+                return False
+            idx, axis = idx.args[0], axis - (axis > d)
+        elif _is_fn(idx, operator.getitem):
+            tup = idx.args[1] if isinstance(idx.args[1], tuple) else (idx.args[1],)
+            if not all(isinstance(e, int) or e == slice(None) for e in tup):
+                return False
+            kept = [i for i, e in enumerate(tup) if not isinstance(e, int)]
+            src_axis = kept[axis] if axis < len(kept) else len(tup) + axis - len(kept)
+            if src_axis < len(tup) and tup[src_axis] != slice(None):
+                return False
+            idx, axis = idx.args[0], src_axis
+        else:
+            return False
+    return False
+
+
+def _arange_along(n: Any, axis: int, rank: int, size: Any) -> bool:
+    """n is arange(size) shaped so that its one non-unit axis is `axis` of `rank` (x[:, None, None])."""
+    if not _is_fn(n, operator.getitem) or not isinstance(n.args[1], tuple):
+        return False
+    tup = n.args[1]
+    if len(tup) != rank or [i for i, e in enumerate(tup) if e is not None] != [axis] or tup[axis] != slice(None):
+        return False
+    a = n.args[0]
+    if not _is_fn(a, torch.arange) or a.kwargs.get("step", 1) != 1:
+        return False
+    bounds = list(a.args)
+    if len(bounds) == 1:
+        bounds = [0] + bounds
+    return len(bounds) in (2, 3) and bounds[0] == 0 and (len(bounds) == 2 or bounds[2] == 1) and _same(bounds[1], size)
+
+
+def index_mask(mask: fx.Node | None, scores_roles: str, sizes: dict[str, Any]) -> IndexMask | None:
+    """The mask added to the scores read as a top-k index mask, proven exactly: a fill of -inf (or
+    finfo.min) whose key axis gets the value 0 at per-row indices (scatter / scatter_ along that axis,
+    or an index assignment mask[b_ar, s_ar, idx] = 0 / mask[..., idx] = 0 with one 1-D idx for every
+    row), those indices distinct in each row (a topk's), optionally plus a float base mask, then only
+    unit axes added. None where the mask is not built from a fill and a write at indices; NoMatch
+    where it is, but a step of that proof fails."""
+    if mask is None:
+        return None
+    chain: list[fx.Node] = []
+    x, ups = _unit_views(mask, chain)
+    base, add = None, None
+    if _is_fn(x, operator.add, operator.iadd, torch.add) and len(x.args) == 2 and not x.kwargs:
+        a, b = x.args
+        if _is_scatter(a) or _fill_value(a) is not None:
+            core, base = a, b
+        elif not _is_fn(x, operator.iadd) and (_is_scatter(b) or _fill_value(b) is not None):
+            core, base = b, a
+        else:
+            return None
+        add = x
+        chain.append(x)
+        x = core
+    loose: list[fx.Node] = []
+    if _is_scatter(x):
+        fill, write = x.args[0], x
+        dim = x.args[1] if len(x.args) > 1 else x.kwargs.get("dim")
+        idx = x.args[2] if len(x.args) > 2 else x.kwargs.get("index")
+        value = x.args[3] if len(x.args) > 3 else x.kwargs.get("value", x.kwargs.get("src"))
+        if _fill_value(fill) is None:
+            return None
+        if x.kwargs.get("reduce") is not None:
+            raise NoMatch("the index mask is scattered with a reduction")
+        if _is_method(x, "scatter_") and set(fill.users) != {x}:
+            raise NoMatch(f"the dense mask {fill.name} that scatter_ writes is also read elsewhere")
+        chain.append(x)
+    elif _fill_value(x) is not None:
+        fill = x
+        writes = [u for u in fill.users if u not in chain and u is not add]
+        if len(writes) != 1 or not (_is_method(writes[0], "scatter_") or _is_fn(writes[0], operator.setitem)) \
+                or writes[0].args[0] is not fill or writes[0].users:
+            raise NoMatch(f"the dense mask {fill.name} is written or read by "
+                          f"{', '.join(u.name for u in writes) or 'nothing'} besides the scores: "
+                          "not one write of zeros at the selected keys")
+        write = writes[0]
+        reads = [u for u in fill.users if u is not write]
+        if any(_position_of(r) < _position_of(write) for r in reads):
+            raise NoMatch("the dense mask is read before the selected keys are written")
+        if _is_fn(write, operator.setitem):
+            dim, idx, value = None, write.args[1], write.args[2]
+        else:
+            dim = write.args[1] if len(write.args) > 1 else write.kwargs.get("dim")
+            idx = write.args[2] if len(write.args) > 2 else write.kwargs.get("index")
+            value = write.args[3] if len(write.args) > 3 else write.kwargs.get("value", write.kwargs.get("src"))
+            if write.kwargs.get("reduce") is not None:
+                raise NoMatch("the index mask is scattered with a reduction")
+        chain.append(write)
+    else:
+        return None
+    chain.append(fill)
+
+    v, dtype = _fill_value(fill)
+    if dtype is None or not dtype.is_floating_point:
+        raise NoMatch("the index mask is not a float tensor")
+    if not (isinstance(v, (int, float)) and (v == float("-inf") or v == torch.finfo(dtype).min)):
+        raise NoMatch(f"the index mask's fill value is {v!r}, not -inf (or finfo.min): keys outside the "
+                      "selection are not dropped, so the sparse forms would not be exact")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != 0:
+        raise NoMatch(f"the index mask gets {value!r} at the selected keys, not the constant 0")
+    fshape = _shape(fill, "the index mask")
+    xr = len(fshape)
+    mshape = _shape(mask, "the mask")
+    axes: list[int | None] = list(range(xr))
+    for d in ups:
+        axes.insert(d if d >= 0 else d + len(axes) + 1, None)
+    if len(axes) != len(mshape) or len(axes) > len(scores_roles):
+        raise NoMatch("the index mask's unsqueezes do not give the mask's shape")
+    x_roles = [""] * xr
+    for i, a in enumerate(axes):
+        if a is not None:
+            x_roles[a] = scores_roles[len(scores_roles) - len(axes) + i]
+
+    if _is_fn(write, operator.setitem):
+        tup = idx if isinstance(idx, tuple) else (idx,)
+        tensors = [i for i, e in enumerate(tup) if isinstance(e, fx.Node)]
+        if len(tensors) == 1 and all(e is Ellipsis or e == slice(None) for i, e in enumerate(tup) if i != tensors[0]):
+            at = tensors[0]
+            if Ellipsis in tup[:at]:
+                if tup[at + 1:]:
+                    raise NoMatch("the index assignment has axes after the key index past an ellipsis")
+                dim = xr - 1
+            else:
+                if Ellipsis in tup[at + 1:] and len(tup) != at + 2:
+                    raise NoMatch("the index assignment's layout is not read")
+                dim = at
+            idx = tup[at]
+            ishape = _shape(idx, "the selected indices")
+            if len(ishape) != 1:
+                raise NoMatch(f"mask[..., idx] = 0 with a {len(ishape)}-D idx zeros the union of every row's "
+                              "selection in every row: not a per-row top-k")
+            roles, k = "K", ishape[0]
+            axis = 0
+        elif len(tensors) == len(tup) == xr:
+            idx_at = [i for i in tensors if not _arange_along(tup[i], i, xr, fshape[i])]
+            if len(idx_at) != 1:
+                raise NoMatch("the index assignment's indices are not aranges over every axis but one")
+            dim = idx_at[0]
+            idx = tup[dim]
+            loose = [tup[i] for i in tensors if i != dim] + [tup[i].args[0] for i in tensors if i != dim]
+            ishape = _shape(idx, "the selected indices", xr)
+            if any(not (_same(ishape[a], 1) or _same(ishape[a], fshape[a])) for a in range(xr) if a != dim):
+                raise NoMatch(f"the selected indices {list(ishape)} do not broadcast over the mask {list(fshape)}")
+            roles, k, axis = None, ishape[dim], dim
+        else:
+            raise NoMatch("the index assignment is not mask[..., idx] = 0 or mask[b_ar, s_ar, idx] = 0")
+    else:
+        if not isinstance(dim, int):
+            raise NoMatch("the index mask is scattered along a non-constant axis")
+        dim %= xr
+        ishape = _shape(idx, "the selected indices", xr)
+        if any(not _same(ishape[a], fshape[a]) for a in range(xr) if a != dim):
+            raise NoMatch(f"the selected indices {list(ishape)} do not cover every row of the mask {list(fshape)}: "
+                          "scatter writes only where the index reaches, other rows stay all -inf")
+        roles, k, axis = None, ishape[dim], dim
+    if x_roles[dim] != "T" or not _same(fshape[dim], sizes["T"]):
+        raise NoMatch(f"the selected indices are written along the mask's {x_roles[dim] or 'broadcast'} axis, "
+                      "not the key axis the softmax runs over")
+    if roles is None:
+        roles = "".join("K" if a == dim else x_roles[a] for a in range(xr))
+    if any(r not in "BSK" and not _same(s, 1) for r, s in zip(roles, _shape(idx, "indices"))):
+        raise NoMatch("the selected indices have an axis that is not batch or query")
+    if not _distinct(idx, axis):
+        raise NoMatch("the selected indices are not provably distinct in each row (not a topk's indices in "
+                      "this graph): the sparse forms would count a repeated key twice")
+    if base is not None:
+        if not isinstance(base, fx.Node) or _val(base) is None or not _val(base).dtype.is_floating_point:
+            raise NoMatch("the mask added to the index mask is not a float tensor")
+        bshape = _shape(base, "the base mask")
+        try:
+            out = torch.broadcast_shapes(tuple(bshape), tuple(fshape))
+        except Exception:  # noqa: BLE001 - symbolic sizes that do not compare: not proven
+            raise NoMatch("the base mask does not broadcast to the index mask") from None
+        if len(out) != xr or any(not _same(o, f) for o, f in zip(out, fshape)):
+            raise NoMatch("the base mask widens the index mask")
+    return IndexMask(indices=idx, roles=roles, k=k, base=base,
+                     base_view=(xr - len(_shape(base, "the base mask")) if base is not None else 0, tuple(ups)),
+                     nodes=chain, loose=loose)
+
+
+def _position_of(n: fx.Node) -> int:
+    for i, m in enumerate(n.graph.nodes):
+        if m is n:
+            return i
+    raise NoMatch(f"{n.name} is not in the graph")

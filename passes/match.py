@@ -12,6 +12,8 @@ A region is anchored at an attention core and traced back through its operands:
     Q      = cat((q_nope, q_rope), -1)
     mask   (DSA) = masked_fill(base, scatter(new_ones(..., bool), -1, idx, False).unsqueeze(1), min)
                 or base & ~(that index mask)
+                or any spelling passes/contraction.py's `index_mask` proves: full(-inf) with 0 written
+                at per-row top-k indices along the key axis [+ base]
 
 What matters is which tensor feeds which op and how dims split, never a variable name: W is
 whatever weight the latent is multiplied with, H and the ranks come from tensor shapes.
@@ -539,11 +541,23 @@ def _match_core(core: _Core) -> Region:
     if scale is None:   # SDPA's default scale
         scale = (dn + dr) ** -0.5
 
-    mask, base_mask, idx, topk, dead_mask = core.mask, None, None, None, []
+    mask, base_mask, idx, topk, dead_mask, layout = core.mask, None, None, None, [], None
     dsa = _dsa_mask(core.mask)
     if dsa is not None:
         base_mask, idx, dead_mask = dsa
         topk = _shape(idx, "top-k indices", 3)[2]
+    elif core.mask is not None:
+        # a dense top-k index mask in another spelling (-inf, zeros scattered at the top-k): where it
+        # is not proven exactly, the region stays dense over the mask as written
+        from mla_compile.passes.contraction import index_mask
+        try:
+            im = index_mask(core.mask, "BHST", dict(B=B, H=H, S=S, T=T))
+        except NoMatch:
+            im = None
+        if im is not None:
+            dsa = True
+            base_mask, idx, topk, dead_mask = im.base, im.indices, im.k, im.nodes + im.loose
+            layout = dict(topk_indices=im.roles, base_mask=im.base_view)
     module, family = module_of(core.output)
     dead = core.nodes + key_nodes + shape_reads + [core.v] + exp.nodes[::-1] + (dead_mask if dsa else [])
     if q_nope is not None:
@@ -554,7 +568,7 @@ def _match_core(core: _Core) -> Region:
         topk_indices=idx, topk=topk, scale=float(scale), is_causal=core.is_causal,
         cache_position=_static_cache_position(exp.latent),
         dims=dict(B=B, H=H, S=S, T=T, r=r, dr=dr, dn=dn, dv=dv, k=topk), dtype=dtype,
-        dead=[n for n in dead if isinstance(n, fx.Node)],
+        dead=[n for n in dead if isinstance(n, fx.Node)], layout=layout,
     )
 
 
@@ -591,8 +605,15 @@ def _scores_cut_by_graph_break(gm: fx.GraphModule) -> list[Miss]:
     if out is None:
         return []
     flat = out.args[0] if isinstance(out.args[0], (list, tuple)) else [out.args[0]]
+
+    def products(x):            # the products of a scaled sum (none of them P @ V: P comes from a softmax)
+        while _is_fn(x, operator.mul, torch.mul, operator.truediv, torch.div) and len(x.args) == 2:
+            x = x.args[0] if isinstance(x.args[1], (int, float)) else x.args[1]
+        return list(x.args) if _is_fn(x, operator.add, torch.add) else [x]
+
     scores = [x for x in flat if isinstance(x, fx.Node) and _val(x) is not None and _val(x).dim() == 4
-              and contraction._is_scaled_sum(x)]
+              and contraction._is_scaled_sum(x)
+              and all(contraction.softmax_operand(p) is None for p in products(x))]
     if not scores:
         return []
     frame = why.user_stack[-1] if getattr(why, "user_stack", None) else None

@@ -57,25 +57,41 @@ def rewrite(gm: fx.GraphModule, region: Region, form: str, dense_mask: str = "fu
             inserted += [q_nope, q_rope]
         q_nope, q_rope = arranged(q_nope, "q_nope"), arranged(q_rope, "q_rope")
         head = (q_nope, q_rope, arranged(region.latent, "latent"), arranged(region.k_rope, "k_rope"), w_uk, w_uv)
-        mask = region.mask
-        if layout.get("mask") is not None and mask is not None:
-            # the mask as the region's scores saw it (4-D, in their axis order), then in [B, 1, S, T]
-            lead, perm = layout["mask"]
-            for _ in range(lead):
-                inserted.append(g.call_method("unsqueeze", (mask, 0)))
+
+        def as_scores_mask(mask, ups=()):
+            """The mask as the region's scores saw it (4-D, in their axis order), then in [B, 1, S, T];
+            `ups`: the unsqueezes that took it there first (a DSA base mask under a top-k index mask)."""
+            if mask is None:
+                return None
+            for d in ups:
+                inserted.append(g.call_method("unsqueeze", (mask, d)))
                 mask = inserted[-1]
-            if tuple(perm) != (0, 1, 2, 3):
-                inserted.append(g.call_method("permute", (mask, *perm)))
-                mask = inserted[-1]
+            if layout.get("mask") is not None:
+                lead, perm = layout["mask"]
+                for _ in range(lead):
+                    inserted.append(g.call_method("unsqueeze", (mask, 0)))
+                    mask = inserted[-1]
+                if tuple(perm) != (0, 1, 2, 3):
+                    inserted.append(g.call_method("permute", (mask, *perm)))
+                    mask = inserted[-1]
+            return mask
+
+        mask = as_scores_mask(region.mask)
+        base_mask, indices = region.base_mask, region.topk_indices
+        if layout.get("base_mask") is not None and base_mask is not None and (form == "auto" or form in SPARSE_FORMS
+                                                                               or dense_mask == "base"):
+            lead, ups = layout["base_mask"]
+            base_mask = as_scores_mask(base_mask, (0,) * lead + tuple(ups))
+        if layout.get("topk_indices") is not None and (form == "auto" or form in SPARSE_FORMS):
+            indices = _indices_bsk(g, indices, layout["topk_indices"], q_nope, d, inserted)
         if form == "auto":
-            mask = region.base_mask if region.is_sparse else mask
+            mask = base_mask if region.is_sparse else mask
             new = g.call_function(torch.ops.mla.auto.default,
-                                  head + (region.topk_indices, mask, region.scale, region.is_causal, plan_id))
+                                  head + (indices, mask, region.scale, region.is_causal, plan_id))
         elif form in SPARSE_FORMS:
-            new = g.call_function(op_for(form), head + (region.topk_indices, region.base_mask, region.scale,
-                                                        region.is_causal))
+            new = g.call_function(op_for(form), head + (indices, base_mask, region.scale, region.is_causal))
         else:
-            mask = region.base_mask if (region.is_sparse and dense_mask == "base") else mask
+            mask = base_mask if (region.is_sparse and dense_mask == "base") else mask
             new = g.call_function(op_for(form), head + (mask, region.scale, region.is_causal, _filled(g, region)))
     out_val = region.output.meta.get("example_value")
     if layout.get("output") is not None and tuple(layout["output"]) != tuple(range(4)):
@@ -91,6 +107,33 @@ def rewrite(gm: fx.GraphModule, region: Region, form: str, dense_mask: str = "fu
     return new
 
 
+def _indices_bsk(g: fx.Graph, idx: fx.Node, roles: str, q_nope: fx.Node, d: dict, inserted: list) -> fx.Node:
+    """Top-k indices whose axes have `roles` (B, S, unit axes, "K" the selection) as the ops take
+    them, [B, S, k]: unit axes dropped, missing batch or query axes added, permuted, and broadcast
+    (a view) where one selection serves every batch row or query."""
+    for i in reversed(range(len(roles))):
+        if roles[i] not in "BSK":
+            inserted.append(g.call_method("squeeze", (idx, i)))
+            idx, roles = inserted[-1], roles[:i] + roles[i + 1:]
+    for r in "SB":
+        if r not in roles:
+            inserted.append(g.call_method("unsqueeze", (idx, 0)))
+            idx, roles = inserted[-1], r + roles
+    perm = tuple(roles.index(r) for r in "BSK")
+    if perm != (0, 1, 2):
+        inserted.append(g.call_method("permute", (idx, *perm)))
+        idx = inserted[-1]
+    sizes = []
+    for key, axis in (("B", 0), ("S", 2)):
+        if isinstance(d[key], int):
+            sizes.append(d[key])
+        else:               # a dynamic size: read off q_nope [B, H, S, dn] at run time
+            inserted.append(g.call_method("size", (q_nope, axis)))
+            sizes.append(inserted[-1])
+    inserted.append(g.call_method("expand", (idx, *sizes, -1)))
+    return inserted[-1]
+
+
 def _filled(g: fx.Graph, region: Region):
     """kv_lens for a static cache: last written position + 1 (a device scalar, no host read)."""
     if region.cache_position is None:
@@ -99,14 +142,34 @@ def _filled(g: fx.Graph, region: Region):
     return g.call_function(operator.add, (last, 1))
 
 
+def _writes_to(n: fx.Node) -> fx.Node | None:
+    """The tensor n writes in place (setitem, x.op_(...)), else None."""
+    if n.op == "call_function" and n.target is operator.setitem:
+        return n.args[0]
+    if n.op == "call_method" and n.target.endswith("_") and not n.target.endswith("__"):
+        return n.args[0]
+    return None
+
+
 def _erase_dead(g: fx.Graph, nodes: list[fx.Node]) -> None:
-    """Erase the region's old nodes as they become unread (copy_ is impure, so DCE would keep it)."""
+    """Erase the region's old nodes as they become unread (copy_ is impure, so DCE would keep it).
+    A write whose result nobody reads (setitem, a statement `m.scatter_(...)`) goes only once nothing
+    but such writes reads the tensor it writes: while the op still reads that tensor, it stays."""
     pending = list(dict.fromkeys(nodes))
+
+    def unread(n: fx.Node) -> bool:
+        if n.users:
+            return False
+        target = _writes_to(n)
+        if not isinstance(target, fx.Node):
+            return True
+        return all(not u.users and _writes_to(u) is target for u in target.users)
+
     changed = True
     while changed:
         changed = False
         for n in list(pending):
-            if not n.users:
+            if unread(n):
                 g.erase_node(n)
                 pending.remove(n)
                 changed = True

@@ -21,6 +21,7 @@ matcher proves the region equal to one of our forms, otherwise a skip that says 
 from __future__ import annotations
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mla_compile
+from mla_compile.passes.contraction import _root
 from mla_compile.passes.match import find_regions
 from tests.foreign import shim
 from tests.helpers.e2e import rel_err
@@ -116,16 +118,86 @@ def test_deepseek_v3_absorb_is_rewritten_and_equal(form):
         assert {r.form for r in log} == {form}
 
 
-def test_deepseek_v3_naive_is_a_logged_skip():
-    """attn_impl="naive" caches expanded K/V (k_cache / v_cache): no latent is attended over."""
+@pytest.mark.parametrize("version,form", [("v3", "absorbed"), ("v3", "auto"), ("v3.2-exp", "sparse_absorbed")])
+def test_deepseek_cache_buffers_are_read_in_place(monkeypatch, version, form):
+    """DeepSeek writes kv_cache / pe_cache by slice assignment and reads them as [:bsz, :end_pos]: the
+    rewritten graph hands our op those views of its buffers, with no copy in between. In the graph:
+    the op's latent and RoPE-key arguments are slices (getitem) of the buffer inputs, and nothing
+    clones, copies or makes contiguous a buffer. At run time: the op receives tensors that start at
+    the buffer's own storage with its strides, and the results equal eager."""
+    from mla_compile.backend import mla_backend
+    from mla_compile.passes.forms import ops
+
+    if version == "v3":
+        mod, args, attn = _deepseek_v3("absorb")
+    else:
+        mod, args, attn = _deepseek_v32_exp(optimize=1)
+    twin = copy.deepcopy(attn)
+    seen, graphs = [], []
+    for name, ref in list(ops._REFERENCES.items()):
+        def spy(q_nope, q_rope, latent, k_rope, *rest, _ref=ref, _name=name, **kw):
+            seen.append((_name, latent, k_rope))
+            return _ref(q_nope, q_rope, latent, k_rope, *rest, **kw)
+        monkeypatch.setitem(ops._REFERENCES, name, spy)
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return mla_backend(gm, example_inputs, options={"remainder": "eager", "form": form})
+
+    compiled = torch.compile(twin, backend=backend)
+    freqs = mod.precompute_freqs_cis(args)
+    g = torch.Generator().manual_seed(20)
+    pos = 0
+    with torch.no_grad():
+        for s in (5, 1, 1):
+            x = torch.randn(2, s, args.dim, generator=g)
+            mask = torch.full((s, s), float("-inf")).triu_(1) if s > 1 else None
+            want, got = attn(x, pos, freqs[pos:pos + s], mask), compiled(x, pos, freqs[pos:pos + s], mask)
+            assert rel_err(got, want) < TOL
+            pos += s
+    assert all(r.status == "rewritten" for r in _records()), [r.reason for r in _records()]
+
+    decode = [(n, c, kp) for n, c, kp in seen if c.shape[1] > 5]        # the absorbed reads of the caches
+    assert len(decode) == 2, [(n, tuple(c.shape)) for n, c, _ in seen]
+    for name, c, kp in decode:
+        for view, buf in ((c, twin.kv_cache), (kp, twin.pe_cache)):
+            assert view.data_ptr() == buf.data_ptr() and view.stride() == buf.stride(), (name, view.stride())
+            assert tuple(view.shape) == (2, view.shape[1], buf.shape[2])
+    caches = {n for gm in graphs for n in gm.graph.nodes
+              if n.op == "placeholder" and ("kv_cache" in n.name or "pe_cache" in n.name)}
+    assert caches
+    from_cache = []
+    for gm in graphs:
+        mla_calls = [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("mla.")]
+        for n in gm.graph.nodes:          # no copy of a buffer or of a view of one, cast included
+            copies = (n.op == "call_method" and n.target in ("clone", "contiguous", "copy_", "float", "to")) \
+                or (n.op == "call_function" and n.target in (torch.clone, torch.Tensor.contiguous))
+            assert not (copies and _root(n.args[0]) in caches), n.format_node()
+        reads = [a for call in mla_calls for a in call.args[2:4]
+                 if a.op == "call_function" and a.target is operator.getitem and a.args[0] in caches]
+        assert all(isinstance(e, slice) for a in reads for e in a.args[1]), [a.format_node() for a in reads]
+        from_cache += reads
+    assert len(from_cache) >= 2, "the decode graphs' ops do not read the cache buffers' slices directly"
+
+
+def test_deepseek_v3_naive_prefill_is_rewritten_and_decode_a_logged_skip():
+    """attn_impl="naive" caches expanded K/V (k_cache / v_cache). The prefill from position 0 writes
+    k_cache[:b, 0:s] = K and reads k_cache[:b, :s] back (V likewise), so it attends over exactly the
+    K and V it expanded from the latent: rewritten. A decode step reads positions earlier calls wrote,
+    which nothing in its graph proves are images of a latent: a skip that says so. The caches are
+    still written, so the decode steps after the rewritten prefill read what eager would."""
     mod, args, attn = _deepseek_v3("naive")
     want, got = _run_deepseek(mod, args, attn, batch=2, prompt=4, steps=2, seed=2)
     for w, o in zip(want, got):
         assert rel_err(o, w) < TOL
     log = _records()
-    assert log and all(r.status == "skipped" for r in log)
-    assert all("per-head V, an input of this graph, L_self_buffers_v_cache_" in r.reason
-               and "P does not multiply a shared latent" in r.reason for r in log), [r.reason for r in log]
+    assert len(log) == 2, [r.reason for r in log]              # the prefill graph, then one dynamic decode graph
+    prefill, decode = log
+    assert prefill.status == "rewritten" and prefill.shapes["S"] == prefill.shapes["T"] == 4, prefill.reason
+    assert decode.status == "skipped"
+    assert "per-head V, an input of this graph, L_self_buffers_v_cache_" in decode.reason
+    assert "writes L_self_buffers_v_cache_[:2, l_start_pos_:add] and reads L_self_buffers_v_cache_[:2, :add]" \
+        in decode.reason, decode.reason
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -245,15 +317,125 @@ def test_deepseek_v32_exp_is_a_logged_skip_naming_the_assert():
     assert any("the scores are an input of this graph" in r for r in reasons), reasons
 
 
-def test_deepseek_v32_exp_under_python_O_is_rewritten():
-    """The file compiled as `python -O` compiles it (no asserts): one graph per call, every region
-    rewritten, equal to eager."""
+@pytest.mark.parametrize("form", ["auto", "sparse_absorbed", "sparse_expanded"])
+def test_deepseek_v32_exp_under_python_O_is_rewritten(form):
+    """The file compiled as `python -O` compiles it (no asserts): one graph per call. Its index mask
+    (-inf, scatter_ of 0 at the indexer's top-k, plus the causal mask in the prefill) is read as DSA:
+    the prefill (expanded einsum) and the decode (absorbed einsum) regions carry the top-k, and the
+    sparse forms, which attend only to the k selected keys, equal eager."""
     mod, args, attn = _deepseek_v32_exp(optimize=1)
-    want, got = _run_deepseek(mod, args, attn, batch=2, prompt=5, steps=2, seed=9)
+    want, got = _run_deepseek(mod, args, attn, batch=2, prompt=5, steps=2, seed=9, form=form)
     for step, (w, o) in enumerate(zip(want, got)):
         assert rel_err(o, w) < TOL, f"step {step}: rel err {rel_err(o, w):.2e}"
     log = _records()
-    assert log and all(r.status == "rewritten" for r in log), [r.reason for r in log]
+    assert len(log) == 2 and all(r.status == "rewritten" for r in log), [r.reason for r in log]
+    assert all(r.shapes["k"] == 3 and r.shapes["r"] == 16 for r in log), [r.shapes for r in log]
+    assert [r.shapes["S"] for r in log] == [5, 1]            # T = 5 in the prefill, 6.. in the decode: k < T
+    if form != "auto":
+        assert {r.form for r in log} == {form}
+
+
+# --------------------------------------------------------------------------------------------- #
+# A dense top-k index mask in other spellings: read as DSA (sparse forms forced, equal to eager) where
+# it is proven exactly, else skipped, still equal.
+
+class _IndexMasked(nn.Module):
+    """DeepSeek's absorbed core with a top-k index mask added to the scores, built per `variant`."""
+
+    H, R, DN, DR, DV, K = 3, 8, 4, 2, 5, 3
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.wkv_b = nn.Parameter(torch.randn(self.H * (self.DN + self.DV), self.R) / self.R ** 0.5)
+
+    def forward(self, q_nope, q_pe, c, kp, mask, given_top):
+        v, H, DN, DV, K = self.variant, self.H, self.DN, self.DV, self.K
+        B, S, T = q_nope.shape[0], q_nope.shape[1], c.shape[1]
+        w = self.wkv_b.view(H, -1, self.R)
+        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w[:, :DN])
+        scores = (torch.einsum("bshc,btc->bsht", q_lat, c) + torch.einsum("bshr,btr->bsht", q_pe, kp)) * 0.3
+        index_score = q_pe.sum((2, 3))[:, :, None] * c.sum(-1)[:, None, :] + mask      # [B, S, T]
+        top = index_score.topk(K, dim=-1)[1]                                             # [B, S, K], distinct
+        inf = float("-inf")
+        if v == "scatter_":                       # V3.2's prefill, base mask added in place
+            m = torch.full((B, S, T), inf).scatter_(-1, top, 0)
+            m += mask
+        elif v == "scatter":
+            m = mask + torch.full((B, S, T), inf).scatter(2, top, 0.0)
+        elif v == "torch_scatter_full_like":
+            m = torch.scatter(torch.full_like(index_score, inf), -1, top, 0) + mask
+        elif v == "scatter_statement":
+            m = torch.full((B, S, T), inf)
+            m.scatter_(-1, top, 0)
+            m = m + mask
+        elif v == "setitem_aranges_finfo_min":
+            m = q_nope.new_full((B, S, T), torch.finfo(torch.float32).min)
+            m[torch.arange(B)[:, None, None], torch.arange(S)[None, :, None], top] = 0
+            m = m + mask
+        elif v == "setitem_one_row":               # one selection for every row: mask[..., idx] = 0, idx 1-D
+            m = torch.full((B, S, T), inf)
+            m[..., top[0, 0]] = 0
+        elif v == "setitem_union":                 # a [B, S, K] idx on the key axis: every row gets every selection
+            m = torch.full((B, S, T), inf)
+            m[..., top] = 0
+        elif v == "wrong_fill":
+            m = torch.full((B, S, T), -1e4).scatter_(-1, top, 0) + mask
+        elif v == "nonzero_at_selection":
+            m = torch.full((B, S, T), inf).scatter_(-1, top, 0.5) + mask
+        elif v == "given_indices":                 # not provably distinct: a repeated index would count twice
+            m = torch.full((B, S, T), inf).scatter_(-1, given_top, 0) + mask
+        elif v == "query_axis":                    # zeros along the queries (S == K: every row gets some)
+            m = torch.full((B, S, T), inf).scatter_(1, index_score.topk(S, dim=1)[1], 0) + mask
+        elif v == "after_softmax":
+            m = torch.full((B, S, T), inf).scatter_(-1, top, 0)
+        if v == "after_softmax":                   # the selection applied to the probabilities instead
+            p = scores.softmax(dim=-1) * (m == 0).unsqueeze(2)
+        else:
+            p = (scores + m.unsqueeze(2)).softmax(dim=-1)
+        o = torch.einsum("bsht,btc->bshc", p, c)
+        return torch.einsum("bshc,hdc->bshd", o, w[:, -DV:])
+
+
+INDEX_MASK_VARIANTS = {
+    "scatter_": "rewritten",
+    "scatter": "rewritten",
+    "torch_scatter_full_like": "rewritten",
+    "scatter_statement": "rewritten",
+    "setitem_aranges_finfo_min": "rewritten",
+    "setitem_one_row": "rewritten",
+    "setitem_union": "zeros the union of every row's selection",
+    "wrong_fill": "fill value is -10000.0",
+    "nonzero_at_selection": "not the constant 0",
+    "given_indices": "not provably distinct",
+    "query_axis": "not the key axis",
+    "after_softmax": None,                     # no softmax feeds P @ c directly: not an attention region
+}
+
+
+@pytest.mark.parametrize("variant", sorted(INDEX_MASK_VARIANTS))
+def test_index_mask_spellings(variant):
+    torch.manual_seed(18)
+    m = _IndexMasked(variant)
+    g = torch.Generator().manual_seed(19)
+    B, S, T = 2, 3, 8
+    causal = torch.full((S, T), float("-inf")).triu_(T - S + 1)          # the last S of T positions
+    args = (torch.randn(B, S, m.H, m.DN, generator=g), torch.randn(B, S, m.H, m.DR, generator=g),
+            torch.randn(B, T, m.R, generator=g), torch.randn(B, T, m.DR, generator=g), causal,
+            torch.randn(B, S, T, generator=g).topk(m.K, dim=-1)[1])
+    expect = INDEX_MASK_VARIANTS[variant]
+    with torch.no_grad():
+        want = copy.deepcopy(m)(*args)
+        got = torch.compile(m, backend="mla", options={"remainder": "eager", "form": "sparse"})(*args)
+    assert rel_err(got, want) < TOL, (variant, rel_err(got, want))
+    log = _records()
+    if expect is None:
+        assert all(r.status == "skipped" for r in log), [r.reason for r in log]
+        return
+    assert len(log) == 1, [r.reason for r in log]
+    _as_expected(log[0], expect)
+    if expect == "rewritten":
+        assert log[0].form == "sparse_absorbed" and log[0].shapes["k"] == m.K, (log[0].form, log[0].reason)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -400,6 +582,11 @@ class _Expanded(nn.Module):
             else:
                 k[..., :DN].copy_(k_nope)
                 k[..., DN:].copy_(kp_h)
+        if v == "dsa_index_mask":                              # DeepSeek's index mask in HF's layout
+            top = (q.sum((1, 3))[:, :, None] * c.sum(-1)[:, None, :]).topk(2, dim=-1)[1]       # [B, S, 2]
+            index_mask = torch.full((B, q.shape[2], T), float("-inf")).scatter_(-1, top, 0)
+            p = F.softmax(torch.matmul(q, k.transpose(2, 3)) * 0.3 + index_mask[:, None], dim=-1)
+            return torch.matmul(p, val)
         if v == "kt_by_permute":
             kt = k.permute(0, 1, 3, 2)
         elif v == "wrong_permute":                              # [B, T, D, H]: runs only because H == T
@@ -420,6 +607,7 @@ EXPANDED_VARIANTS = {
     "k_by_setitem": "rewritten",
     "kt_by_permute": "rewritten",
     "method_softmax": "rewritten",
+    "dsa_index_mask": "rewritten",
     "wrong_permute": "the key is not transposed",
     "bias_on_expansion": "has a bias",
     "rope_on_wrong_half": "pieces other than",
@@ -436,7 +624,11 @@ def test_expanded_near_misses(variant):
     q = torch.randn(B, m.H, S, m.DN + m.DR, generator=g)
     c = torch.randn(B, T, m.R, generator=g)
     kp = torch.randn(B, 1, T, m.DR, generator=g)
-    _as_expected(_one_record_equal_to_eager(m, (q, c, kp), variant), EXPANDED_VARIANTS[variant])
+    form = "sparse" if variant == "dsa_index_mask" else "auto"
+    rec = _one_record_equal_to_eager(m, (q, c, kp), variant, form=form)
+    _as_expected(rec, EXPANDED_VARIANTS[variant])
+    if form == "sparse":
+        assert rec.form == "sparse_absorbed" and rec.shapes["k"] == 2, (rec.form, rec.shapes)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -449,6 +641,8 @@ class _ExpandedEinsum(nn.Module):
         super().__init__()
         self.variant = variant
         self.wkv_b = nn.Linear(self.R, self.H * (self.DN + self.DV), bias=variant == "bias_on_expansion")
+        self.register_buffer("k_cache", torch.randn(2, 4, self.H, self.DN + self.DR))     # stale values
+        self.register_buffer("v_cache", torch.randn(2, 4, self.H, self.DV))
 
     def forward(self, q_nope, q_pe, c, kp, mask):
         v, H, DN, DV = self.variant, self.H, self.DN, self.DV
@@ -462,6 +656,16 @@ class _ExpandedEinsum(nn.Module):
         k = torch.cat([kp_h, k_nope] if v == "rope_first_in_k" else [k_nope, kp_h], dim=-1)
         if v == "rope_first_in_k":
             q = torch.cat([q_pe, q_nope], dim=-1)
+        if v.startswith("cache"):               # DeepSeek's naive prefill: K and V written whole, read back
+            if v == "cache_stale_row":          # the last batch row is not written: it reads stale values
+                self.k_cache[:B - 1, 0:T] = k[:B - 1]
+                self.v_cache[:B - 1, 0:T] = val[:B - 1]
+            else:
+                self.k_cache[:B, 0:T] = k
+                self.v_cache[:B, 0:T] = val
+            if v == "cache_write_between":
+                self.v_cache[:1, :1] = 0.0
+            k, val = self.k_cache[:B, :T], self.v_cache[:B, :T]
         eq = "bshd,bhtd->bsht" if v == "permuted_k" else "bshd,bthd->bsht"   # T read as H: runs as T == H
         scores = torch.einsum(eq, q.float(), k.float()) * 0.4
         scores += mask.unsqueeze(1)
@@ -475,6 +679,9 @@ EXPANDED_EINSUM_VARIANTS = {
     "per_head_rope_key": "not one shared key broadcast over heads",
     "rope_first_in_k": "not the first half of V's split",
     "bias_on_expansion": "has a bias",
+    "cache_roundtrip": "rewritten",
+    "cache_stale_row": "not exactly the region written",
+    "cache_write_between": "not exactly the region written",
 }
 
 
