@@ -72,6 +72,7 @@ class Region:
     w_uk: fx.Node | None = None
     w_uv: fx.Node | None = None
     layout: dict | None = None
+    sinks: fx.Node | None = None       # attention sinks: the [H] logits (passes/sinks.py)
 
     @property
     def is_sparse(self) -> bool:
@@ -233,26 +234,37 @@ class _Core:
     is_causal: bool
     nodes: list[fx.Node]         # the core's own nodes, erased after the rewrite
     k_uses: set[fx.Node]          # the core nodes that read K
+    sinks: fx.Node | None = None  # the [H] sink logits of a sink softmax
 
 
 def _eager_core(out: fx.Node) -> _Core:
-    """out = matmul(dropout(to(softmax(add(mul(matmul(Q, K^T), s), mask)))), V)."""
+    """out = matmul(dropout(to(softmax(add(mul(matmul(Q, K^T), s), mask)))), V), the softmax possibly
+    one with attention sinks (passes/sinks.py: softmax(cat([scores, sinks]))[..., :-1])."""
+    from mla_compile.passes.sinks import is_sink_probabilities, match_sink_softmax
+
     p, v = out.args[0], out.args[1]
     nodes = [out]
-    if _is_fn(p, F.dropout):
-        if _arg(p, 0, "p", 0.5) != 0.0 and _arg(p, 1, "training", True):
-            raise NoMatch("attention dropout is active (training with dropout > 0)")
+    for _ in range(2):          # dropout and the cast to V's dtype, in either order
+        if _is_fn(p, F.dropout):
+            if _arg(p, 0, "p", 0.5) != 0.0 and _arg(p, 1, "training", True):
+                raise NoMatch("attention dropout is active (training with dropout > 0)")
+            nodes.append(p)
+            p = _self(p)
+        elif _is_method(p, "to", "type", "type_as"):
+            nodes.append(p)
+            p = _self(p)
+    sinks = None
+    if is_sink_probabilities(p):
+        sink = match_sink_softmax(p)
+        nodes += sink.nodes
+        sinks, x = sink.sinks, sink.scores
+    else:
+        if not (_is_fn(p, F.softmax, torch.softmax) or _is_method(p, "softmax")):
+            raise NoMatch("no softmax before P @ V")
+        if _arg(p, 0, "dim", None) not in (-1, 3):
+            raise NoMatch("softmax is not over the key dimension")
         nodes.append(p)
-        p = _self(p)
-    if _is_method(p, "to", "type", "type_as"):
-        nodes.append(p)
-        p = _self(p)
-    if not (_is_fn(p, F.softmax, torch.softmax) or _is_method(p, "softmax")):
-        raise NoMatch("no softmax before P @ V")
-    if _arg(p, 0, "dim", None) not in (-1, 3):
-        raise NoMatch("softmax is not over the key dimension")
-    nodes.append(p)
-    x = _self(p)
+        x = _self(p)
     mask = None
     if _is_fn(x, operator.add, torch.add):
         if len(x.args) > 2 or x.kwargs:
@@ -284,7 +296,7 @@ def _eager_core(out: fx.Node) -> _Core:
     nodes.append(kt)
     for n in nodes[1:]:
         _only_users(n, set(nodes), f"the attention core value {n.name}")
-    return _Core("eager", out, q, _self(kt), v, mask, scale, False, nodes, {kt})
+    return _Core("eager", out, q, _self(kt), v, mask, scale, False, nodes, {kt}, sinks)
 
 
 def _swaps_last_two(kt: Any) -> bool:
@@ -568,7 +580,7 @@ def _match_core(core: _Core) -> Region:
         topk_indices=idx, topk=topk, scale=float(scale), is_causal=core.is_causal,
         cache_position=_static_cache_position(exp.latent),
         dims=dict(B=B, H=H, S=S, T=T, r=r, dr=dr, dn=dn, dv=dv, k=topk), dtype=dtype,
-        dead=[n for n in dead if isinstance(n, fx.Node)], layout=layout,
+        dead=[n for n in dead if isinstance(n, fx.Node)], layout=layout, sinks=core.sinks,
     )
 
 
@@ -697,9 +709,11 @@ def _plain_reason(core: "_Core | None", e: NoMatch) -> str:
 
 def _is_softmax_product(n: fx.Node) -> bool:
     """matmul(P, V) whose P comes (through dropout/to) from a softmax: an attention core's last product."""
+    from mla_compile.passes.sinks import is_sink_probabilities
+
     p = n.args[0]
     for _ in range(3):
-        if _is_fn(p, F.softmax, torch.softmax) or _is_method(p, "softmax"):
+        if _is_fn(p, F.softmax, torch.softmax) or _is_method(p, "softmax") or is_sink_probabilities(p):
             return True
         if not (_is_fn(p, F.dropout) or _is_method(p, "to", "type", "type_as")):
             return False
@@ -717,16 +731,4 @@ def _reads_expanded_value(n: fx.Node) -> bool:
 
 
 def _unrecognised_probabilities(p: Any) -> str:
-    for _ in range(4):
-        if _is_fn(p, operator.getitem) and _is_fn(p.args[0], F.softmax, torch.softmax):
-            x = _self(p.args[0])
-            while _is_fn(x, operator.sub, torch.sub):
-                x = x.args[0]
-            if _is_fn(x, torch.cat):
-                return ("the softmax runs over [scores, per-head sink logits] (attention sinks); "
-                        "the MLA forms have no sink term, so HF's attention is kept")
-            return "the probabilities are a slice of a softmax the forms do not model"
-        if not isinstance(p, fx.Node) or not p.args:
-            break
-        p = p.args[0]
-    return "P @ V reads a latent expansion, but P is not softmax(Q K^T * scale + mask)"
+    return "P @ V reads a latent expansion, but P is not softmax(Q K^T * scale + mask) (with or without sinks)"

@@ -77,6 +77,7 @@ def rewrite(gm: fx.GraphModule, region: Region, form: str, dense_mask: str = "fu
             return mask
 
         mask = as_scores_mask(region.mask)
+        sinks = (region.sinks,) if region.sinks is not None else ()    # the ops' last argument
         base_mask, indices = region.base_mask, region.topk_indices
         if layout.get("base_mask") is not None and base_mask is not None and (form == "auto" or form in SPARSE_FORMS
                                                                                or dense_mask == "base"):
@@ -87,12 +88,13 @@ def rewrite(gm: fx.GraphModule, region: Region, form: str, dense_mask: str = "fu
         if form == "auto":
             mask = base_mask if region.is_sparse else mask
             new = g.call_function(torch.ops.mla.auto.default,
-                                  head + (indices, mask, region.scale, region.is_causal, plan_id))
+                                  head + (indices, mask, region.scale, region.is_causal, plan_id) + sinks)
         elif form in SPARSE_FORMS:
-            new = g.call_function(op_for(form), head + (indices, base_mask, region.scale, region.is_causal))
+            new = g.call_function(op_for(form), head + (indices, base_mask, region.scale, region.is_causal) + sinks)
         else:
             mask = base_mask if (region.is_sparse and dense_mask == "base") else mask
-            new = g.call_function(op_for(form), head + (mask, region.scale, region.is_causal, _filled(g, region)))
+            new = g.call_function(op_for(form), head + (mask, region.scale, region.is_causal, _filled(g, region))
+                                  + sinks)
     out_val = region.output.meta.get("example_value")
     if layout.get("output") is not None and tuple(layout["output"]) != tuple(range(4)):
         with g.inserting_before(region.output):

@@ -290,9 +290,9 @@ def test_static_cache_reads_only_the_filled_part(monkeypatch):
     seen = []
     real = ops._dense
 
-    def spy(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens):
+    def spy(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens, sinks=None):
         seen.append((q_nope.shape[2], None if kv_lens is None else int(kv_lens.max()), latent.shape[-2]))
-        return real(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens)
+        return real(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens, sinks)
 
     monkeypatch.setattr(ops, "_dense", spy)
     model = tiny_model("deepseek_v3", seed=12)

@@ -222,3 +222,75 @@ def test_sparse_ops_with_sinks(form):
     ref = torch.autograd.grad(want, ref_args + [ref_sinks], grad)
     for name, a, b in zip(["q_nope", "q_rope", "latent", "k_rope", "w_uk", "w_uv", "sinks"], got, ref):
         assert rel_err(a, b) < 1e-10, name
+
+
+# --------------------------------------------------------------------------------------------- #
+# The matcher: HF's sink softmax is rewritten and equal; a variant it cannot prove is left as written
+# (and still equal), with the failed step in the log.
+
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+_B, _H, _S, _T, _R, _DN, _DV, _DR = 2, 4, 3, 6, 16, 8, 8, 4
+
+
+class _SinkCore(nn.Module):
+    """HF's expanded MLA core (kv_b_proj expansion, the shared RoPE key broadcast) with hy_v4's sink
+    softmax, and a variant switch."""
+
+    def __init__(self, variant):
+        super().__init__()
+        self.variant = variant
+        self.kv_b = nn.Linear(_R, _H * (_DN + _DV), bias=False)
+        self.sinks = nn.Parameter(torch.randn(_H) * 2)
+        self.per_query = nn.Parameter(torch.randn(_S))
+
+    def forward(self, q, c, kp, mask):
+        B, T = c.shape[0], c.shape[1]
+        kv = self.kv_b(c).view(B, T, _H, _DN + _DV).transpose(1, 2)
+        k_nope, v = torch.split(kv, [_DN, _DV], dim=-1)
+        k = torch.cat([k_nope, kp.expand(B, _H, T, _DR)], dim=-1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * 0.3 + mask
+        if self.variant == "per_query_sink":
+            sink = self.per_query.reshape(1, 1, -1, 1).expand(B, _H, -1, 1)
+        else:
+            sink = self.sinks.reshape(1, -1, 1, 1).expand(B, -1, q.shape[2], -1)
+        if self.variant == "sink_first":          # the same math, spelled [sink, scores][..., 1:]
+            logits = torch.cat([sink, scores], dim=-1)
+        else:
+            logits = torch.cat([scores, sink], dim=-1)
+        logits = logits - logits.max(dim=-1, keepdim=True).values
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        p = probs[..., 1:] if self.variant == "sink_first" else probs[..., :-1]
+        return torch.matmul(p.to(v.dtype), v)
+
+
+def _sink_inputs(seed=21):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(_B, 1, _S, _T).masked_fill(torch.rand(_B, 1, _S, _T, generator=g) > 0.7,
+                                                  torch.finfo(torch.float32).min)
+    return (torch.randn(_B, _H, _S, _DN + _DR, generator=g), torch.randn(_B, _T, _R, generator=g),
+            torch.randn(_B, 1, _T, _DR, generator=g), mask)
+
+
+@pytest.mark.parametrize("variant,expect", [
+    ("hf", "rewritten"),
+    ("sink_first", "not [..., :-1]"),
+    ("per_query_sink", "not one value per head"),
+])
+@pytest.mark.parametrize("form", ["expanded", "absorbed"])
+def test_sink_softmax_is_proven_or_left_as_written(variant, expect, form):
+    import mla_compile
+
+    torch.manual_seed(22)
+    m = _SinkCore(variant)
+    args = _sink_inputs()
+    with torch.no_grad():
+        want = m(*args)
+        got = torch.compile(m, backend="mla", options={"remainder": "eager", "form": form})(*args)
+    assert (got - want).abs().max() / want.abs().max() < 1e-5
+    (rec,) = mla_compile.rewrite_log()
+    if expect == "rewritten":
+        assert rec.status == "rewritten" and rec.form == form, rec.reason
+    else:
+        assert rec.status == "skipped" and expect in rec.reason, rec.reason
