@@ -597,11 +597,42 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], list[Miss]]:
                 module, family = "<top>", None
             misses.append(Miss(module, family, getattr(n.target, "__name__", str(n.target)), f"not matched (the matcher stopped on "
                                                     f"{type(e).__name__}: {e}); left as written"))
-    try:
-        misses += _scores_cut_by_graph_break(gm)
-    except Exception:  # noqa: BLE001 - a note for the log only; never stops compilation
-        pass
+    for note in (_scores_cut_by_graph_break, _attention_cut_by_dynamic_shape_op):
+        try:
+            misses += note(gm)
+        except Exception:  # noqa: BLE001 - a note for the log only; never stops compilation
+            pass
     return regions, misses
+
+
+_LATENT_PROJECTIONS = ("kv_a_proj", "kv_b_proj", "wkv_a", "wkv_b")   # HF's and DeepSeek's names
+
+
+def _attention_cut_by_dynamic_shape_op(gm: fx.GraphModule) -> list[Miss]:
+    """A graph that holds an MLA layer's latent projections and that Dynamo ended at an operator whose
+    output shape depends on data (`nonzero`, boolean indexing: glm5_next's indexer): the attention
+    continues in other graphs and is left as written. Dynamo keeps such operators in the graph only
+    under `torch._dynamo.config.capture_dynamic_output_shape_ops`, which a backend cannot set for
+    the user (it is read while tracing, before any backend runs), so the miss names the setting.
+    Which graph holds the layer is read from module names, for this note only."""
+    why = getattr(gm, "compile_subgraph_reason", None)
+    if why is None or not getattr(why, "graph_break", False):
+        return []
+    text = str(why.reason)
+    if "capture_dynamic_output_shape_ops" not in text:
+        return []
+    owners = [module_of(n) for n in gm.graph.nodes]
+    if not any(any(p in module.rsplit(".", 1)[-1] for p in _LATENT_PROJECTIONS) for module, _ in owners):
+        return []
+    family = next((fam for _, fam in owners if fam is not None), None)
+    frame = why.user_stack[-1] if getattr(why, "user_stack", None) else None
+    where = (f" at {frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} `{(frame.line or '').strip()}`"
+             if frame is not None else "")
+    op = re.search(r"Operator `([^`]+)`", text)
+    return [Miss("<top>", family, "graph break",
+                 f"Dynamo broke this attention's graph{where} ({op.group(1) if op else 'an operator'} has a "
+                 f"data-dependent output shape), so no graph holds the whole attention and it runs as written: "
+                 f"set torch._dynamo.config.capture_dynamic_output_shape_ops = True before compiling")]
 
 
 def _scores_cut_by_graph_break(gm: fx.GraphModule) -> list[Miss]:

@@ -98,3 +98,19 @@ def test_family_generate_gives_eager_tokens(family):
         got = twin.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, want)
     assert mla_compile.rewrite_log(), "generate() did not go through the backend"
+
+
+def test_glm5_next_without_the_dynamo_setting_says_what_to_set():
+    """Without capture_dynamic_output_shape_ops, Dynamo breaks glm5_next's attention at its indexer's
+    `nonzero` (a backend cannot change that: the setting is read while tracing); the attention runs as
+    HF wrote it, and the log names the break and the setting."""
+    model = tiny_model("glm5_next", layers=1)
+    ids = _decode_tokens(model, n=6, batch=1)
+    with torch.no_grad():
+        want = model(ids).last_hidden_state
+        got = torch.compile(model, backend="mla", options={"remainder": "eager"})(ids).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    notes = [r for r in mla_compile.rewrite_log() if "capture_dynamic_output_shape_ops = True" in r.reason]
+    assert len(notes) == 1 and notes[0].status == "skipped" and notes[0].family == "glm5_next", \
+        mla_compile.format_rewrite_log()
+    assert "aten.nonzero" in notes[0].reason
