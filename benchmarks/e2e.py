@@ -2,7 +2,7 @@
 
     python benchmarks/e2e.py [--models v2-lite,v3] [--systems hf-eager,mla] [--batch 1,8,32]
                              [--prompt 2048,16384,65536] [--new-tokens 64] [--layers N] [--dtype bf16]
-                             [--host-profile STEPS] [--kernel-table N] [--out DIR] [--tag=-suffix]
+                             [--host-profile STEPS] [--kernel-table N] [--assist N] [--out DIR] [--tag=-suffix]
     python benchmarks/e2e.py --smoke [--out DIR]    # CPU: a tiny DeepSeek-V3, hf-eager and both mla recipes, float32
 
 One process, one GPU. Systems, run in this order (hf-eager first: it is the reference of the checks):
@@ -19,6 +19,11 @@ Models (--models; random weights, no download): the fields of each published con
 MODELS below. DeepSeek-V3 and V3.2 run at their real widths with as many layers as fit in 40% of the
 GPU's memory, between 2 and 4 (their first three layers are dense; a fourth brings one MoE layer);
 the others with their published layer count. --layers N sets the count for every model.
+
+--assist N runs every system with assisted generation, generate(prompt_lookup_num_tokens=N): each
+forward verifies a block of up to N draft tokens. Its rows hold decode ms/token (as below), first
+call s, peak GiB and the tokens against hf-eager's assisted generation; the static systems get a
+cache N tokens longer (HF's StaticCache has no room for a last draft block otherwise).
 
 Per row (model, batch B, prompt length P, system), greedy, --new-tokens N tokens:
   decode ms/token  (wall time of generate() with N new tokens - with 1) / (N - 1), each the faster of
@@ -288,10 +293,15 @@ def prepare(model, system: str, device, smoke: bool) -> None:
         mla_compile.compile_generate(model, **({"options": SMOKE_OPTIONS} if smoke else {}))
 
 
-def generate_kwargs(system: str, new_tokens: int) -> dict:
+def generate_kwargs(system: str, new_tokens: int, assist: int = 0, prompt: int = 0) -> dict:
     kw = dict(max_new_tokens=new_tokens, do_sample=False)
     if system == "hf-static":
         kw["cache_implementation"] = "static"
+    if assist:
+        kw["prompt_lookup_num_tokens"] = assist
+        if system in ("hf-static", "mla-static"):
+            # a StaticCache sized for prompt + new tokens has no room for the last draft block
+            kw["max_cache_len"] = prompt + new_tokens + assist
     return kw
 
 
@@ -436,7 +446,7 @@ def prompt_ids(vocab: int, B: int, P: int, device):
 
 def run_row(model, system, B, P, args, device, ref, floor):
     """Fill one row's measurements (dict), comparing with `ref` = hf-eager's (tokens, logits) if given."""
-    kw = generate_kwargs(system, args.new_tokens)
+    kw = generate_kwargs(system, args.new_tokens, args.assist, P)
     ids = prompt_ids(model.config.vocab_size, B, P, device)
     row = {}
     cuda = device.type == "cuda"
@@ -447,6 +457,8 @@ def run_row(model, system, B, P, args, device, ref, floor):
     model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
     common.sync(device)
     row["first_call_s"] = round(time.perf_counter() - t0, 2)
+    if args.assist:
+        return assisted_row(model, system, ids, kw, args, device, ref, row)
     out, clock, t0 = timed_generate(model, ids, kw, device)
     gaps = [b - a for a, b in zip(clock.times, clock.times[1:])]
     row["synced_step_ms"] = round(statistics.median(gaps) * 1e3, 4)
@@ -490,6 +502,27 @@ def run_row(model, system, B, P, args, device, ref, floor):
     return row, None
 
 
+def assisted_row(model, system, ids, kw, args, device, ref, row):
+    """--assist: ms per generated token over whole generate() calls and the tokens against hf-eager's
+    assisted generation (a draft block is verified per forward, so there is no per-step clock, logits
+    check or profile)."""
+    whole = min(plain_generate_seconds(model, ids, kw, device) for _ in range(2))
+    first = min(plain_generate_seconds(model, ids, dict(kw, max_new_tokens=1), device) for _ in range(2))
+    decode = (whole - first) / (args.new_tokens - 1)
+    if decode > 0:
+        row["decode_ms"] = round(decode * 1e3, 4)
+        row["tok_s"] = round(ids.shape[0] / decode, 1)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)[:, ids.shape[1]:].cpu()
+    if device.type == "cuda":
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+    if ref is None:
+        row["logits_ok"] = "reference" if system == "hf-eager" else None
+        return row, (out, None)
+    same = out.shape == ref[0].shape
+    row["token_agreement"] = round((out == ref[0]).float().mean().item(), 4) if same else 0.0
+    return row, None
+
+
 def relative_max_diff(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max()).item()
 
@@ -520,6 +553,9 @@ def parse_args(argv=None):
     ap.add_argument("--host-profile", type=int, default=0, metavar="STEPS",
                     help="also write cProfile's table over STEPS decode steps of each row "
                          "(e2e-host-<system>-<model>-B<b>-P<p>.txt)")
+    ap.add_argument("--assist", type=int, default=0, metavar="N",
+                    help="assisted generation: generate(prompt_lookup_num_tokens=N) in every system (drafts "
+                         "of up to N tokens verified per forward); decode ms/token and tokens against hf-eager's")
     ap.add_argument("--kernel-table", type=int, default=0, metavar="N",
                     help="also write the N kernels with the most GPU time per decode step of each row "
                          "(e2e-kernels-<system>-<model>-B<b>-P<p>.txt)")
