@@ -119,7 +119,8 @@ def rewrite_graph(gm: fx.GraphModule, opts: Options, graph_id: int) -> list[Rewr
             continue
         records.append(RewriteRecord(
             module=region.module, status="rewritten", form=decision.form, family=region.family,
-            shapes=_shapes_for_log(region.dims), reason=decision.reason, core=region.core,
+            shapes=_shapes_for_log(region.dims), core=region.core,
+            reason=decision.reason + ("; with its softmax's attention sinks" if region.sinks is not None else ""),
             dtype=str(region.dtype).removeprefix("torch."), costs=decision.costs,
             expressions=decision.expressions, crossover=decision.crossover, device=decision.device,
             graph=graph_id, flags=plan_flags(region),
