@@ -404,10 +404,10 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
         sp = (o_part.stride(0), o_part.stride(1), o_part.stride(2))
     if core == "keys_major":
         keys_major.keys_major_split_attention(q_lat, q_rope, c, kr, kind, m, ms, kv_lens, out, o_part, ml, scale,
-                                              chunk, splits)
+                                              chunk, splits, one_split=one)
     elif core == "seesaw":
         seesaw.seesaw_split_attention(q_lat, q_rope, c, kr, kind, m, ms, kv_lens, out, o_part, ml, scale, chunk,
-                                      splits)
+                                      splits, one_split=one)
     else:
         kvl = kv_lens if kv_lens is not None else c
         launcher(_absorbed_split_kernel, q_lat)[(row_tiles, splits, B)](

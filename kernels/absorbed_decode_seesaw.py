@@ -366,9 +366,11 @@ def compile_for_sm90(mask_kind: int = 1, has_kvlen: bool = True, one_split: bool
 
 
 def seesaw_split_attention(q_lat, q_rope, c, kr, mask_kind: int, mask, mask_strides, kv_lens, out, o_part, ml,
-                           scale: float, chunk: int, splits: int) -> None:
-    """Launch it; the arguments and outputs are `sm90.launch_split`'s."""
+                           scale: float, chunk: int, splits: int, one_split: bool | None = None) -> None:
+    """Launch it; the arguments and outputs are `sm90.launch_split`'s. one_split (default: splits == 1)
+    writes `out` directly; False writes o_part and ml for the merge even with one split (sinks)."""
     B, H = q_lat.shape[:2]
+    one = splits == 1 if one_split is None else one_split
     sm90.launch_split(_seesaw_split_kernel, (triton.cdiv(H, BLOCK_M), splits, B), q_lat, q_rope, c, kr, mask,
                       mask_strides, kv_lens, out, o_part, ml, scale, chunk, splits,
-                      **_consts(mask_kind, kv_lens is not None, splits == 1), num_warps=NUM_WARPS, maxnreg=MAXNREG)
+                      **_consts(mask_kind, kv_lens is not None, one), num_warps=NUM_WARPS, maxnreg=MAXNREG)

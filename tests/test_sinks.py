@@ -150,14 +150,22 @@ def test_bad_sinks_are_named(bad, error, match):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.gpu
 @pytest.mark.parametrize("H", [16, 128])
-def test_hopper_decode_with_sinks_bf16(H):
-    """V3 sizes in bf16: on Hopper the Gluon kernels run the core and the merge adds the sinks."""
+@pytest.mark.parametrize("splits", [None, 1])
+def test_hopper_decode_with_sinks_bf16(H, splits):
+    """V3 sizes in bf16: on Hopper the Gluon kernels run the core and the merge adds the sinks, with
+    the split count that fills the GPU and with one split (which, with sinks, still goes through
+    the merge: the kernel must write its partial output, not the final one)."""
     B, T = 8, 1000
     qn, qr, c, kr, wk, wv = make(B, H, 1, T, r=512, dr=64, dn=128, dv=128, dtype=torch.bfloat16, seed=10)
     mask = _mask("bool", B, 1, T, torch.bfloat16)
     sinks = _sinks(H)
     want = hf_sink_attention(qn, qr, c, kr, wk, wv, mask, SCALE, sinks)
-    got = absorbed_decode(qn, qr, c, kr, wk, wv, mask, SCALE, sinks=sinks)
+    if splits is None:
+        got = absorbed_decode(qn, qr, c, kr, wk, wv, mask, SCALE, sinks=sinks)
+    else:
+        q_lat = torch.einsum("bhsd,hdr->bhsr", qn.float(), wk.float()).to(qn.dtype)
+        o_lat = absorbed_latent_attention(q_lat, qr, c, kr, mask, SCALE, num_splits=splits, sinks=sinks)
+        got = torch.einsum("bhsr,hdr->bhsd", o_lat.float(), wv.float())
     assert rel_err(got, want) < tol(torch.bfloat16)
 
 
