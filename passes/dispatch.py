@@ -64,14 +64,13 @@ def auto(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rop
     k = topk_indices.shape[-1] if topk_indices is not None else None
     form = _CHOOSERS[plan_id]({"B": B, "S": S, "T": T, "k": k})
     fn = implementation_for(form, q_nope)
-    extra = {} if sinks is None else {"sinks": sinks}
     if form in SPARSE_FORMS:
-        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, **extra)
+        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, sinks=sinks)
     if topk_indices is not None and k < T:
         # The cost model found dense attention cheaper even though k < T (tiny T): apply the top-k
         # selection as a dense mask, as HF does; exact, and what the model's dense cost counted.
         mask = mask_outside_topk(mask, topk_indices, S, T)
-    return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, **extra)
+    return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, sinks=sinks)
 
 
 @auto.register_fake

@@ -48,11 +48,10 @@ def _dense(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_cau
     part alone is read. Kernels take kv_lens on the device; elsewhere the inputs are cut to its
     maximum (a host read, skipped while a CUDA graph is being captured: the mask keeps it exact)."""
     fn = implementation_for(form, q_nope)
-    extra = {} if sinks is None else {"sinks": sinks}     # attention sinks: every implementation takes them
     if kv_lens is None:
-        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, **extra)
+        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, sinks=sinks)
     if getattr(fn, "accepts_kv_lens", False):
-        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens=kv_lens, **extra)
+        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, kv_lens=kv_lens, sinks=sinks)
     capturing = q_nope.is_cuda and torch.cuda.is_current_stream_capturing()
     T = latent.shape[-2]
     n = T if capturing else int(kv_lens.max())
@@ -62,7 +61,7 @@ def _dense(form, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_cau
         latent, k_rope = latent[..., :n, :], k_rope[..., :n, :]
         if mask is not None and mask.shape[-1] == T:
             mask = mask[..., :n]
-    return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, **extra)
+    return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, sinks=sinks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,8 +148,7 @@ def _sparse_op(form: str):
             mask: Optional[torch.Tensor], scale: float, is_causal: bool,
             sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
         fn = implementation_for(form, q_nope)
-        extra = {} if sinks is None else {"sinks": sinks}
-        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, **extra)
+        return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, sinks=sinks)
 
     def body(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
              w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: torch.Tensor,
