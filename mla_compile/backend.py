@@ -25,6 +25,24 @@ from mla_compile.rewrite_log import RewriteRecord, record
 
 log = logging.getLogger("mla_compile")
 
+
+def capture_data_dependent_shapes() -> None:
+    """Turn on Dynamo's capture_dynamic_output_shape_ops unless the user has set it, either way.
+
+    Without it Dynamo ends the graph at an operator whose output shape depends on data (`nonzero`,
+    boolean indexing), and glm5_next's indexer calls one inside attention: no graph would hold the
+    attention, and it would run as HF wrote it. Dynamo reads the setting while tracing, before any
+    backend runs, so it is set when the backend is loaded, which `backend="mla"` does before the first
+    trace. A user who sets it to False keeps it, and the rewrite log then says, for each attention
+    Dynamo cut, that this setting is why."""
+    import torch._dynamo.config as dynamo_config
+
+    if dynamo_config._is_default("capture_dynamic_output_shape_ops"):
+        dynamo_config.capture_dynamic_output_shape_ops = True
+
+
+capture_data_dependent_shapes()
+
 _GRAPH_IDS = itertools.count(1)
 
 

@@ -156,8 +156,26 @@ def _same(a: Any, b: Any) -> bool:
 
 def _only_users(n: fx.Node, allowed: set[fx.Node], what: str) -> None:
     extra = [u for u in n.users if u not in allowed]
+    if extra and all(u.op == "output" for u in extra) and any(_is_fn(u, F.softmax, torch.softmax)
+                                                             or _is_method(u, "softmax") for u in _upstream(n, 3)):
+        # HF's eager attention returns its probabilities. They leave the graph when the user asks
+        # for them (output_attentions), or when Dynamo ended the graph inside the layer, before the
+        # caller drops them (continuous batching's cache update does that).
+        raise NoMatch(f"the attention probabilities ({n.name}) are an output of this graph (output_attentions, "
+                      f"or eager attention's return value in a graph that ends inside the layer): no form "
+                      f"computes them; attn_implementation='sdpa' returns none and is rewritten")
     if extra:
         raise NoMatch(f"{what} is also used by {', '.join(u.name for u in extra)} outside the attention core")
+
+
+def _upstream(n: fx.Node, depth: int) -> list[fx.Node]:
+    """n and the nodes that feed it as first argument, up to `depth` steps back."""
+    out = [n]
+    while depth and n.args and isinstance(n.args[0], fx.Node):
+        n = n.args[0]
+        out.append(n)
+        depth -= 1
+    return out
 
 
 def _shape_reads(x: fx.Node, consumers: set[fx.Node]) -> list[fx.Node]:
@@ -203,11 +221,18 @@ _FAMILY_RE = re.compile(r"transformers\.models\.([a-z0-9_]+)\.")
 _ROOT_LOCAL_RE = re.compile(r"^L\['[^']+'\](\[(\d+|'[^']+')\])*\.?")
 
 
+_MODELING_FILE_RE = re.compile(r"transformers/models/([a-z0-9_]+)/modeling_")
+
+
 def module_of(n: fx.Node) -> tuple[str, str | None]:
-    """(qualified module name in the user's model, HF model type) from Dynamo's nn_module_stack."""
+    """(qualified module name in the user's model, HF model type) from Dynamo's nn_module_stack. A
+    graph whose root is the attention module itself (Dynamo resumed inside its forward after a graph
+    break, as under continuous batching, where one graph then serves every layer) has no stack: the
+    module is "<top>" and the family is read from the node's stack trace (HF's modeling file)."""
     stack = n.meta.get("nn_module_stack") or {}
     if not stack:
-        return "<top>", None
+        m = _MODELING_FILE_RE.search(str(n.meta.get("stack_trace") or "").replace("\\", "/"))
+        return "<top>", (m.group(1) if m else None)
     path, cls = list(stack.values())[-1]
     # The root is the compiled frame's local that holds the model: `L['self']` for a method, or
     # `L['args'][0]` / `L['kwargs']['self']` when a decorator wraps forward in `(*args, **kwargs)`.
@@ -612,8 +637,9 @@ def _attention_cut_by_dynamic_shape_op(gm: fx.GraphModule) -> list[Miss]:
     """A graph that holds an MLA layer's latent projections and that Dynamo ended at an operator whose
     output shape depends on data (`nonzero`, boolean indexing: glm5_next's indexer): the attention
     continues in other graphs and is left as written. Dynamo keeps such operators in the graph only
-    under `torch._dynamo.config.capture_dynamic_output_shape_ops`, which a backend cannot set for
-    the user (it is read while tracing, before any backend runs), so the miss names the setting.
+    under `torch._dynamo.config.capture_dynamic_output_shape_ops`, which loading the backend turns on
+    unless the user has set it (`backend.capture_data_dependent_shapes`); a user who turned it off
+    gets this miss, which names the setting.
     Which graph holds the layer is read from module names, for this note only."""
     why = getattr(gm, "compile_subgraph_reason", None)
     if why is None or not getattr(why, "graph_break", False):
@@ -715,19 +741,21 @@ def _match_anchor(n: fx.Node, regions: list[Region], misses: list[Miss]) -> None
         if region is not None:
             regions.append(region)
         else:
-            misses.append(Miss(module, family, kind, _plain_reason(core, e)))
+            misses.append(Miss(module, family, kind, _plain_reason(core, e, n, kind)))
     except Exception as e:  # noqa: BLE001 - a shape the matcher did not foresee: leave it as written
         misses.append(Miss(module, family, kind, f"not matched (the matcher stopped on "
                                                  f"{type(e).__name__}: {e}); left as written"))
 
 
-def _plain_reason(core: "_Core | None", e: NoMatch) -> str:
+def _plain_reason(core: "_Core | None", e: NoMatch, n: fx.Node, kind: str) -> str:
     """Why an attention core was not taken, in the reader's words: "no MLA here" where its values are
-    not expanded from one shared latent (what kv_b_proj does), the matcher's detail after it."""
+    not expanded from one shared latent (what kv_b_proj does), the matcher's detail after it. Where the
+    core could not be built, its value is read off the last product (P @ V, or SDPA's third argument)."""
     latent_values = False
-    if core is not None:
+    v = core.v if core is not None else (n.args[1] if kind == "eager" else (n.args[2] if len(n.args) > 2 else None))
+    if isinstance(v, fx.Node):
         try:
-            _expansion_of_value(core.v)
+            _expansion_of_value(v)
             latent_values = True
         except NoMatch:
             pass

@@ -6,6 +6,8 @@ tests/test_backend.py (its Inductor tests, some in the slow tier) runs models th
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,13 +19,8 @@ from tests.helpers.family_table import note
 DECODE_STEPS = 3
 
 # SINK_FAMILIES: per-head attention sinks in the softmax (HY-V4); eager attention only in transformers.
-# glm5_next's indexer pools keys with a data-dependent `nonzero`: without this Dynamo flag the
-# graph breaks inside attention and the probabilities escape the graph (the region is then skipped).
-DYNAMO_FLAGS = {"glm5_next": {"capture_dynamic_output_shape_ops": True}}
-
-
-def _dynamo_flags(family):
-    return torch._dynamo.config.patch(**DYNAMO_FLAGS.get(family, {}))
+# Every family runs with the plain one line: no Dynamo setting is patched here (glm5_next's indexer
+# needs capture_dynamic_output_shape_ops, which loading the backend turns on).
 
 
 def _covered(expected: set, rewritten: set) -> set:
@@ -54,8 +51,7 @@ def test_family_default_form_matches_eager(family, impl):
         pytest.skip(f"{family} has no SDPA implementation in transformers")
     model = tiny_model(family, attn_implementation=impl)
     twin = compiled_twin(model)
-    with _dynamo_flags(family):
-        _check_against_eager(model, twin)
+    _check_against_eager(model, twin)
     log = mla_compile.rewrite_log()
     missing = _covered(expected_modules(model), {r.module for r in log if r.status == "rewritten"})
     assert not missing, f"not rewritten: {missing}; log:\n" + mla_compile.format_rewrite_log()
@@ -81,8 +77,7 @@ def _expected_form(family, form):
 def test_family_forced_form_matches_eager(family, form):
     model = tiny_model(family, seed=2)
     twin = compiled_twin(model, form=form)
-    with _dynamo_flags(family):
-        _check_against_eager(model, twin)
+    _check_against_eager(model, twin)
     forms = {r.form for r in mla_compile.rewrite_log() if r.status == "rewritten"}
     assert forms == {_expected_form(family, form)}, forms
     note(family, "forced", forms)
@@ -93,20 +88,20 @@ def test_family_generate_gives_eager_tokens(family):
     model = tiny_model(family, seed=3)
     twin = compiled_twin(model)
     ids, mask = padded_batch(model.config.vocab_size, length=6, seed=4)
-    with torch.no_grad(), _dynamo_flags(family):
+    with torch.no_grad():
         want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
         got = twin.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, want)
     assert mla_compile.rewrite_log(), "generate() did not go through the backend"
 
 
-def test_glm5_next_without_the_dynamo_setting_says_what_to_set():
-    """Without capture_dynamic_output_shape_ops, Dynamo breaks glm5_next's attention at its indexer's
-    `nonzero` (a backend cannot change that: the setting is read while tracing); the attention runs as
-    HF wrote it, and the log names the break and the setting."""
+def test_glm5_next_with_the_dynamo_setting_turned_off_says_what_to_set():
+    """A user who turns capture_dynamic_output_shape_ops off keeps it off: Dynamo then breaks
+    glm5_next's attention at its indexer's `nonzero`, the attention runs as HF wrote it, and the log
+    names the break and the setting."""
     model = tiny_model("glm5_next", layers=1)
     ids = _decode_tokens(model, n=6, batch=1)
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False):
         want = model(ids).last_hidden_state
         got = torch.compile(model, backend="mla", options={"remainder": "eager"})(ids).last_hidden_state
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
@@ -114,3 +109,25 @@ def test_glm5_next_without_the_dynamo_setting_says_what_to_set():
     assert len(notes) == 1 and notes[0].status == "skipped" and notes[0].family == "glm5_next", \
         mla_compile.format_rewrite_log()
     assert "aten.nonzero" in notes[0].reason
+
+
+_LOOKUP = """
+import torch, torch._dynamo.config as c
+{before}
+torch.compile(lambda x: x + 1, backend="mla")
+print(c.capture_dynamic_output_shape_ops)
+"""
+
+
+@pytest.mark.parametrize("before,want", [("", "True"), ("c.capture_dynamic_output_shape_ops = False", "False")])
+def test_looking_up_the_backend_turns_on_data_dependent_shapes_unless_the_user_set_it(before, want):
+    """`backend="mla"` loads the backend before Dynamo traces anything; loading it turns Dynamo's
+    capture_dynamic_output_shape_ops on (glm5_next needs it), unless the user has set it. A fresh
+    process: in this one the backend is loaded already."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _LOOKUP.format(before=before)], capture_output=True, text=True,
+                         timeout=300, cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == want, out.stdout
