@@ -470,3 +470,32 @@ def tiny_model(
         model = model.to(dtype)
     model.eval()
     return model
+
+
+def tiny_deepseek_v4(*, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs) -> torch.nn.Module:
+    """A tiny DeepSeek-V4 (`deepseek_v4`; random weights, eval mode) with one layer of each attention
+    type: sliding window, sliding + CSA (compressed entries picked by the indexer's top-k), sliding +
+    HCA (heavily compressed). V4 is not MLA by transformers' definition (no kv_lora_rank): its
+    attention is latent MQA, one key/value head shared by all heads (passes/shared_kv.py). The sinks,
+    which HF initialises to zeros, get random values, so that they matter. index_topk covers every
+    compressed entry of short prompts: the indexer's ReLU scores tie at zero, and top-k among ties
+    picks arbitrarily."""
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    kw = dict(vocab_size=256, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=3,
+              layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+              mlp_layer_types=["moe"] * 3, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+              partial_rotary_factor=0.25, q_lora_rank=32, n_routed_experts=4, num_experts_per_tok=2,
+              n_shared_experts=1, sliding_window=8,
+              compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+              o_groups=2, o_lora_rank=16, index_n_heads=2, index_head_dim=16, index_topk=16, hc_mult=2,
+              hc_sinkhorn_iters=3, max_position_embeddings=512)
+    kw.update(config_kwargs)
+    torch.manual_seed(seed)
+    with _quiet():
+        model = DeepseekV4ForCausalLM(DeepseekV4Config(**kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sinks") or name.endswith("position_bias"):
+                p.normal_(0.0, 0.5)
+    return model.to(dtype).eval()

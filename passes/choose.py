@@ -83,6 +83,8 @@ def decide(region: Region, forced: str = "auto", device: str | None = None,
            example_device: torch.device | None = None) -> Decision:
     if forced not in FORCED_CHOICES:
         raise ValueError(f"options['form']: unknown form {forced!r}; expected one of {FORCED_CHOICES}")
+    if region.shared_kv:
+        return _shared_kv_decision(region)
     if forced != "auto":
         return _forced(region, "sparse_absorbed" if forced == "sparse" else forced)
     args = _plan_args(region, _device_for(device, example_device))
@@ -117,3 +119,13 @@ def _forced(region: Region, forced: str) -> Decision:
     if forced in DENSE_FORMS and region.is_sparse:
         return Decision(forced, f"forced {forced!r} (dense over HF's full top-k mask)")
     return Decision(forced, f"forced by options['form']={forced!r}")
+
+
+def _shared_kv_decision(region: Region) -> Decision:
+    """Latent MQA has one form: HF's alternative repeats the shared head to every query head and reads
+    each copy, the same FLOPs and H times the key/value bytes, so no size makes it cheaper and the
+    cost model is not asked. A forced form names the MLA forms, which need W_UK / W_UV: it is not
+    applied here."""
+    H = region.dims["H"]
+    return Decision("latent_mqa", f"one key/value head shared by all {H} query heads (K = V): attended once over "
+                                  f"it, where HF reads a copy per head (same FLOPs, 1/{H} of the key/value bytes)")

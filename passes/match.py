@@ -73,6 +73,9 @@ class Region:
     w_uv: fx.Node | None = None
     layout: dict | None = None
     sinks: fx.Node | None = None       # attention sinks: the [H] logits (passes/sinks.py)
+    # latent MQA (passes/shared_kv.py): K = V = `latent` [B, 1, T, D] repeated to the heads, no W_UK /
+    # W_UV, no RoPE key; dims read r = dn = dv = D, dr = 0
+    shared_kv: bool = False
 
     @property
     def is_sparse(self) -> bool:
@@ -728,8 +731,10 @@ def _match_anchor(n: fx.Node, regions: list[Region], misses: list[Miss]) -> None
     module, family = module_of(n)
     core = None
     try:
+        from mla_compile.passes.shared_kv import match_shared_kv, shares_one_head
+
         core = build(n)
-        regions.append(_match_core(core))
+        regions.append(match_shared_kv(core) if shares_one_head(core) else _match_core(core))
     except NoMatch as e:
         region = None
         if kind == "eager":
@@ -751,6 +756,10 @@ def _plain_reason(core: "_Core | None", e: NoMatch, n: fx.Node, kind: str) -> st
     """Why an attention core was not taken, in the reader's words: "no MLA here" where its values are
     not expanded from one shared latent (what kv_b_proj does), the matcher's detail after it. Where the
     core could not be built, its value is read off the last product (P @ V, or SDPA's third argument)."""
+    from mla_compile.passes.shared_kv import shares_one_head
+
+    if core is not None and shares_one_head(core):
+        return f"attention over one shared key/value head (latent MQA), not taken: {e}"
     latent_values = False
     v = core.v if core is not None else (n.args[1] if kind == "eager" else (n.args[2] if len(n.args) > 2 else None))
     if isinstance(v, fx.Node):

@@ -28,6 +28,8 @@ def rewrite(gm: fx.GraphModule, region: Region, form: str, dense_mask: str = "fu
     top-k mask (exact only when every key is selected, i.e. T <= k). form="auto" emits the run-time
     dispatching op with plan `plan_id`."""
     g = gm.graph
+    if region.shared_kv:
+        return _rewrite_shared_kv(g, region)
     d = region.dims
     H, dn, dv, r = d["H"], d["dn"], d["dv"], d["r"]
     layout = region.layout or {}
@@ -104,6 +106,20 @@ def rewrite(gm: fx.GraphModule, region: Region, form: str, dense_mask: str = "fu
         n.meta["nn_module_stack"] = region.output.meta.get("nn_module_stack", {})
     if out_val is not None:
         new.meta["example_value"] = out_val
+    region.output.replace_all_uses_with(new)
+    _erase_dead(g, region.dead)
+    return new
+
+
+def _rewrite_shared_kv(g: fx.Graph, region: Region) -> fx.Node:
+    """out = mla.latent_mqa(Q, kv, mask, scale, is_causal[, sinks]) in place of the core and the repeats."""
+    sinks = (region.sinks,) if region.sinks is not None else ()
+    with g.inserting_before(region.output):
+        new = g.call_function(torch.ops.mla.latent_mqa.default,
+                              (region.query, region.latent, region.mask, region.scale, region.is_causal) + sinks)
+    new.meta["nn_module_stack"] = region.output.meta.get("nn_module_stack", {})
+    if region.output.meta.get("example_value") is not None:
+        new.meta["example_value"] = region.output.meta["example_value"]
     region.output.replace_all_uses_with(new)
     _erase_dead(g, region.dead)
     return new

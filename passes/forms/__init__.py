@@ -7,3 +7,4 @@ from mla_compile.passes.forms.ops import DENSE_FORMS, FORMS, SPARSE_FORMS, op_fo
 __all__ = ["DENSE_FORMS", "FORMS", "SPARSE_FORMS", "op_for", "reference_for"]
 
 import mla_compile.passes.forms.autograd  # noqa: E402,F401  (registers the backward formulas)
+import mla_compile.passes.forms.latent_mqa  # noqa: E402,F401  (registers torch.ops.mla.latent_mqa)
