@@ -142,3 +142,18 @@ def test_v4_generate_gives_eager_tokens():
     graphs = {r.graph for r in _rewritten(mla_compile.rewrite_log())}
     assert len(graphs) >= 2, mla_compile.format_rewrite_log()      # prefill and at least one decode graph
     assert not [r for r in mla_compile.rewrite_log() if r.status != "rewritten" and r.family == "deepseek_v4"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+@pytest.mark.parametrize("S", [1, 4])
+def test_latent_mqa_on_cuda_at_v4_sizes_bf16(S):
+    """V4's published widths (64 heads, one 512-wide head) in bf16 on the GPU's Triton core, against
+    float64, under a sliding-window mask with sinks."""
+    B, H, T, D = 4, 64, 1000, 512
+    q, kv, sinks = make(B, H, S, T, D, seed=30 + S, dtype=torch.bfloat16)
+    mask = window_mask(B, S, T, "float", window=128).to(torch.bfloat16)
+    q, kv, sinks, mask = q.cuda(), kv.cuda(), sinks.cuda(), mask.cuda()
+    got = torch.ops.mla.latent_mqa(q, kv, mask, D ** -0.5, False, sinks)
+    want = hf_shared_kv_attention(q.cpu(), kv.cpu(), mask.cpu(), D ** -0.5, sinks.cpu())
+    assert rel_err(got.cpu(), want) < 2e-2
