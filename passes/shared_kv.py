@@ -66,7 +66,7 @@ def match_shared_kv(core: _Core) -> Region:
             raise NoMatch(f"{what} is {[rb, rh, rt, rd]}, not the shared head repeated to [B, H={H}, T, D]")
     if core.mask is not None:
         mv = _val(core.mask)
-        if mv is None or (mv.dim() == 4 and not _same(mv.shape[1], 1)):
+        if mv is None or (mv.dim() >= 3 and not _same(mv.shape[-3], 1)):
             raise NoMatch("the mask has a per-head dimension (the shared head's kernel reads one mask row a query)")
     for n in k_nodes + v_nodes:
         _only_users(n, set(core.nodes) | set(k_nodes) | set(v_nodes), f"the repeated key/value {n.name}")

@@ -94,6 +94,7 @@ def test_latent_mqa_op_gradients_match_autograd_through_hf_math():
     (dict(kv=torch.randn(2, 2, 9, 32)), ValueError, "kv: expected one shared head"),
     (dict(sinks=torch.randn(3)), ValueError, "sinks: expected one logit per head"),
     (dict(mask=torch.zeros(2, 4, 1, 9)), ValueError, "mask: shape"),
+    (dict(mask=torch.zeros(4, 1, 9)), ValueError, "mask: shape"),
     (dict(q=torch.randn(2, 4, 1, 32).to(torch.int32)), TypeError, "q: expected a floating dtype"),
 ])
 def test_bad_latent_mqa_inputs_are_named(bad, error, match):

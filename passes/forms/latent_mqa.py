@@ -49,7 +49,7 @@ def check_latent_mqa(q, kv, mask, sinks) -> tuple[int, int, int, int, int]:
             raise TypeError(f"mask: expected a tensor or None, got {type(mask).__name__}")
         if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
             raise TypeError(f"mask: expected bool (True = attend) or a float additive mask, got {mask.dtype}")
-        if not _broadcasts(tuple(mask.shape), (B, 1, S, T)) or (mask.dim() == 4 and mask.shape[1] != 1):
+        if not _broadcasts(tuple(mask.shape), (B, 1, S, T)) or (mask.dim() >= 3 and mask.shape[-3] != 1):
             raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to [B={B}, 1, S={S}, T={T}]")
         devices.add(mask.device)
     if sinks is not None:
@@ -65,13 +65,14 @@ def check_latent_mqa(q, kv, mask, sinks) -> tuple[int, int, int, int, int]:
 
 def latent_mqa_reference(q, kv, mask=None, scale=1.0, is_causal=False, sinks=None):
     """The math above in float32 (float64 stays float64): scores, HF's mask, the softmax with its
-    sinks, then P kv, with the heads and queries as the rows of one batched product."""
+    sinks, then P kv, with the heads and queries as the rows of one batched product. The output has
+    kv's dtype, as HF's P @ V has V's."""
     B, H, S, T, D = check_latent_mqa(q, kv, mask, sinks)
     ct = compute_dtype(q.dtype)
     c = as_tokens(kv, "kv").to(ct)                                        # [B, T, D]
     scores = torch.bmm(q.to(ct).reshape(B, H * S, D), c.transpose(1, 2)).view(B, H, S, T)
     p = softmax_rows(masked_scores(scores * scale, mask, is_causal), head_sinks(sinks)).to(ct)
-    return torch.bmm(p.reshape(B, H * S, T), c).view(B, H, S, D).to(q.dtype)
+    return torch.bmm(p.reshape(B, H * S, T), c).view(B, H, S, D).to(kv.dtype)
 
 
 def latent_mqa_kernel(q, kv, mask=None, scale=1.0, is_causal=False, sinks=None):
@@ -82,8 +83,9 @@ def latent_mqa_kernel(q, kv, mask=None, scale=1.0, is_causal=False, sinks=None):
     B, H, S, T, D = check_latent_mqa(q, kv, mask, sinks)
     no_rope_q = q.new_empty(B, H, S, 0)
     no_rope_k = kv.new_empty(B, T, 0)
-    return absorbed_latent_attention(q, no_rope_q, as_tokens(kv, "kv"), no_rope_k, mask, scale, is_causal,
-                                     sinks=sinks)
+    out = absorbed_latent_attention(q, no_rope_q, as_tokens(kv, "kv"), no_rope_k, mask, scale, is_causal,
+                                    sinks=sinks)
+    return out.to(kv.dtype)
 
 
 @torch.library.custom_op("mla::latent_mqa", mutates_args=())
@@ -95,7 +97,7 @@ def latent_mqa(q: torch.Tensor, kv: torch.Tensor, mask: Optional[torch.Tensor], 
 
 @latent_mqa.register_fake
 def _(q, kv, mask, scale, is_causal, sinks=None):
-    return q.new_empty(q.shape)
+    return q.new_empty(q.shape, dtype=kv.dtype)
 
 
 def _setup(ctx, inputs, output):
