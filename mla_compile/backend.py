@@ -37,8 +37,14 @@ def capture_data_dependent_shapes() -> None:
     Dynamo cut, that this setting is why."""
     import torch._dynamo.config as dynamo_config
 
-    if dynamo_config._is_default("capture_dynamic_output_shape_ops"):
+    try:
+        untouched = dynamo_config._is_default("capture_dynamic_output_shape_ops")
+    except Exception:  # noqa: BLE001 - another torch's config internals: leave the setting as it is
+        return
+    if untouched:
         dynamo_config.capture_dynamic_output_shape_ops = True
+        log.info("mla_compile: turned on torch._dynamo.config.capture_dynamic_output_shape_ops (set it to False "
+                 "before loading the backend to keep Dynamo's default)")
 
 
 capture_data_dependent_shapes()

@@ -84,7 +84,10 @@ def decide(region: Region, forced: str = "auto", device: str | None = None,
     if forced not in FORCED_CHOICES:
         raise ValueError(f"options['form']: unknown form {forced!r}; expected one of {FORCED_CHOICES}")
     if region.shared_kv:
-        return _shared_kv_decision(region)
+        decision = _shared_kv_decision(region)
+        if forced != "auto":
+            decision.reason += f"; options['form']={forced!r} names an MLA form, which needs W_UK / W_UV: not applied"
+        return decision
     if forced != "auto":
         return _forced(region, "sparse_absorbed" if forced == "sparse" else forced)
     args = _plan_args(region, _device_for(device, example_device))

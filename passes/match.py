@@ -159,8 +159,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def _only_users(n: fx.Node, allowed: set[fx.Node], what: str) -> None:
     extra = [u for u in n.users if u not in allowed]
-    if extra and all(u.op == "output" for u in extra) and any(_is_fn(u, F.softmax, torch.softmax)
-                                                             or _is_method(u, "softmax") for u in _upstream(n, 3)):
+    if extra and all(u.op == "output" for u in extra) and _is_probabilities(n):
         # HF's eager attention returns its probabilities. They leave the graph when the user asks
         # for them (output_attentions), or when Dynamo ended the graph inside the layer, before the
         # caller drops them (continuous batching's cache update does that).
@@ -171,14 +170,17 @@ def _only_users(n: fx.Node, allowed: set[fx.Node], what: str) -> None:
         raise NoMatch(f"{what} is also used by {', '.join(u.name for u in extra)} outside the attention core")
 
 
-def _upstream(n: fx.Node, depth: int) -> list[fx.Node]:
-    """n and the nodes that feed it as first argument, up to `depth` steps back."""
-    out = [n]
-    while depth and n.args and isinstance(n.args[0], fx.Node):
-        n = n.args[0]
-        out.append(n)
-        depth -= 1
-    return out
+def _is_probabilities(n: fx.Node) -> bool:
+    """n is a softmax, or one reached from it through dropout, a cast or a sink column's slice."""
+    for _ in range(4):
+        if _is_fn(n, F.softmax, torch.softmax) or _is_method(n, "softmax"):
+            return True
+        if not (_is_fn(n, F.dropout, operator.getitem) or _is_method(n, "to", "type", "type_as")):
+            return False
+        n = _self(n)
+        if not isinstance(n, fx.Node):
+            return False
+    return False
 
 
 def _shape_reads(x: fx.Node, consumers: set[fx.Node]) -> list[fx.Node]:
@@ -761,7 +763,7 @@ def _plain_reason(core: "_Core | None", e: NoMatch, n: fx.Node, kind: str) -> st
     if core is not None and shares_one_head(core):
         return f"attention over one shared key/value head (latent MQA), not taken: {e}"
     latent_values = False
-    v = core.v if core is not None else (n.args[1] if kind == "eager" else (n.args[2] if len(n.args) > 2 else None))
+    v = core.v if core is not None else (n.args[1] if kind == "eager" else _arg(n, 1, "value"))
     if isinstance(v, fx.Node):
         try:
             _expansion_of_value(v)

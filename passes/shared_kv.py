@@ -21,7 +21,7 @@ from typing import Any
 import torch.fx as fx
 
 from mla_compile.passes.match import (NoMatch, Region, _Core, _is_fn, _is_method, _only_users, _same, _self, _shape,
-                                      _val, module_of)
+                                      _static, _val, module_of)
 
 
 def _repeat_source(x: Any) -> tuple[fx.Node, list[fx.Node]] | None:
@@ -64,14 +64,20 @@ def match_shared_kv(core: _Core) -> Region:
         rb, rh, rt, rd = _shape(rep, what, 4)
         if not (_same(rb, B) and _same(rh, H) and _same(rt, T) and _same(rd, D)):
             raise NoMatch(f"{what} is {[rb, rh, rt, rd]}, not the shared head repeated to [B, H={H}, T, D]")
+    out = _val(core.output)
+    if out is None or out.dim() != 4 or not all(_same(a, b) for a, b in zip(out.shape, (B, H, S, D))):
+        raise NoMatch(f"the attention's output is {list(out.shape) if out is not None else '?'}, not [B, H, S, D]")
     if core.mask is not None:
         mv = _val(core.mask)
-        if mv is None or (mv.dim() >= 3 and not _same(mv.shape[-3], 1)):
-            raise NoMatch("the mask has a per-head dimension (the shared head's kernel reads one mask row a query)")
+        if mv is None or mv.dim() > 4 or (mv.dim() >= 3 and not _same(mv.shape[-3], 1)):
+            raise NoMatch("the mask has a per-head dimension or more than four (the shared head's kernel reads "
+                          "one mask row a query)")
+        if mv.requires_grad:
+            raise NoMatch("the mask requires a gradient (a learned bias), which the op does not give")
     for n in k_nodes + v_nodes:
         _only_users(n, set(core.nodes) | set(k_nodes) | set(v_nodes), f"the repeated key/value {n.name}")
-    scale = core.scale if core.scale is not None else float(D) ** -0.5   # SDPA's default
-    out = _val(core.output)
+    _unwritten_until_output(core, kv, k_nodes + v_nodes)
+    scale = core.scale if core.scale is not None else float(_static(D, "the head width")) ** -0.5  # SDPA's default
     module, family = module_of(core.output)
     return Region(
         module=module, family=family, core=core.kind, output=core.output, query=core.q, q_nope=None, q_rope=None,
@@ -80,3 +86,19 @@ def match_shared_kv(core: _Core) -> Region:
         dims=dict(B=B, H=H, S=S, T=T, r=D, dr=0, dn=D, dv=D, k=None), dtype=out.dtype if out is not None else None,
         dead=[n for n in core.nodes + k_nodes + v_nodes if isinstance(n, fx.Node)], sinks=core.sinks, shared_kv=True,
     )
+
+
+def _unwritten_until_output(core: _Core, kv: fx.Node, repeats: list[fx.Node]) -> None:
+    """The op runs where the core's output was: each tensor it reads (Q, kv, the mask, the sinks)
+    must hold, there, what the core's first read of it saw. HF's repeat of one head is a view, so a
+    write to kv between the scores and P @ V would reach V but not the scores."""
+    from mla_compile.passes.contraction import _position, _root, _unwritten
+
+    pos = _position(core.output.graph)
+    inside = set(core.nodes) | set(repeats)
+    for node in (core.q, kv, core.mask, core.sinks):
+        if not isinstance(node, fx.Node):
+            continue
+        first_read = min((pos[u] for u in node.users if u in inside), default=pos[core.output])
+        if not _unwritten(_root(node), first_read, pos[core.output], pos):
+            raise NoMatch(f"{node.name} is written in place between its reads and the attention's output")

@@ -96,6 +96,7 @@ def test_latent_mqa_op_gradients_match_autograd_through_hf_math():
     (dict(mask=torch.zeros(2, 4, 1, 9)), ValueError, "mask: shape"),
     (dict(mask=torch.zeros(4, 1, 9)), ValueError, "mask: shape"),
     (dict(q=torch.randn(2, 4, 1, 32).to(torch.int32)), TypeError, "q: expected a floating dtype"),
+    (dict(kv=torch.randn(2, 1, 9, 32).double()), TypeError, "kv: dtype torch.float64 differs"),
 ])
 def test_bad_latent_mqa_inputs_are_named(bad, error, match):
     q, kv, sinks = make(2, 4, 1, 9, 32, seed=3)
@@ -158,3 +159,70 @@ def test_latent_mqa_on_cuda_at_v4_sizes_bf16(S):
     got = torch.ops.mla.latent_mqa(q, kv, mask, D ** -0.5, False, sinks)
     want = hf_shared_kv_attention(q.cpu(), kv.cpu(), mask.cpu(), D ** -0.5, sinks.cpu())
     assert rel_err(got.cpu(), want) < 2e-2
+
+
+class _SharedHeadAttention(torch.nn.Module):
+    """Plain attention over one shared head as HF writes it, with a variant that breaks one step."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.sinks = torch.nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(40)))
+
+    @staticmethod
+    def repeat(x, heads):
+        B, G, T, D = x.shape
+        return x[:, :, None, :, :].expand(B, G, heads, T, D).reshape(B, G * heads, T, D)
+
+    def forward(self, q, kv, mask):
+        H = q.shape[1] // kv.shape[1]
+        if self.variant == "other_slice":     # K and V from two halves of one tensor: not one head
+            D = q.shape[-1]
+            k, v = self.repeat(kv[..., :D], H), self.repeat(kv[..., D:], H)
+        else:
+            k, v = self.repeat(kv, H), self.repeat(kv, H)
+        scores = torch.matmul(q, k.transpose(2, 3)) * SCALE + mask
+        if self.variant == "written_between":
+            kv.mul_(2.0)          # V (a view of kv) changes after the scores were taken
+        logits = torch.cat([scores, self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], -1)], -1)
+        p = torch.softmax(logits, dim=-1)[..., :-1]
+        return torch.matmul(p, v)
+
+
+@pytest.mark.parametrize("variant,rewritten,why", [
+    ("as_hf", True, None),
+    ("written_between", False, "written in place"),
+    ("other_slice", False, None),
+    ("two_heads", False, "2 heads"),
+])
+def test_shared_head_matcher_takes_only_exact_regions(variant, rewritten, why):
+    """A region is rewritten only where K and V are one head repeated and nothing changes it between
+    the scores and P @ V; a near miss runs as written, equal to eager, with a reason."""
+    B, S, T, D = 2, 3, 6, 8
+    g = torch.Generator().manual_seed(41)
+    heads = 2 if variant == "two_heads" else 1
+    q = torch.randn(B, 4, S, D, generator=g)
+    kv = torch.randn(B, heads, T, 2 * D if variant == "other_slice" else D, generator=g)
+    mask = window_mask(B, S, T, "float")
+    module = _SharedHeadAttention(variant)
+    with torch.no_grad():
+        want = module(q, kv.clone(), mask)
+        got = torch.compile(module, backend="mla", options={"remainder": "eager"})(q, kv.clone(), mask)
+    assert rel_err(got, want) < 1e-5
+    log = mla_compile.rewrite_log()
+    assert [r.status for r in log] == (["rewritten"] if rewritten else ["skipped"]), mla_compile.format_rewrite_log()
+    if why:
+        assert why in log[0].reason, mla_compile.format_rewrite_log()
+
+
+def test_latent_mqa_kernel_takes_strided_views():
+    """V4's q reaches attention as a transposed view, kv as a slice of a wider buffer, the mask expanded."""
+    B, H, S, T, D = 2, 4, 3, 10, 16
+    g = torch.Generator().manual_seed(42)
+    q = torch.randn(B, S, H, D, generator=g).transpose(1, 2)
+    kv = torch.randn(B, 1, T + 5, 2 * D, generator=g)[:, :, 2:T + 2, :D]
+    mask = window_mask(2, S, T, "float")[:1].expand(B, 1, S, T)
+    sinks = torch.randn(H, generator=g)
+    want = hf_shared_kv_attention(q, kv, mask, SCALE, sinks)
+    for impl in (latent_mqa_reference, latent_mqa_kernel):
+        assert rel_err(impl(q, kv, mask, SCALE, False, sinks), want) < 1e-5

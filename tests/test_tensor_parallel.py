@@ -50,6 +50,8 @@ def test_sharded_model_gives_the_unsharded_eager_answer(tmp_path, family, form):
         assert rel_err(torch.tensor(got["logits"]), want_logits) < 1e-4, f"rank {rank}"
         rewritten = [r for r in got["log"] if r["status"] == "rewritten"]
         assert rewritten and all(r["heads"] == heads // RANKS for r in rewritten), got["log"]
+        assert {r["module"] for r in rewritten} == {f"model.layers.{i}.self_attn" for i in range(2)}, got["log"]
+        assert not [r for r in got["log"] if r["status"] != "rewritten"], got["log"]
         if form != "auto":
             assert {r["form"] for r in rewritten} == {form}, got["log"]
         assert all(g["after"] == g["before"] for g in got["graphs"]), got["graphs"]

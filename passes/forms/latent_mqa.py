@@ -34,6 +34,8 @@ def check_latent_mqa(q, kv, mask, sinks) -> tuple[int, int, int, int, int]:
             raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}: expected a floating dtype {FLOAT_DTYPES}, got {t.dtype}")
+    if kv.dtype != q.dtype:
+        raise TypeError(f"kv: dtype {kv.dtype} differs from q's {q.dtype}")
     if q.dim() != 4:
         raise ValueError(f"q: expected [B, H, S, D], got {tuple(q.shape)}")
     B, H, S, D = q.shape
@@ -49,7 +51,7 @@ def check_latent_mqa(q, kv, mask, sinks) -> tuple[int, int, int, int, int]:
             raise TypeError(f"mask: expected a tensor or None, got {type(mask).__name__}")
         if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
             raise TypeError(f"mask: expected bool (True = attend) or a float additive mask, got {mask.dtype}")
-        if not _broadcasts(tuple(mask.shape), (B, 1, S, T)) or (mask.dim() >= 3 and mask.shape[-3] != 1):
+        if mask.dim() > 4 or not _broadcasts(tuple(mask.shape), (B, 1, S, T)) or (mask.dim() >= 3 and mask.shape[-3] != 1):
             raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to [B={B}, 1, S={S}, T={T}]")
         devices.add(mask.device)
     if sinks is not None:
