@@ -84,7 +84,7 @@ def decide(region: Region, forced: str = "auto", device: str | None = None,
     if forced not in FORCED_CHOICES:
         raise ValueError(f"options['form']: unknown form {forced!r}; expected one of {FORCED_CHOICES}")
     if region.shared_kv:
-        decision = _shared_kv_decision(region)
+        decision = _shared_kv_decision(region, _device_for(device, example_device))
         if forced != "auto":
             decision.reason += f"; options['form']={forced!r} names an MLA form, which needs W_UK / W_UV: not applied"
         return decision
@@ -124,11 +124,25 @@ def _forced(region: Region, forced: str) -> Decision:
     return Decision(forced, f"forced by options['form']={forced!r}")
 
 
-def _shared_kv_decision(region: Region) -> Decision:
-    """Latent MQA has one form: HF's alternative repeats the shared head to every query head and reads
-    each copy, the same FLOPs and H times the key/value bytes, so no size makes it cheaper and the
-    cost model is not asked. A forced form names the MLA forms, which need W_UK / W_UV: it is not
-    applied here."""
-    H = region.dims["H"]
-    return Decision("latent_mqa", f"one key/value head shared by all {H} query heads (K = V): attended once over "
-                                  f"it, where HF reads a copy per head (same FLOPs, 1/{H} of the key/value bytes)")
+def _shared_kv_decision(region: Region, device) -> Decision:
+    """Latent MQA has one form. HF's alternative repeats the shared head to every query head and
+    reads each copy: the same FLOPs and H times the key/value bytes, so no size makes it cheaper. The
+    cost model (`cost/shared_kv.py`) prices both for the log. A forced form names the MLA forms, which
+    need W_UK / W_UV: it is not applied here."""
+    from mla_compile.cost.plan import _resolve_device
+    from mla_compile.cost.shared_kv import shared_kv_costs
+
+    d = region.dims
+    dev = _resolve_device(device)
+    flags = plan_flags(region)
+    costs = shared_kv_costs(dict(B=d["B"], H=d["H"], S=d["S"], T=d["T"], D=d["r"]), dev,
+                            region.dtype or torch.float32, **flags)
+    H = d["H"]
+    why = (f"one key/value head shared by all {H} query heads (K = V): attended once over it, where HF reads a "
+           f"copy per head (same FLOPs, 1/{H} of the key/value bytes)")
+    seconds = {form: t for form, (_, t) in costs.items() if t is not None}
+    if len(seconds) == len(costs):
+        why += (f"; latent_mqa {format_seconds(seconds['latent_mqa'])} vs as written "
+                f"{format_seconds(seconds['as_written'])} predicted on {dev.name}")
+    return Decision("latent_mqa", why, costs=seconds, expressions={f: str(x) for f, (x, _) in costs.items()},
+                    device={"name": dev.name})
