@@ -111,12 +111,14 @@ def _rewritten(log):
     return [r for r in log if r.status == "rewritten"]
 
 
-def test_every_v4_layer_type_is_rewritten_and_equal_to_eager():
-    """Prefill of a padded batch: the sliding, CSA and HCA layers all become mla.latent_mqa."""
-    model = tiny_deepseek_v4(seed=4)
+@pytest.mark.parametrize("index_topk", [16, 2])
+def test_every_v4_layer_type_is_rewritten_and_equal_to_eager(index_topk):
+    """Prefill of a padded batch: the sliding, CSA and HCA layers all become mla.latent_mqa, with the
+    CSA indexer selecting every compressed entry (16) or two of the six (2: its block_bias masks the rest)."""
+    model = tiny_deepseek_v4(seed=4, index_topk=index_topk)
     g = torch.Generator().manual_seed(5)
-    ids = torch.randint(3, model.config.vocab_size, (2, 20), generator=g)
-    mask = torch.ones(2, 20, dtype=torch.long)
+    ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=g)
+    mask = torch.ones(2, 24, dtype=torch.long)
     mask[1, :4] = 0
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
