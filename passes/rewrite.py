@@ -97,15 +97,20 @@ def rewrite(gm: fx.GraphModule, region: Region, form: str, dense_mask: str = "fu
             mask = base_mask if (region.is_sparse and dense_mask == "base") else mask
             new = g.call_function(op_for(form), head + (mask, region.scale, region.is_causal, _filled(g, region))
                                   + sinks)
-    out_val = region.output.meta.get("example_value")
     if layout.get("output") is not None and tuple(layout["output"]) != tuple(range(4)):
         with g.inserting_before(region.output):
             inserted.append(new)
             new = g.call_method("permute", (new, *layout["output"]))
+    return _install(g, region, new, inserted)
+
+
+def _install(g: fx.Graph, region: Region, new: fx.Node, inserted: list[fx.Node]) -> fx.Node:
+    """`new` takes the core output's place (its users, its module and example value); the region's old
+    nodes go."""
     for n in inserted + [new]:
         n.meta["nn_module_stack"] = region.output.meta.get("nn_module_stack", {})
-    if out_val is not None:
-        new.meta["example_value"] = out_val
+    if region.output.meta.get("example_value") is not None:
+        new.meta["example_value"] = region.output.meta["example_value"]
     region.output.replace_all_uses_with(new)
     _erase_dead(g, region.dead)
     return new
@@ -117,12 +122,7 @@ def _rewrite_shared_kv(g: fx.Graph, region: Region) -> fx.Node:
     with g.inserting_before(region.output):
         new = g.call_function(torch.ops.mla.latent_mqa.default,
                               (region.query, region.latent, region.mask, region.scale, region.is_causal) + sinks)
-    new.meta["nn_module_stack"] = region.output.meta.get("nn_module_stack", {})
-    if region.output.meta.get("example_value") is not None:
-        new.meta["example_value"] = region.output.meta["example_value"]
-    region.output.replace_all_uses_with(new)
-    _erase_dead(g, region.dead)
-    return new
+    return _install(g, region, new, [])
 
 
 def _indices_bsk(g: fx.Graph, idx: fx.Node, roles: str, q_nope: fx.Node, d: dict, inserted: list) -> fx.Node:

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from mla_compile.kernels.common import FLOAT_DTYPES, _broadcasts
+from mla_compile.kernels.common import FLOAT_DTYPES, Dims, _broadcasts, check_sinks
 from mla_compile.kernels.registry import kernel_for
 from mla_compile.passes.forms.absorbed import masked_scores
 from mla_compile.passes.forms.common import as_tokens, compute_dtype, head_sinks, softmax_rows
@@ -54,14 +54,9 @@ def check_latent_mqa(q, kv, mask, sinks) -> tuple[int, int, int, int, int]:
         if mask.dim() > 4 or not _broadcasts(tuple(mask.shape), (B, 1, S, T)) or (mask.dim() >= 3 and mask.shape[-3] != 1):
             raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to [B={B}, 1, S={S}, T={T}]")
         devices.add(mask.device)
-    if sinks is not None:
-        if not isinstance(sinks, torch.Tensor) or sinks.dtype not in FLOAT_DTYPES:
-            raise TypeError("sinks: expected a floating [H] tensor or None")
-        if tuple(sinks.shape) != (H,):
-            raise ValueError(f"sinks: expected one logit per head, shape [H={H}], got {tuple(sinks.shape)}")
-        devices.add(sinks.device)
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    check_sinks(sinks, Dims(B, H, S, T, D, 0, D, D, q.device))
     return B, H, S, T, D
 
 
