@@ -32,7 +32,8 @@ top-k selection of nothing), H = 0 and r = 0 are errors naming the argument.
 Launching: the forms are `torch.library.triton_op`s. When AOTAutograd traces one for Inductor, its
 body runs on fake/functional tensors, and each launch must become a `triton_kernel_wrapper` node that
 Inductor compiles as its own user-defined kernel (`launcher` gives `wrap_triton(kernel)` then). On
-real tensors the kernel is launched as is: wrap_triton's dispatch would only add host time.
+real tensors the kernel's compiled binary is launched directly (`kernels.launch`): wrap_triton's
+dispatch, and the JIT's argument binding at every call, would only add host time.
 """
 
 from __future__ import annotations
@@ -213,7 +214,13 @@ class _Interpreted:
 
 
 def launcher(kernel, like: torch.Tensor):
-    """`kernel`, or its traceable wrapper when `like` is a tracer's stand-in; index it with the grid."""
+    """`kernel` as launched for tensors like `like`, indexed with the grid: its traceable wrapper for a
+    tracer's stand-in, the interpreter's run on the CPU, else the compiled binary called directly
+    (`kernels.launch`: the JIT's per-call binding done once per specialisation)."""
     if is_traced(like):
         return torch.library.wrap_triton(kernel)
-    return _Interpreted(kernel) if INTERPRETED else kernel
+    if INTERPRETED:
+        return _Interpreted(kernel)
+    from mla_compile.kernels import launch   # imports Triton: not at import time (see kernels.registry)
+
+    return launch.direct(kernel)

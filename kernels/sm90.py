@@ -101,7 +101,7 @@ def launch_split(kernel, grid, q_lat, q_rope, c, kr, mask, mask_strides, kv_lens
     kv_lens int32 [B] or None; with one split it writes `out` [B, H, 1, r], else o_part [B, P, H, r]
     fp32 and ml [B, P, H, 2] fp32, each split's row max m and sum l (what `merge_splits` takes)."""
     ensure_allocator()
-    kernel[grid](
+    common.launcher(kernel, q_lat)[grid](
         q_lat, q_rope, c, kr, mask if mask is not None else c, kv_lens if kv_lens is not None else c,
         out, o_part, ml, float(scale), q_lat.shape[1], c.shape[1], chunk, splits,
         q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
