@@ -37,6 +37,11 @@ Per row (model, batch B, prompt length P, system), greedy, --new-tokens N tokens
                    compile (torch._dynamo.reset()), as a process serving those shapes would, so no row
                    runs graphs made dynamic by an earlier row's shapes (Inductor's on-disk caches may
                    shorten it on a machine that compiled the same graphs before)
+  of which our passes s, Inductor compile s
+                   the mla systems' first call: the seconds in our passes (matching, cost model, rewrite)
+                   and in Inductor's compile of the rewritten graphs (`mla_compile.compile_times()`); the
+                   rest of the first call is Dynamo's tracing, the first run's Triton compiles and
+                   autotuning, CUDA-graph recording and the run itself
   peak GiB         torch.cuda.max_memory_allocated over the row's calls
   GPU ms/step      torch.profiler (CUDA activity only) over --profile-steps decode steps of a third
                    call: the summed duration of kernels, copies and memsets per step
@@ -457,6 +462,7 @@ def run_row(model, system, B, P, args, device, ref, floor):
     model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
     common.sync(device)
     row["first_call_s"] = round(time.perf_counter() - t0, 2)
+    row.update(compile_split(system))
     if args.assist:
         return assisted_row(model, system, ids, kw, args, device, ref, row)
     out, clock, t0 = timed_generate(model, ids, kw, device)
@@ -502,6 +508,22 @@ def run_row(model, system, B, P, args, device, ref, floor):
     return row, None
 
 
+def compile_split(system: str) -> dict:
+    """For the mla systems: the first call's seconds in our passes and in Inductor's compile of the
+    rewritten graphs (`mla_compile.compile_times()`, reset when the row starts); the rest of the first
+    call is Dynamo's tracing, the first run's Triton compiles and autotuning, and CUDA-graph recording."""
+    import mla_compile
+
+    times = mla_compile.compile_times() if system.startswith("mla") else []
+    if not times:
+        return {}
+    split = {"passes_s": round(sum(t.match_s + t.decide_s + t.rewrite_s for t in times), 2)}
+    inductor = [t.inductor_s for t in times if t.inductor_s is not None]
+    if inductor:
+        split["inductor_s"] = round(sum(inductor), 2)
+    return split
+
+
 def assisted_row(model, system, ids, kw, args, device, ref, row):
     """--assist: ms per generated token over whole generate() calls and the tokens against hf-eager's
     assisted generation (a draft block is verified per forward, so there is no per-step clock, logits
@@ -532,7 +554,8 @@ def relative_max_diff(got: torch.Tensor, want: torch.Tensor) -> float:
 COLUMNS = [("model", "model"), ("layers", "layers"), ("batch", "B"), ("prompt", "prompt"), ("system", "system"),
            ("decode_ms", "decode ms/token"), ("synced_step_ms", "synced step ms"), ("tok_s", "tokens/s"),
            ("x_eager", "x hf-eager"),
-           ("prefill_ms", "prefill ms"), ("first_call_s", "first call s"), ("peak_gib", "peak GiB"),
+           ("prefill_ms", "prefill ms"), ("first_call_s", "first call s"), ("passes_s", "of which our passes s"),
+           ("inductor_s", "of which Inductor compile s"), ("peak_gib", "peak GiB"),
            ("gpu_ms", "GPU ms/step"), ("wall_ms", "wall ms/step (profiled)"), ("floor_ms", "floor ms"),
            ("floor_pct", "floor / decode"), ("attn_share", "attention share of GPU time"),
            ("prefill_logits_diff", "prefill logits diff"),

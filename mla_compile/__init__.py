@@ -6,9 +6,9 @@
 """
 
 from mla_compile import _layout  # noqa: F401  (maps passes/ and kernels/ in a source checkout)
-from mla_compile.rewrite_log import format_rewrite_log, rewrite_log
+from mla_compile.rewrite_log import compile_times, format_rewrite_log, rewrite_log
 
-__all__ = ["compile_generate", "export_mlir", "format_rewrite_log", "plan", "reset", "rewrite_log"]
+__all__ = ["compile_generate", "compile_times", "export_mlir", "format_rewrite_log", "plan", "reset", "rewrite_log"]
 __version__ = "0.1.0"
 
 

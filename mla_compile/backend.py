@@ -15,13 +15,14 @@ import copy
 import itertools
 import logging
 import os
+import time
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from mla_compile.rewrite_log import RewriteRecord, record
+from mla_compile.rewrite_log import CompileTimes, RewriteRecord, record, record_compile
 
 log = logging.getLogger("mla_compile")
 
@@ -111,14 +112,20 @@ def _shapes_for_log(dims: dict) -> dict:
     return out
 
 
-def rewrite_graph(gm: fx.GraphModule, opts: Options, graph_id: int) -> list[RewriteRecord]:
-    """Find, decide and rewrite every MLA region of gm in place; return the log records."""
+def rewrite_graph(gm: fx.GraphModule, opts: Options, graph_id: int,
+                  times: CompileTimes | None = None) -> list[RewriteRecord]:
+    """Find, decide and rewrite every MLA region of gm in place; return the log records. `times`, if
+    given, gets the seconds each pass took."""
     from mla_compile.passes.choose import decide, plan_flags
     from mla_compile.passes.dispatch import register
     from mla_compile.passes.match import find_regions
     from mla_compile.passes.rewrite import rewrite
 
+    times = times if times is not None else CompileTimes(graph_id, 0, 0.0, 0.0, 0.0)
+    start = time.perf_counter()
     regions, misses = find_regions(gm)
+    times.regions = len(regions) + len(misses)
+    times.match_s = time.perf_counter() - start
     example_device = next((v.device for n in gm.graph.nodes if n.op == "placeholder"
                            for v in [n.meta.get("example_value")] if isinstance(v, torch.Tensor)), None)
     records = []
@@ -129,9 +136,13 @@ def rewrite_graph(gm: fx.GraphModule, opts: Options, graph_id: int) -> list[Rewr
     for region in regions:
         before = set(gm.graph.nodes)
         try:
+            start = time.perf_counter()
             decision = decide(region, opts.form, device=opts.device, example_device=example_device)
+            times.decide_s += time.perf_counter() - start
+            start = time.perf_counter()
             plan_id = register(decision.chooser) if decision.form == "auto" else None
             rewrite(gm, region, decision.form, dense_mask=decision.dense_mask, plan_id=plan_id)
+            times.rewrite_s += time.perf_counter() - start
         except Exception as e:  # noqa: BLE001 - no exception of ours escapes the backend
             for n in reversed([n for n in gm.graph.nodes if n not in before]):
                 if not n.users:                      # what the failed rewrite inserted
@@ -150,8 +161,10 @@ def rewrite_graph(gm: fx.GraphModule, opts: Options, graph_id: int) -> list[Rewr
             graph=graph_id, flags=plan_flags(region),
             runs=decision.chooser.counts if decision.form == "auto" else {}))
     if regions:
+        start = time.perf_counter()
         gm.graph.lint()
         gm.recompile()
+        times.rewrite_s += time.perf_counter() - start
     return records
 
 
@@ -176,7 +189,8 @@ def mla_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | N
     opts = Options.parse(options)
     graph_id = next(_GRAPH_IDS)
     original = copy.deepcopy(gm) if opts.verify else None
-    for rec in rewrite_graph(gm, opts, graph_id):
+    times = CompileTimes(graph_id, 0, 0.0, 0.0, 0.0)
+    for rec in rewrite_graph(gm, opts, graph_id, times):
         record(rec, opts.log)
     if opts.remainder == "eager":
         compiled = gm.forward
@@ -188,7 +202,10 @@ def mla_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | N
         patches = {"triton.cudagraphs": True} if mode in ("reduce-overhead", "max-autotune") else {}
         if mode == "max-autotune":
             patches.update({"max_autotune": True})
+        start = time.perf_counter()
         compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        times.inductor_s = time.perf_counter() - start
+    record_compile(times)
     if original is not None:
         from mla_compile.verify import verified
 

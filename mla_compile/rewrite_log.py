@@ -3,6 +3,12 @@
 Records accumulate since import or since `reset()`; `rewrite_log()` returns them, `format_rewrite_log()`
 renders a table, MLA_COMPILE_LOG=path.jsonl (or `options={"log": path}`) appends them as JSON lines,
 and each record also goes to the `mla_compile` Python logger (and so to TORCH_LOGS="+mla_compile").
+
+Beside them, one `CompileTimes` per graph the backend compiled: where its part of the compile time
+went (finding the regions, the cost model's decisions, the rewrite, Inductor's compile of the
+rewritten graph). `compile_times()` returns them and the table ends with them. Dynamo's tracing
+happens before the backend is called, and Triton's compiles and autotuning of a graph's kernels
+during its first run, so neither is in them: a first call's time minus these is theirs.
 """
 
 from __future__ import annotations
@@ -42,6 +48,39 @@ class RewriteRecord:
         return asdict(self)
 
 
+@dataclass
+class CompileTimes:
+    graph: int                       # the backend's counter, as in RewriteRecord.graph
+    regions: int                     # MLA regions found in it (rewritten or left alone)
+    match_s: float                   # finding the regions and the near misses
+    decide_s: float                  # the cost model's decisions
+    rewrite_s: float                 # rewriting the regions and re-checking the graph
+    inductor_s: float | None = None  # Inductor's compile of the rewritten graph (None: remainder="eager")
+
+    def describe(self) -> str:
+        ours = self.match_s + self.decide_s + self.rewrite_s
+        text = (f"graph {self.graph}: {self.regions} region(s), our passes {ours:.2f} s (matching {self.match_s:.2f}, "
+                f"cost model {self.decide_s:.2f}, rewrite {self.rewrite_s:.2f})")
+        if self.inductor_s is not None:
+            text += f", Inductor {self.inductor_s:.2f} s"
+        return text
+
+
+_COMPILES: list[CompileTimes] = []
+
+
+def record_compile(times: CompileTimes) -> None:
+    with _LOCK:
+        _COMPILES.append(times)
+    logger.info("compile time of %s", times.describe())
+
+
+def compile_times() -> list[CompileTimes]:
+    """One entry per graph compiled since import or since `reset()`, oldest first."""
+    with _LOCK:
+        return list(_COMPILES)
+
+
 def record(rec: RewriteRecord, log_path: str | None = None) -> None:
     with _LOCK:
         _RECORDS.append(rec)
@@ -76,9 +115,10 @@ def rewrite_log() -> list[RewriteRecord]:
 
 
 def reset() -> None:
-    """Forget the records (compiled graphs and their plans are unaffected)."""
+    """Forget the records and compile times (compiled graphs and their plans are unaffected)."""
     with _LOCK:
         _RECORDS.clear()
+        _COMPILES.clear()
 
 
 def format_seconds(seconds: float) -> str:
@@ -88,8 +128,9 @@ def format_seconds(seconds: float) -> str:
 
 def format_rewrite_log(records: list[RewriteRecord] | None = None) -> str:
     """A table of one row per region and graph (module, family, status, form, shapes, the reason),
-    then each distinct run-time crossover once. The predicted costs are in the reasons of static
-    decisions; every field, expressions included, is in the records (`--json`, the JSON-lines log)."""
+    then each distinct run-time crossover once, then the compile times of the graphs in the table.
+    The predicted costs are in the reasons of static decisions; every field, expressions included, is
+    in the records (`--json`, the JSON-lines log)."""
     recs = rewrite_log() if records is None else records
     if not recs:
         return "mla_compile: no MLA attention region has been compiled yet"
@@ -114,4 +155,9 @@ def format_rewrite_log(records: list[RewriteRecord] | None = None) -> str:
     for text, where in crossovers.items():
         graphs = ", ".join(sorted({str(r.graph) for r in where}))
         lines += ["", f"crossover (graph {graphs}, {len(where)} region(s)):", "  " + text.replace("\n", "\n  ")]
+    shown = {r.graph for r in recs}
+    times = [t for t in compile_times() if t.graph in shown]
+    if times:
+        lines += ["", "compile time (Dynamo's tracing and the first run's kernel compiles come on top):"]
+        lines += ["  " + t.describe() for t in times]
     return "\n".join(lines)

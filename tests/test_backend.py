@@ -119,6 +119,25 @@ def test_a_model_without_mla_says_so_per_attention_module():
         mla_compile.format_rewrite_log()
 
 
+def test_compile_times_per_graph_in_the_log():
+    """Each compiled graph's share of the compile time: its regions counted as the log lists them,
+    the passes timed, no Inductor time with the eager remainder; the table ends with them; reset
+    forgets them."""
+    model = tiny_model("deepseek_v3", layers=2, seed=3)
+    twin = compiled_twin(model)
+    twin(torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(4)))
+    recs = mla_compile.rewrite_log()
+    times = {t.graph: t for t in mla_compile.compile_times()}
+    assert recs and {r.graph for r in recs} <= set(times)
+    for g in {r.graph for r in recs}:
+        t = times[g]
+        assert t.regions == sum(r.graph == g for r in recs) == 2
+        assert t.match_s > 0 and t.decide_s > 0 and t.rewrite_s > 0 and t.inductor_s is None
+        assert f"graph {g}: 2 region(s), our passes" in mla_compile.format_rewrite_log()
+    mla_compile.reset()
+    assert mla_compile.compile_times() == []
+
+
 def test_reset_restarts_the_graph_numbering():
     ids = torch.randint(3, 100, (1, 4), generator=torch.Generator().manual_seed(1))
     first = compiled_twin(tiny_model("deepseek_v3", layers=1))
@@ -218,6 +237,9 @@ def test_inductor_end_to_end_generate():
         got = twin.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     assert torch.equal(got, want)
     assert {r.status for r in mla_compile.rewrite_log()} == {"rewritten"}
+    graphs = {r.graph for r in mla_compile.rewrite_log()}
+    inductor = {t.graph: t.inductor_s for t in mla_compile.compile_times()}
+    assert all(inductor[g] is not None and inductor[g] > 0 for g in graphs), inductor
 
 
 @pytest.mark.slow

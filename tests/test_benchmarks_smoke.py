@@ -36,3 +36,5 @@ def test_e2e_smoke(tmp_path):
         assert float(decode_diff) <= 1e-4 and sequences == "(1/1)", mla
         assert float(mla["token_agreement"]) == 1.0, mla
         assert mla["forms"], f"the {system} row names no form: the backend rewrote nothing"
+        # the first call's split: our passes took time, and less than the whole first call
+        assert 0 < float(mla["passes_s"]) < float(mla["first_call_s"]), mla
