@@ -56,6 +56,9 @@ class CompileTimes:
     decide_s: float                  # the cost model's decisions
     rewrite_s: float                 # rewriting the regions and re-checking the graph
     inductor_s: float | None = None  # Inductor's compile of the rewritten graph (None: remainder="eager")
+    # the first decode step over a cache that grows by concatenation: Inductor's compile waits for the
+    # graph's second call, which a generate() loop never makes (see backend.first_step_of_growing_cache)
+    deferred: bool = False
 
     def describe(self) -> str:
         ours = self.match_s + self.decide_s + self.rewrite_s
@@ -63,6 +66,11 @@ class CompileTimes:
                 f"cost model {self.decide_s:.2f}, rewrite {self.rewrite_s:.2f})")
         if self.inductor_s is not None:
             text += f", Inductor {self.inductor_s:.2f} s"
+            if self.deferred:
+                text += " at its second call"
+        elif self.deferred:
+            text += (", Inductor deferred to its second call (the first decode step over a cache that grows by "
+                     "concatenation: the next step is traced again with a dynamic length)")
         return text
 
 
