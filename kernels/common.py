@@ -14,7 +14,8 @@ and take the same arguments, so the backend can swap one for another:
     k_rope  [B, 1, T, dr] or [B, T, dr]    the cached shared RoPE key (kp)
     w_uk    [H, dn, r]      kv_b_proj.weight viewed per head, key half
     w_uv    [H, dv, r]      kv_b_proj.weight viewed per head, value half
-    mask    None, bool (True = attend) or additive float, broadcastable to [B, 1, S, T]
+    mask    None, bool (True = attend) or additive float, broadcastable to [B, 1, S, T], at most
+            4-D and 1 at the head axis (dim -3) where it has one (`check_mask`)
     scale   softmax scale
     is_causal  torch SDPA's meaning: query i sees keys j <= i (top-left aligned), used only when
                HF handed SDPA no mask
@@ -111,19 +112,43 @@ def check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask) -> Dims:
     if w_uv.dim() != 3 or w_uv.shape[0] != H or w_uv.shape[2] != r:
         raise ValueError(f"w_uv: expected [H={H}, dv, r={r}], got {tuple(w_uv.shape)}")
     devices = {t.device for t in (q_nope, q_rope, latent, k_rope, w_uk, w_uv)}
+    check_mask(mask, B, S, T)
     if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask: expected a tensor or None, got {type(mask).__name__}")
-        if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"mask: expected bool (True = attend) or a float additive mask, got {mask.dtype}")
-        if not _broadcasts(tuple(mask.shape), (B, 1, S, T)):
-            raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to [B={B}, 1, S={S}, T={T}]")
-        if mask.dim() == 4 and mask.shape[1] not in (1,):
-            raise ValueError(f"mask: per-head masks are not supported (dim 1 is {mask.shape[1]}, expected 1)")
         devices.add(mask.device)
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
     return Dims(B, H, S, T, r, dr, dn, w_uv.shape[1], next(iter(devices)))
+
+
+def check_mask(mask, B, S: int, T: int) -> None:
+    """The mask every form and latent MQA take: None, or a bool (True = attend) or additive float tensor
+    that one [B, 1, S, T] view reads the same way in the kernels and in the references:
+
+    * at most 4 dims;
+    * no head axis: scores are [B, H, S, T], and torch (the references, HF's eager, SDPA) aligns a
+      mask with them from the right, so dim -3 of a 3-D or 4-D mask is the head axis. It must be 1:
+      a 3-D mask is [1, S, T] (a [B, S, T] mask would be read per head by torch), a 4-D one [B, 1, S, T];
+    * it expands to [B, 1, S, T]: each size, aligned from the right, is its target's or 1 (a mask
+      with a larger batch or query length would widen the references' output and crash the
+      kernels' expand).
+
+    The kernels read it through `absorbed_decode.mask_view` (leading 1s added, then expanded to
+    [B, 1, S, T]), which these rules make the same reading as torch's broadcast."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"mask: expected bool (True = attend) or a float additive mask, got {mask.dtype}")
+    shape, expected = tuple(mask.shape), f"[B={B}, 1, S={S}, T={T}]"
+    if len(shape) > 4:
+        raise ValueError(f"mask: shape {shape} has {len(shape)} dims; expected at most 4, broadcastable to {expected}")
+    if len(shape) >= 3 and shape[-3] != 1:
+        raise ValueError(f"mask: shape {shape} has {shape[-3]} at dim {len(shape) - 3}, the head axis where torch "
+                         f"aligns a mask with [B, H, S, T] scores; per-head masks are not supported: expected 1 "
+                         f"there, {expected}, [1, S={S}, T={T}] or [S={S}, T={T}]")
+    if not _expands_to(shape, (B, 1, S, T)):
+        raise ValueError(f"mask: shape {shape} does not broadcast to {expected}")
 
 
 def check_sinks(sinks, dims: Dims) -> None:
@@ -168,17 +193,22 @@ def check_topk_range(topk_indices: torch.Tensor, kv_len: int) -> None:
             raise ValueError(f"topk_indices: values must lie in [-1, T={kv_len}), got min {lo}, max {hi}")
 
 
-def _broadcasts(shape: tuple, to: tuple) -> bool:
-    """Whether `shape` and `to` broadcast together: torch's rule, written out for plain sizes (it runs at every
-    call, and torch.broadcast_shapes takes longer than the rest of the checks together); symbolic
-    sizes (a traced call) go to torch, which compares them without adding guards."""
-    if not all(type(n) is int for n in (*shape, *to)):
-        try:
-            torch.broadcast_shapes(shape, to)
-        except RuntimeError:
-            return False
-        return True
-    return all(n == m or n == 1 or m == 1 for n, m in zip(reversed(shape), reversed(to)))
+def _expands_to(shape: tuple, to: tuple) -> bool:
+    """Whether a tensor of `shape` expands to `to`: no more dims, and each size, aligned from the right,
+    equal to its target or 1 (torch's broadcast rule, one way). Written out for plain sizes (it runs at
+    every call, and torch.broadcast_shapes takes longer than the rest of the checks together); symbolic
+    sizes (a traced call) go to torch, which compares them without adding guards, and a plain size
+    against a plain target of 1 must be 1 itself."""
+    if len(shape) > len(to):
+        return False
+    pairs = list(zip(reversed(shape), reversed(to)))
+    if all(type(n) is int and type(m) is int for n, m in pairs):
+        return all(n == m or n == 1 for n, m in pairs)
+    try:
+        torch.broadcast_shapes(shape, to)
+    except RuntimeError:
+        return False
+    return not any(type(n) is int and type(m) is int and m == 1 and n != 1 for n, m in pairs)
 
 
 _TRACER_TENSORS = (FakeTensor, FunctionalTensor)

@@ -95,6 +95,8 @@ def test_latent_mqa_op_gradients_match_autograd_through_hf_math():
     (dict(sinks=torch.randn(3)), ValueError, "sinks: expected one logit per head"),
     (dict(mask=torch.zeros(2, 4, 1, 9)), ValueError, "mask: shape"),
     (dict(mask=torch.zeros(4, 1, 9)), ValueError, "mask: shape"),
+    (dict(mask=torch.zeros(2, 1, 9)), ValueError, r"mask: shape \(2, 1, 9\) has 2 at dim 0, the head axis"),
+    (dict(mask=torch.zeros(1, 1, 1, 1, 9)), ValueError, r"mask: shape \(1, 1, 1, 1, 9\) has 5 dims"),
     (dict(q=torch.randn(2, 4, 1, 32).to(torch.int32)), TypeError, "q: expected a floating dtype"),
     (dict(kv=torch.randn(2, 1, 9, 32).double()), TypeError, "kv: dtype torch.float64 differs"),
 ])

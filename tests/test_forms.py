@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import zlib
 
 import pytest
@@ -9,17 +10,19 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mla_compile.passes.forms import DENSE_FORMS, SPARSE_FORMS, op_for
+from mla_compile.passes.forms import DENSE_FORMS, FORMS, SPARSE_FORMS, op_for, reference_for
 from tests.helpers.reference import naive_mla, random_inputs
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-def call(form, a, scale, is_causal):
+def call(form, a, scale, is_causal, fn=None):
+    """`form`'s op on the inputs `a`, or `fn`, another implementation with the op's arguments."""
+    fn = fn or op_for(form)
     head = (a["q_nope"], a["q_rope"], a["latent"], a["k_rope"], a["w_uk"], a["w_uv"])
     if form in SPARSE_FORMS:
-        return op_for(form)(*head, a["topk_indices"], a["mask"], scale, is_causal)
-    return op_for(form)(*head, a["mask"], scale, is_causal)
+        return fn(*head, a["topk_indices"], a["mask"], scale, is_causal)
+    return fn(*head, a["mask"], scale, is_causal)
 
 
 def rel_err(got, want):
@@ -138,3 +141,83 @@ def test_bad_input_gets_a_clear_error(form, name, spoil, exc, arg):
     spoil(a)
     with pytest.raises(exc, match=arg):
         call(form, a, 0.5, False)
+
+
+def on_kernel_device(fn):
+    """fn run on the device the Triton kernels take (the CPU under the interpreter), its output on the CPU."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def run(*args):
+        return fn(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in args)).cpu()
+
+    return run
+
+
+def implementations(form):
+    """[(name, fn)]: the op, the plain-torch reference and the form's Triton kernel where it has one."""
+    pytest.importorskip("triton")
+    from mla_compile.kernels.absorbed_decode import absorbed_decode
+    from mla_compile.kernels.expanded_prefill import expanded_prefill
+    from mla_compile.kernels.sparse_decode import sparse_absorbed_decode
+
+    kernels = {"absorbed": absorbed_decode, "expanded": expanded_prefill, "sparse_absorbed": sparse_absorbed_decode}
+    out = [("op", op_for(form)), ("reference", reference_for(form))]
+    return out + ([("kernel", on_kernel_device(kernels[form]))] if form in kernels else [])
+
+
+# Masks the forms refuse: torch aligns a mask with [B, H, S, T] scores from the right, so dim -3 is the
+# head axis (the references would attend per head where the kernels' [B, 1, S, T] view cannot), and a
+# mask wider than [B, 1, S, T] anywhere would widen the references' output and crash the kernels' view.
+MASKS_REFUSED = [  # name, (B, H, S, T), mask shape
+    ("per-head 3-D", (2, 3, 4, 9), (3, 4, 9)),
+    ("batch-looking 3-D", (2, 3, 4, 9), (2, 4, 9)),     # [B, S, T]: torch reads its B as heads too
+    ("per-head 4-D", (2, 3, 4, 9), (2, 3, 4, 9)),
+    ("5-D", (2, 3, 4, 9), (1, 1, 1, 4, 9)),
+    ("batch wider than B = 1", (1, 3, 4, 9), (2, 1, 4, 9)),
+    ("queries wider than S = 1", (2, 3, 1, 9), (2, 1, 4, 9)),
+]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name,sizes,shape", MASKS_REFUSED, ids=[m[0] for m in MASKS_REFUSED])
+def test_mask_the_kernels_would_read_otherwise_is_refused(form, name, sizes, shape):
+    B, H, S, T = sizes
+    a = random_inputs(B, H, S, T, 16, 4, 8, 8, topk=3, seed=5)
+    a["mask"] = torch.zeros(shape)
+    for impl, fn in implementations(form):
+        with pytest.raises(ValueError, match=re.escape(f"mask: shape {shape}")) as err:
+            call(form, a, 0.5, False, fn)
+        assert f"[B={B}, 1, S={S}, T={T}]" in str(err.value), impl
+
+
+MASKS_ACCEPTED = [  # name, mask shape at B, S, T = 2, 4, 9
+    ("HF's 4-D", (2, 1, 4, 9)),
+    ("4-D shared by the batch", (1, 1, 4, 9)),
+    ("4-D padding row", (2, 1, 1, 9)),
+    ("3-D", (1, 4, 9)),
+    ("2-D", (4, 9)),
+    ("1-D", (9,)),
+]
+
+
+def mask_of(shape, kind, seed):
+    """A float additive mask, or a bool one (True = attend) that keeps key 0 of every row."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "float":
+        return torch.randn(shape, generator=g) * 2
+    m = torch.rand(shape, generator=g) > 0.3
+    m[..., 0] = True
+    return m
+
+
+@pytest.mark.parametrize("form,kind", [(f, k) for f in DENSE_FORMS for k in ("float", "bool")]
+                         + [(f, "float") for f in SPARSE_FORMS])    # a bool mask could hide every selected key
+@pytest.mark.parametrize("name,shape", MASKS_ACCEPTED, ids=[m[0] for m in MASKS_ACCEPTED])
+def test_masks_of_every_accepted_rank_match_reference(form, kind, name, shape):
+    a = random_inputs(2, 3, 4, 9, 16, 4, 8, 8, topk=5 if form in SPARSE_FORMS else None, seed=len(shape))
+    a["mask"] = mask_of(shape, kind, seed=zlib.crc32(repr((name, kind)).encode()) % 1000)
+    want = naive_mla(**a, scale=0.5)
+    for impl, fn in implementations(form):
+        got = call(form, a, 0.5, False, fn)
+        assert got.shape == (2, 3, 4, 8), impl
+        assert rel_err(got, want) < TOL[torch.float32], impl

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from mla_compile.kernels.common import FLOAT_DTYPES, Dims, _broadcasts, check_sinks
+from mla_compile.kernels.common import FLOAT_DTYPES, Dims, check_mask, check_sinks
 from mla_compile.kernels.registry import kernel_for
 from mla_compile.passes.forms.absorbed import masked_scores
 from mla_compile.passes.forms.common import as_tokens, compute_dtype, head_sinks, softmax_rows
@@ -46,13 +46,8 @@ def check_latent_mqa(q, kv, mask, sinks) -> tuple[int, int, int, int, int]:
     if T == 0:
         raise ValueError(f"kv: T = 0 cached tokens (shape {tuple(kv.shape)}): attention over no keys is undefined")
     devices = {q.device, kv.device}
+    check_mask(mask, B, S, T)
     if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask: expected a tensor or None, got {type(mask).__name__}")
-        if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"mask: expected bool (True = attend) or a float additive mask, got {mask.dtype}")
-        if mask.dim() > 4 or not _broadcasts(tuple(mask.shape), (B, 1, S, T)) or (mask.dim() >= 3 and mask.shape[-3] != 1):
-            raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to [B={B}, 1, S={S}, T={T}]")
         devices.add(mask.device)
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
