@@ -129,11 +129,11 @@ def _shared_kv_decision(region: Region, device) -> Decision:
     reads each copy: the same FLOPs and H times the key/value bytes, so no size makes it cheaper. The
     cost model (`cost/shared_kv.py`) prices both for the log. A forced form names the MLA forms, which
     need W_UK / W_UV: it is not applied here."""
-    from mla_compile.cost.plan import _resolve_device
+    from mla_compile.cost.plan import resolve_device
     from mla_compile.cost.shared_kv import shared_kv_costs
 
     d = region.dims
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     flags = plan_flags(region)
     costs = shared_kv_costs(dict(B=d["B"], H=d["H"], S=d["S"], T=d["T"], D=d["r"]), dev,
                             region.dtype or torch.float32, **flags)

@@ -399,3 +399,25 @@ def test_hopper_decode_efficiency_where_the_gluon_kernel_runs():
                                                                 **V3).costs["absorbed"])
     assert p.times({"S": 2})["absorbed"] == pytest.approx(plan(batch=8, q_len=2, kv_len=16384, device="h200",
                                                                 **V3).costs["absorbed"])
+
+
+# -- one shared key/value head against the MLA forms ------------------------------------------------
+
+@pytest.mark.parametrize("device", ["h100", "h200", "a100", "b200"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("B,H,S,T,D", [(8, 64, 4, 32768, 512), (2, 16, 64, 64, 128), (3, 7, 5, 77, 48)])
+def test_latent_mqa_costs_what_the_plan_costs_the_absorbed_attention_kernel(device, causal, B, H, S, T, D):
+    """Latent MQA runs the absorbed form's attention kernel with the query given, the shared head as
+    the latent (r = D) and no RoPE part (dr = 0), so without a mask shared_kv.py and plan.py must price
+    that kernel's roofline part, max(compute, memory), the same. The launches are left out: plan.py
+    counts the split kernel and its merge, shared_kv.py one launch."""
+    from mla_compile.cost.plan import resolve_device
+    from mla_compile.cost.shared_kv import shared_kv_costs
+
+    dev = resolve_device(device)
+    p = plan(batch=B, q_len=S, kv_len=T, heads=H, kv_lora_rank=D, qk_rope_head_dim=0, qk_nope_head_dim=D,
+             v_head_dim=D, device=dev, causal=causal)
+    kernels = {name: (compute, memory) for name, compute, memory, *_ in p._kernels("absorbed", p._sizes())}
+    latent = shared_kv_costs(dict(B=B, H=H, S=S, T=T, D=D), dev, torch.bfloat16, mask=False,
+                             causal=causal)["latent_mqa"][1]
+    assert latent - dev.launch_overhead == pytest.approx(max(kernels["attention"]), rel=1e-12)

@@ -237,16 +237,16 @@ def test_latent_mqa_kernel_takes_strided_views():
 def test_shared_head_cost_model_prices_both_ways(device, B, S, T):
     """The same FLOPs both ways, H copies of the head HF's way: latent MQA predicted cheaper at every
     size; at long decode (memory-bound on a GPU) by at least the head count."""
-    from mla_compile.cost.plan import _resolve_device
+    from mla_compile.cost.plan import resolve_device
     from mla_compile.cost.shared_kv import shared_kv_costs
 
     H = 64
-    costs = shared_kv_costs(dict(B=B, H=H, S=S, T=T, D=512), _resolve_device(device), torch.bfloat16,
+    costs = shared_kv_costs(dict(B=B, H=H, S=S, T=T, D=512), resolve_device(device), torch.bfloat16,
                             mask=True, causal=True)
     latent, written = costs["latent_mqa"][1], costs["as_written"][1]
     assert 0 < latent < written
     if device != "cpu" and S == 1 and T >= 4096:
         assert written / latent > H
-    symbolic = shared_kv_costs(dict(B=B, H=H, S=S, T="dynamic", D=512), _resolve_device(device), torch.bfloat16,
+    symbolic = shared_kv_costs(dict(B=B, H=H, S=S, T="dynamic", D=512), resolve_device(device), torch.bfloat16,
                                mask=True, causal=True)
     assert symbolic["latent_mqa"][1] is None and "T" in str(symbolic["latent_mqa"][0])

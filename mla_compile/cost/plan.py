@@ -38,6 +38,7 @@ import torch
 from mla_compile.cost import symbols as sy
 from mla_compile.cost.calibrate import load_device
 from mla_compile.cost.devices import DEVICES, HOPPER_DECODE_KEY, KEYS_MAJOR_DECODE_KEY, DeviceModel, table_entry
+from mla_compile.cost.roofline import element_bytes, kernel_time, roofline_time
 from mla_compile.cost.work import DENSE_FORMS, FORMS, SPARSE_FORMS, form_kernels, occupancy
 from mla_compile.kernels.registry import absorbed_core
 
@@ -58,32 +59,16 @@ def _kernel_exprs(form: str, dev_json: str, dtype_name: str, causal: bool, mask:
     """[(kernel, compute_s, memory_s, launch_s, flops, vector, bytes)] in the canonical symbols."""
     dev = DeviceModel.from_dict(json.loads(dev_json))
     dtype = getattr(torch, dtype_name)
-    rate = dev.matmul_rate(dtype)
-    esz = torch.empty((), dtype=dtype).element_size()
+    esz = element_bytes(dtype)
     out = []
     kernels = form_kernels(form, causal=causal, fused=dev.fused_attention, mask=mask,
                            selected=sy.k if sparse_k else None, dsa_mask=dsa and form in DENSE_FORMS)
     for kn in kernels.values():
         fl, vec, by = (sympy.expand(x.subs(sy.e, esz)) for x in (kn.flops, kn.vector, kn.bytes))
-        occ = occupancy(kn, dev.sm_count)
-        comp = (fl / sympy.Float(rate * dev.eff(form, kn.name)) + vec / sympy.Float(dev.vector_flops)) / occ
-        mem = by / sympy.Float(dev.mem_bw * dev.mem_eff(form, kn.name)) / occ
-        out.append((kn.name, comp, mem, sympy.Float(kn.launches * dev.launch_overhead), fl, vec, by))
+        comp, mem, launch = kernel_time(dev, dtype, form, kn.name, fl, vec, by, kn.launches,
+                                        occupancy(kn, dev.sm_count))
+        out.append((kn.name, comp, mem, launch, fl, vec, by))
     return tuple(out)
-
-
-def _assemble(kexprs, subs) -> sympy.Expr:
-    """sum over kernels of max(compute, memory) + launch; Max left unevaluated unless numeric
-    (sympy's Max tries to prove an order between the arguments, which is slow and rarely succeeds)."""
-    terms = []
-    for _, c, m, l, *_ in kexprs:
-        if subs is not None:
-            c, m = c.subs(subs), m.subs(subs)
-        if c.is_number and m.is_number:
-            terms.append(sympy.Float(max(float(c), float(m))) + l)
-        else:
-            terms.append(sympy.Max(c, m, evaluate=False) + l)
-    return sympy.Add(*terms)
 
 
 @functools.lru_cache(maxsize=256)
@@ -113,7 +98,9 @@ def _sympify_size(name, v):
     raise TypeError(f"{name}: expected an int, a torch.SymInt or a sympy expression, got {type(v).__name__}")
 
 
-def _resolve_device(device) -> DeviceModel:
+def resolve_device(device) -> DeviceModel:
+    """The roofline figures `device` names: a DeviceModel as given, a table name ("h200", "cpu", ...)
+    its table entry, else (a torch.device, "cuda", ...) the calibrated figures or the GPU's table entry."""
     if isinstance(device, DeviceModel):
         return device
     if isinstance(device, str) and device.lower() in DEVICES:
@@ -258,7 +245,7 @@ class Plan:
     def generic_expressions(self) -> dict:
         """form -> time (s) in the canonical symbols B, S, T, H, r, dr, dn, dv, k."""
         if "generic" not in self._exprs:
-            self._exprs["generic"] = {f: _assemble(_kernel_exprs(f, *self._key, self._sel_k(f)), None)
+            self._exprs["generic"] = {f: roofline_time(_kernel_exprs(f, *self._key, self._sel_k(f)))
                                       for f in self.candidates}
         return self._exprs["generic"]
 
@@ -267,7 +254,7 @@ class Plan:
         """form -> time (s) with the plan's sizes substituted (a number where all sizes are numbers)."""
         if "bound" not in self._exprs:
             full = {s: (v if v is not None else sympy.Integer(0)) for s, v in self.values.items()}
-            self._exprs["bound"] = {f: _assemble(_kernel_exprs(f, *self._key, self._sel_k(f)), full)
+            self._exprs["bound"] = {f: roofline_time(_kernel_exprs(f, *self._key, self._sel_k(f)), full)
                                     for f in self.candidates}
         return self._exprs["bound"]
 
@@ -467,11 +454,11 @@ class Plan:
 
         def lambdas(key):
             exprs = self.expressions if key == self._key else \
-                {f: _assemble(_kernel_exprs(f, *key, self._sel_k(f)), full) for f in cands}
+                {f: roofline_time(_kernel_exprs(f, *key, self._sel_k(f)), full) for f in cands}
             fns = [sympy.lambdify(dyn, exprs[f], modules="math") for f in cands]
             # where T <= k the selection is every token: dense forms run without HF's top-k mask
             plain_key = key[:-1] + (False,)
-            plain = [sympy.lambdify(dyn, _assemble(_kernel_exprs(f, *plain_key, False), full), modules="math")
+            plain = [sympy.lambdify(dyn, roofline_time(_kernel_exprs(f, *plain_key, False), full), modules="math")
                      if f in DENSE_FORMS else None for f in cands]
             return fns, plain
 
@@ -633,7 +620,7 @@ def plan(batch=1, q_len=1, kv_len=None, heads=None, kv_lora_rank=None, qk_rope_h
     values = {sy.ARG_TO_SYMBOL[n]: _sympify_size(n, v) for n, v in args.items()}
     if dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         raise TypeError(f"plan(): dtype must be a floating torch dtype, got {dtype}")
-    base = _resolve_device(device)
+    base = resolve_device(device)
     dev = _with_hopper_decode(base, dtype, values)
     hopper_dev = None
     if dev is base and not values[sy.S].is_number:

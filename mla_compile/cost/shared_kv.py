@@ -20,6 +20,7 @@ import sympy
 import torch
 
 from mla_compile.cost.devices import DeviceModel
+from mla_compile.cost.roofline import element_bytes, kernel_time, roofline_time
 from mla_compile.cost.symbols import SCORE_BYTES, B, H, S, T, e
 from mla_compile.cost.work import SOFTMAX_OPS, SOFTMAX_PASSES_UNFUSED, live_pairs
 
@@ -48,18 +49,16 @@ def _kernels(form: str, fused: bool, mask: bool, causal: bool) -> list[tuple[str
 
 
 def shared_kv_time(form: str, device: DeviceModel, dtype: torch.dtype, *, mask: bool, causal: bool) -> sympy.Expr:
-    """Predicted seconds of `form` in B, H, S, T, D: per kernel max(compute, memory) + launches."""
+    """Predicted seconds of `form` in B, H, S, T, D on the roofline (`roofline.py`), each kernel at the
+    absorbed form's attention efficiencies (latent MQA runs that kernel)."""
     if form not in SHARED_KV_FORMS:
         raise ValueError(f"unknown shared-head form {form!r}; expected one of {SHARED_KV_FORMS}")
-    esz = torch.empty((), dtype=dtype).element_size()
-    rate = device.matmul_rate(dtype)
-    total = sympy.Integer(0)
-    for _, flops, vector, nbytes, launches in _kernels(form, device.fused_attention, mask, causal):
-        compute = sympy.sympify(flops) / sympy.Float(rate * device.eff("absorbed", "attention")) \
-            + sympy.sympify(vector) / sympy.Float(device.vector_flops)
-        memory = sympy.sympify(nbytes).subs(e, esz) / sympy.Float(device.mem_bw * device.mem_eff("absorbed", "attention"))
-        total += sympy.Max(compute, memory) + sympy.Float(launches * device.launch_overhead)
-    return total
+    esz = element_bytes(dtype)
+    rows = []
+    for name, flops, vector, nbytes, launches in _kernels(form, device.fused_attention, mask, causal):
+        nbytes = sympy.sympify(nbytes).subs(e, esz)
+        rows.append((name, *kernel_time(device, dtype, "absorbed", "attention", flops, vector, nbytes, launches)))
+    return roofline_time(rows, simplify=True)
 
 
 def shared_kv_costs(sizes: dict, device: DeviceModel, dtype: torch.dtype, *, mask: bool, causal: bool) -> dict:
