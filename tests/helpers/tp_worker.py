@@ -37,9 +37,9 @@ def main(path: str, form: str, out: str) -> None:
     graphs = []
     rewrite_graph = backend.rewrite_graph
 
-    def recording(gm, opts, graph_id):
+    def recording(gm, opts, graph_id, *times):
         before = _collectives(gm)
-        records = rewrite_graph(gm, opts, graph_id)
+        records = rewrite_graph(gm, opts, graph_id, *times)
         graphs.append(dict(before=before, after=_collectives(gm)))
         return records
 
