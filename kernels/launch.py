@@ -60,9 +60,18 @@ def argument_key(a):
     return a
 
 
-def _hooks_set() -> bool:
+def _hook_active(hook) -> bool:
+    """A launch hook that would run: Triton 3.5+ keeps them in a HookChain (never None, empty until a
+    profiler adds one), older ones a callable or None."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return True if calls is None else bool(calls)
+
+
+def hooks_set() -> bool:
     rt = _knobs.runtime
-    return rt.launch_enter_hook is not None or rt.launch_exit_hook is not None
+    return _hook_active(rt.launch_enter_hook) or _hook_active(rt.launch_exit_hook)
 
 
 class _Binary:
@@ -103,7 +112,7 @@ class DirectLaunch:
         return k
 
     def launch(self, grid, args: tuple, kwargs: dict):
-        if not self.enabled or _hooks_set():
+        if not self.enabled or hooks_set():
             return self.kernel[grid](*args, **kwargs)
         key = self.key(args, kwargs)
         binary = self.binaries.get(key)
@@ -115,9 +124,15 @@ class DirectLaunch:
         g = grid(meta) if callable(grid) else grid
         ck = binary.kernel
         device = torch.cuda.current_device()
-        ck.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1,
-               torch._C._cuda_getCurrentRawStream(device), ck.function, ck.packed_metadata, None, None, None,
-               *args, *binary.tail)
+        try:
+            ck.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1,
+                   torch._C._cuda_getCurrentRawStream(device), ck.function, ck.packed_metadata, None, None, None,
+                   *args, *binary.tail)
+        except (TypeError, AttributeError):
+            # another Triton's launcher takes other arguments: the JIT path from now on (it raises, with
+            # its own message, whatever is wrong with the arguments themselves)
+            self.enabled = False
+            return self.kernel[grid](*args, **kwargs)
         return ck
 
     def _keep(self, key, compiled, args: tuple, kwargs: dict) -> None:

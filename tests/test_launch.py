@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mla_compile.kernels.launch import argument_key
+from mla_compile.kernels.launch import argument_key, hooks_set
 
 
 def test_key_separates_what_triton_specialises_on():
@@ -24,6 +24,29 @@ def test_key_separates_what_triton_specialises_on():
     assert argument_key(True) != argument_key(False)
     assert argument_key(True) != argument_key(1)
     assert argument_key(0.5) == argument_key(2.0)
+
+
+def test_launch_hooks_turn_direct_launches_off():
+    """A profiler's launch hook (Proton) must see every launch: with one set, launches go through the
+    JIT; with none (Triton's default, an empty HookChain on 3.5+), directly."""
+    from triton import knobs
+
+    assert not hooks_set()
+    hook = knobs.runtime.launch_enter_hook
+    seen = lambda metadata: None  # noqa: E731
+    if hasattr(hook, "add"):
+        hook.add(seen)
+        try:
+            assert hooks_set()
+        finally:
+            hook.remove(seen)
+    else:
+        knobs.runtime.launch_enter_hook = seen
+        try:
+            assert hooks_set()
+        finally:
+            knobs.runtime.launch_enter_hook = hook
+    assert not hooks_set()
 
 
 def _inputs(B, H, T, dt, g, offset=0):
