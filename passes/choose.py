@@ -12,6 +12,7 @@ form on a DSA region keeps HF's full top-k mask (exact whatever k is).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,8 +92,8 @@ def decide(region: Region, forced: str = "auto", device: str | None = None,
     if forced != "auto":
         return _forced(region, "sparse_absorbed" if forced == "sparse" else forced)
     args = _plan_args(region, _device_for(device, example_device))
-    p = plan(**args)
-    expressions = {f: str(e) for f, e in p.expressions.items()}
+    p, expressions, runtime = _priced(tuple(sorted(args.items(), key=lambda kv: kv[0])))
+    expressions = dict(expressions)
     if p.form is not None:        # every size static: decide now
         others = sorted((t, f) for f, t in p.costs.items() if f != p.form)
         why = f"{p.form} {format_seconds(p.costs[p.form])}"
@@ -106,12 +107,23 @@ def decide(region: Region, forced: str = "auto", device: str | None = None,
             dense_mask = "base"
         return Decision(p.form, why, dense_mask=dense_mask, costs=dict(p.costs), expressions=expressions,
                         device=dict(p.device))
-    choose, text = p.runtime_chooser()
+    choose, text = runtime
     if region.is_sparse and args["topk"] is None:
         raise ValueError("a DSA region with a symbolic top-k needs a static index_topk")
     return Decision("auto", "dynamic sizes: the form is chosen per call on the predicted times",
                     chooser=Chooser(choose, text), expressions=expressions, crossover=text,
                     device=dict(p.device))
+
+
+@functools.lru_cache(maxsize=256)
+def _priced(plan_args: tuple):
+    """The cost plan of these arguments, its expressions as text, and for symbolic sizes its run-time
+    chooser (choose, crossover text): worked out once per distinct set, since the sympy work is most of
+    the backend's own compile time and a model's layers share one set. The plan is read, never changed;
+    each region gets its own Chooser (its call counts) around the shared choose function."""
+    p = plan(**dict(plan_args))
+    expressions = {f: str(e) for f, e in p.expressions.items()}
+    return p, expressions, (p.runtime_chooser() if p.form is None else None)
 
 
 def _forced(region: Region, forced: str) -> Decision:
