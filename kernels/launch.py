@@ -16,8 +16,8 @@ argument, at least what Triton specialises on:
     int      whether it equals 1, whether it is divisible by 16, and its width (i32, i64 or u64)
     bool     its value;  float: nothing;  None: None;  anything else (a constexpr): its value
 
-plus the keyword arguments (constexprs and launch options) and, for an autotuned kernel, the values
-of its autotuning key (which pick the config). Finer than Triton's own key where it differs, never
+plus the current device, the keyword arguments (constexprs and launch options) and, for an autotuned
+kernel, the values of its autotuning key (which pick the config). Finer than Triton's own key where it differs, never
 coarser: a new key costs one JIT launch, a shared one would run the wrong binary.
 
 A launch falls back to the JIT path, every time, while Triton's launch hooks are set (profilers
@@ -103,8 +103,8 @@ class DirectLaunch:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
-    def key(self, args: tuple, kwargs: dict):
-        k = tuple(map(argument_key, args))
+    def key(self, device: int, args: tuple, kwargs: dict):
+        k = (device, *map(argument_key, args))       # a binary is loaded into one device's context
         if kwargs:
             k += tuple(kwargs.items())
         if self.tuning_positions:
@@ -114,7 +114,8 @@ class DirectLaunch:
     def launch(self, grid, args: tuple, kwargs: dict):
         if not self.enabled or hooks_set():
             return self.kernel[grid](*args, **kwargs)
-        key = self.key(args, kwargs)
+        device = torch.cuda.current_device()
+        key = self.key(device, args, kwargs)
         binary = self.binaries.get(key)
         if binary is None:
             compiled = self.kernel[grid](*args, **kwargs)
@@ -123,7 +124,6 @@ class DirectLaunch:
         meta = binary.meta
         g = grid(meta) if callable(grid) else grid
         ck = binary.kernel
-        device = torch.cuda.current_device()
         try:
             ck.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1,
                    torch._C._cuda_getCurrentRawStream(device), ck.function, ck.packed_metadata, None, None, None,
