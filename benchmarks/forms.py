@@ -229,7 +229,7 @@ def measure_cpu(fn):
 def kernel_terms(form, B, S, T, H, k, dev_model, dtype=torch.bfloat16):
     """[(kernel, flops, vector, bytes, launches)] of `form` at these sizes, as the cost model counts them."""
     from mla_compile.cost import symbols as sy
-    from mla_compile.cost.forms import form_kernels, occupancy
+    from mla_compile.cost.work import form_kernels, occupancy
 
     dsa = bool(k) and form in ("expanded", "absorbed") and T > k
     ks = form_kernels(form, causal=True, fused=dev_model.fused_attention, mask=S > 1,
