@@ -121,7 +121,7 @@ def rewrite_graph(gm: fx.GraphModule, opts: Options, graph_id: int,
     from mla_compile.passes.match import find_regions
     from mla_compile.passes.rewrite import rewrite
 
-    times = times if times is not None else CompileTimes(graph_id, 0, 0.0, 0.0, 0.0)
+    times = times if times is not None else CompileTimes(graph_id)
     start = time.perf_counter()
     regions, misses = find_regions(gm)
     times.regions = len(regions) + len(misses)
@@ -160,7 +160,7 @@ def rewrite_graph(gm: fx.GraphModule, opts: Options, graph_id: int,
             expressions=decision.expressions, crossover=decision.crossover, device=decision.device,
             graph=graph_id, flags=plan_flags(region),
             runs=decision.chooser.counts if decision.form == "auto" else {}))
-    times.deferred = first_step_of_growing_cache(gm, regions)
+    times.deferred = opts.remainder == "inductor" and first_step_of_growing_cache(gm, regions)
     if regions:
         start = time.perf_counter()
         gm.graph.lint()
@@ -237,7 +237,7 @@ def mla_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | N
     opts = Options.parse(options)
     graph_id = next(_GRAPH_IDS)
     original = copy.deepcopy(gm) if opts.verify else None
-    times = CompileTimes(graph_id, 0, 0.0, 0.0, 0.0)
+    times = CompileTimes(graph_id)
     for rec in rewrite_graph(gm, opts, graph_id, times):
         record(rec, opts.log)
     if opts.remainder == "eager":
@@ -256,8 +256,6 @@ def mla_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | N
             start = time.perf_counter()
             compiled = compile_fx(gm, example_inputs, config_patches=patches)
             times.inductor_s = time.perf_counter() - start
-    if opts.remainder == "eager":
-        times.deferred = False
     record_compile(times)
     if original is not None:
         from mla_compile.verify import verified

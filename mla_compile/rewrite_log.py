@@ -51,10 +51,10 @@ class RewriteRecord:
 @dataclass
 class CompileTimes:
     graph: int                       # the backend's counter, as in RewriteRecord.graph
-    regions: int                     # MLA regions found in it (rewritten or left alone)
-    match_s: float                   # finding the regions and the near misses
-    decide_s: float                  # the cost model's decisions
-    rewrite_s: float                 # rewriting the regions and re-checking the graph
+    regions: int = 0                 # MLA regions found in it (rewritten or left alone)
+    match_s: float = 0.0             # finding the regions and the near misses
+    decide_s: float = 0.0            # the cost model's decisions
+    rewrite_s: float = 0.0           # rewriting the regions and re-checking the graph
     inductor_s: float | None = None  # Inductor's compile of the rewritten graph (None: remainder="eager")
     # the first decode step over a cache that grows by concatenation: Inductor's compile waits for the
     # graph's second call, which a generate() loop never makes (see backend.first_step_of_growing_cache)

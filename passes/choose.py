@@ -13,6 +13,7 @@ form on a DSA region keeps HF's full top-k mask (exact whatever k is).
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ import sympy
 import torch
 
 from mla_compile.cost import plan
+from mla_compile.cost.devices import DeviceModel
 from mla_compile.passes.dispatch import Chooser
 from mla_compile.passes.forms import DENSE_FORMS, FORMS, SPARSE_FORMS
 from mla_compile.passes.match import Region
@@ -91,8 +93,14 @@ def decide(region: Region, forced: str = "auto", device: str | None = None,
         return decision
     if forced != "auto":
         return _forced(region, "sparse_absorbed" if forced == "sparse" else forced)
-    args = _plan_args(region, _device_for(device, example_device))
-    p, expressions, runtime = _priced(tuple(sorted(args.items(), key=lambda kv: kv[0])))
+    from mla_compile.cost.plan import resolve_device
+
+    # the figures as read now (a calibration may have been written since the last region), and the
+    # float32 matmul precision the plan reads, are part of what the memo is keyed on
+    dev = resolve_device(_device_for(device, example_device))
+    args = _plan_args(region, dev)
+    sizes = tuple(sorted((k, v) for k, v in args.items() if k != "device"))
+    p, expressions, runtime = _priced(dev.to_json(), torch.get_float32_matmul_precision(), sizes)
     expressions = dict(expressions)
     if p.form is not None:        # every size static: decide now
         others = sorted((t, f) for f, t in p.costs.items() if f != p.form)
@@ -116,12 +124,13 @@ def decide(region: Region, forced: str = "auto", device: str | None = None,
 
 
 @functools.lru_cache(maxsize=256)
-def _priced(plan_args: tuple):
-    """The cost plan of these arguments, its expressions as text, and for symbolic sizes its run-time
-    chooser (choose, crossover text): worked out once per distinct set, since the sympy work is most of
-    the backend's own compile time and a model's layers share one set. The plan is read, never changed;
-    each region gets its own Chooser (its call counts) around the shared choose function."""
-    p = plan(**dict(plan_args))
+def _priced(device_json: str, matmul_precision: str, plan_args: tuple):
+    """The cost plan of these arguments on this device's figures, its expressions as text, and for
+    symbolic sizes its run-time chooser (choose, crossover text): worked out once per distinct set,
+    since the sympy work is most of the backend's own compile time and a model's layers share one set.
+    The plan is read, never changed; each region gets its own Chooser (its call counts) around the
+    shared choose function. `matmul_precision` keys torch's float32 setting, which plan() reads."""
+    p = plan(**dict(plan_args), device=DeviceModel.from_dict(json.loads(device_json)))
     expressions = {f: str(e) for f, e in p.expressions.items()}
     return p, expressions, (p.runtime_chooser() if p.form is None else None)
 
