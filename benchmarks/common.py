@@ -113,9 +113,9 @@ def markdown(table: Table) -> list[str]:
 
 
 def write_report(stem: str, head: list[str], tables: list[Table], out: str | None = None,
-                 tail: list[str] = ()) -> tuple[str, str]:
+                 tail: list[str] = (), echo: bool = True) -> tuple[str, str]:
     """Write <stem>.md (header, tables, tail) and <stem>.csv (every table's rows, with a `table`
-    column when there are several) into out_dir(out); print the markdown. Returns both paths."""
+    column when there are several) into out_dir(out); print the markdown if echo. Returns both paths."""
     folder = out_dir(out)
     md = os.path.join(folder, stem + ".md")
     lines = list(head)
@@ -125,7 +125,8 @@ def write_report(stem: str, head: list[str], tables: list[Table], out: str | Non
     text = "\n".join(lines).rstrip() + "\n"
     with open(md, "w") as f:
         f.write(text)
-    print(text, flush=True)
+    if echo:
+        print(text, flush=True)
     keys: list[str] = ["table"] if len(tables) > 1 else []
     for t in tables:
         keys += [k for k, _ in t.columns if k not in keys]

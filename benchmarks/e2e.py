@@ -666,20 +666,23 @@ def main(argv=None):
                             row["note"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}"
                     print(f"[{time.time() - t_start:6.0f}s] " + " ".join(f"{k}={v}" for k, v in row.items()),
                           flush=True)
+                    # the report so far, rewritten after every row: a run stopped by a time limit keeps its rows
+                    write(rows, model_notes, args, device, plot=False)
         release(model, device)
         del model
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+    write(rows, model_notes, args, device)
+
+
+def write(rows, model_notes, args, device, plot=True):
+    """The report of the rows so far; plot=False (after each row): no plot and nothing printed."""
     eager = {(r["model"], r["batch"], r["prompt"]): r.get("decode_ms") for r in rows if r.get("system") == "hf-eager"}
     for r in rows:
         base = eager.get((r.get("model"), r.get("batch"), r.get("prompt")))
         if base and r.get("decode_ms"):
             r["x_eager"] = round(base / r["decode_ms"], 2)
-    write(rows, model_notes, args, device)
-
-
-def write(rows, model_notes, args, device):
     stem = f"e2e-{common.device_label(device)}{'-smoke' if args.smoke else ''}{args.tag}"
     notes = [f"greedy generate(), {args.new_tokens} new tokens, {str(args.dtype).removeprefix('torch.')}, "
              "random weights; systems and columns: the docstring of benchmarks/e2e.py",
@@ -692,7 +695,9 @@ def write(rows, model_notes, args, device):
     notes += [f"model {n}" for n in model_notes]
     table = common.Table("Decode and prefill through generate()", COLUMNS, rows)
     md, csv_path = common.write_report(stem, common.header("End to end: generate() per system", device, notes),
-                                       [table], args.out)
+                                       [table], args.out, echo=plot)
+    if not plot:
+        return md, csv_path
     try:
         import plot
     except ImportError as e:          # matplotlib absent
