@@ -35,7 +35,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 @triton.jit
 def _sparse_split_kernel(
     Q, QR, C, KR, IDX, MASK, O, OP, ML,
-    sm_scale, H, S, K, R, DR, chunk, T,
+    sm_scale, H, S, K, R, DR, chunk, T, MT,
     s_qb, s_qh, s_qs, s_qd,
     s_rb, s_rh, s_rs, s_rd,
     s_cb, s_ct, s_cd,
@@ -84,8 +84,10 @@ def _sparse_split_kernel(
         ok = (idx >= 0) & (idx < T)
         if IS_CAUSAL:
             ok = ok & (idx <= s)
+        # The mask covers keys [0, MT) (MT = T but for DeepSeek-V4's gathered form, whose mask is the
+        # window's alone): a key past it has no mask term.
         if MASK_KIND == 1:
-            mv = tl.load(MASK + b * s_mb + s * s_ms + idx * s_mt, mask=ok, other=0)
+            mv = tl.load(MASK + b * s_mb + s * s_ms + idx * s_mt, mask=ok & (idx < MT), other=1)
             ok = ok & (mv != 0)
         idx = tl.where(ok, idx, 0)
         c = tl.load(C + b * s_cb + idx[:, None] * s_ct + offs_r[None, :] * s_cd,
@@ -97,7 +99,7 @@ def _sparse_split_kernel(
             qk += tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC)
         qk = qk * sm_scale
         if MASK_KIND == 2:
-            mv = tl.load(MASK + b * s_mb + s * s_ms + idx * s_mt, mask=ok, other=0.0)
+            mv = tl.load(MASK + b * s_mb + s * s_ms + idx * s_mt, mask=ok & (idx < MT), other=0.0)
             qk += mv.to(tl.float32)[None, :]
         qk = tl.where(ok[None, :], qk, float("-inf"))
         p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
@@ -119,11 +121,12 @@ def _sparse_split_kernel(
 
 
 def sparse_latent_attention(q_lat, q_rope, latent, k_rope, topk_indices, mask=None, scale=1.0,
-                            is_causal=False, out=None, num_splits=None, sinks=None):
+                            is_causal=False, out=None, num_splits=None, sinks=None, mask_keys=None):
     """Core: q_lat [B, H, S, r] (any strides), q_rope [B, H, S, dr], latent/k_rope [B, (1,) T, *],
     topk_indices [B, S, k] (-1 = none) -> o_lat written into `out`, a [B*S, H, 1, r] view (any strides)
     or a fresh [B*S, H, 1, r] tensor. sinks: optional [H], added to each row's normaliser by the merge
-    (a call with sinks always takes the split path)."""
+    (a call with sinks always takes the split path). mask_keys: the mask covers keys [0, mask_keys)
+    only (broadcastable to [B, 1, S, mask_keys]); keys past it are unmasked (None: all T keys)."""
     B, H, S, r = q_lat.shape
     c = as_tokens(latent, "latent")
     kr = as_tokens(k_rope, "k_rope")
@@ -146,7 +149,8 @@ def sparse_latent_attention(q_lat, q_rope, latent, k_rope, topk_indices, mask=No
         want = num_splits
     chunk = max(64, triton.cdiv(triton.cdiv(k, want), 64) * 64)
     splits = triton.cdiv(k, chunk)
-    kind, m, ms = mask_view(mask, B, S, T)
+    MT = T if mask_keys is None else mask_keys
+    kind, m, ms = mask_view(mask, B, S, MT)
     R_PAD = max(16, triton.next_power_of_2(r))   # tl.dot needs K >= 16 on the GPU
     DR_PAD = max(16, triton.next_power_of_2(dr)) if dr else 16
     one = splits == 1 and sinks is None
@@ -159,7 +163,7 @@ def sparse_latent_attention(q_lat, q_rope, latent, k_rope, topk_indices, mask=No
         sp = (o_part.stride(0), o_part.stride(1))
     launcher(_sparse_split_kernel, q_lat)[(B * S, splits, tiles)](
         q_lat, q_rope, c, kr, topk_indices, m if m is not None else c, out, o_part, ml,
-        float(scale), H, S, k, r, dr, chunk, T,
+        float(scale), H, S, k, r, dr, chunk, T, MT,
         *q_lat.stride(), *q_rope.stride(), *c.stride(), *kr.stride(), *topk_indices.stride(), *ms,
         out.stride(0), out.stride(1), out.stride(3), *sp,
         triton.next_power_of_2(H), work_bucket(B * S * k),
@@ -187,3 +191,22 @@ def sparse_absorbed_decode(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indi
     sparse_latent_attention(q_lat, q_rope, latent, k_rope, topk_indices, mask, scale, is_causal,
                             out=o_lat.permute(1, 0, 2).unsqueeze(2), sinks=sinks)
     return project(o_lat, w_uv, B, S, q_nope.dtype)
+
+
+def gathered_window_attention(q, kv, mask, topk_indices, scale=1.0, sinks=None):
+    """DeepSeek-V4's CSA attention over one shared head (`passes/forms/latent_mqa.py`'s gathered form):
+    q [B, H, S, D], kv [B, 1, T, D] = the W window keys then the C = T - W compressed entries, mask
+    broadcastable to [B, 1, S, W] (the window's), topk_indices [B, S, k] into the compressed entries
+    (-1 = none) -> [B, H, S, D] in q's dtype. One softmax (with the sinks) over the window keys and the
+    selected entries: the kernel above runs over per-query positions [0 .. W) followed by W + idx,
+    with the mask read for the window positions only and zero-wide RoPE parts. The caller checks the
+    arguments (`check_latent_mqa_gathered`)."""
+    B, H, S, D = q.shape
+    c = as_tokens(kv, "kv")
+    T, W = c.shape[1], mask.shape[-1]
+    window = torch.arange(W, device=q.device, dtype=torch.int32).expand(B, S, W)
+    picked = torch.where(topk_indices >= 0, topk_indices + W, -1).to(torch.int32)
+    idx = torch.cat([window, picked], dim=-1)
+    out = sparse_latent_attention(q, q.new_empty(B, H, S, 0), c, c.new_empty(B, T, 0), idx, mask, scale, False,
+                                  sinks=sinks, mask_keys=W)
+    return out.view(B, S, H, D).transpose(1, 2)

@@ -88,6 +88,10 @@ def decide(region: Region, forced: str = "auto", device: str | None = None,
         raise ValueError(f"options['form']: unknown form {forced!r}; expected one of {FORCED_CHOICES}")
     if region.shared_kv:
         decision = _shared_kv_decision(region, _device_for(device, example_device))
+        if region.topk_indices is not None and forced != "auto":      # CSA: a sparse form gathers, a dense one not
+            decision.form = "latent_mqa_gathered" if forced in ("sparse",) + SPARSE_FORMS else "latent_mqa"
+            decision.reason += f"; options['form']={forced!r}: {decision.form}"
+            return decision
         if forced != "auto":
             decision.reason += f"; options['form']={forced!r} names an MLA form, which needs W_UK / W_UV: not applied"
         return decision
@@ -156,6 +160,8 @@ def _shared_kv_decision(region: Region, device) -> Decision:
     d = region.dims
     dev = resolve_device(device)
     flags = plan_flags(region)
+    if region.topk_indices is not None:
+        return _csa_decision(region, dev)
     costs = shared_kv_costs(dict(B=d["B"], H=d["H"], S=d["S"], T=d["T"], D=d["r"]), dev,
                             region.dtype or torch.float32, **flags)
     H = d["H"]
@@ -165,5 +171,35 @@ def _shared_kv_decision(region: Region, device) -> Decision:
     if len(seconds) == len(costs):
         why += (f"; latent_mqa {format_seconds(seconds['latent_mqa'])} vs as written "
                 f"{format_seconds(seconds['as_written'])} predicted on {dev.name}")
+    if region.note:
+        why += f"; {region.note}"
     return Decision("latent_mqa", why, costs=seconds, expressions={f: str(x) for f, (x, _) in costs.items()},
+                    device={"name": dev.name})
+
+
+def _csa_decision(region: Region, dev) -> Decision:
+    """DeepSeek-V4's CSA region (its top-k bias proven, passes/shared_kv.py): the picked entries gathered
+    or, where the model predicts it cheaper, dense latent MQA under HF's mask (exact too). Symbolic
+    sizes: gathered, which reads at most the rows the dense form reads."""
+    from mla_compile.cost.shared_kv import gathered_costs
+
+    d = region.dims
+    costs = gathered_costs(dict(B=d["B"], H=d["H"], S=d["S"], T=d["T"], D=d["r"], W=d["W"], k=d["k"]), dev,
+                           region.dtype or torch.float32)
+    seconds = {form: t for form, (_, t) in costs.items() if t is not None}
+    why = (f"one key/value head shared by all {d['H']} query heads (K = V), CSA's top-k picks proven from HF's "
+           f"dense bias")
+    form = "latent_mqa_gathered"
+    if len(seconds) == len(costs):
+        form = min(("latent_mqa_gathered", "latent_mqa"), key=lambda f: seconds[f])
+        others = ", ".join(f"{f} {format_seconds(seconds[f])}" for f in costs if f != form)
+        why += f": {form} {format_seconds(seconds[form])} vs {others} predicted on {dev.name}"
+        why += ("; the picked entries gathered" if form == "latent_mqa_gathered"
+                else "; dense over HF's mask (exact: the bias is applied as written)")
+    else:
+        why += "; dynamic sizes: the picked entries gathered (never more rows read than dense)"
+    if (region.layout or {}).get("picks_below") is not None:
+        why += ("; the indexer's entry count is not provably the compressor's C: picks at or past C are dropped "
+                "when gathered, as HF's spare column drops C")
+    return Decision(form, why, costs=seconds, expressions={f: str(x) for f, (x, _) in costs.items()},
                     device={"name": dev.name})

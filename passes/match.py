@@ -76,6 +76,7 @@ class Region:
     # latent MQA (passes/shared_kv.py): K = V = `latent` [B, 1, T, D] repeated to the heads, no W_UK /
     # W_UV, no RoPE key; dims read r = dn = dv = D, dr = 0
     shared_kv: bool = False
+    note: str | None = None            # a step that did not hold, for the log (the region is still taken)
 
     @property
     def is_sparse(self) -> bool:

@@ -29,7 +29,7 @@ def rewrite(gm: fx.GraphModule, region: Region, form: str, dense_mask: str = "fu
     dispatching op with plan `plan_id`."""
     g = gm.graph
     if region.shared_kv:
-        return _rewrite_shared_kv(g, region)
+        return _rewrite_shared_kv(g, region, form)
     d = region.dims
     H, dn, dv, r = d["H"], d["dn"], d["dv"], d["r"]
     layout = region.layout or {}
@@ -116,12 +116,25 @@ def _install(g: fx.Graph, region: Region, new: fx.Node, inserted: list[fx.Node])
     return new
 
 
-def _rewrite_shared_kv(g: fx.Graph, region: Region) -> fx.Node:
-    """out = mla.latent_mqa(Q, kv, mask, scale, is_causal[, sinks]) in place of the core and the repeats."""
+def _rewrite_shared_kv(g: fx.Graph, region: Region, form: str = "latent_mqa") -> fx.Node:
+    """out = mla.latent_mqa(Q, kv, mask, scale, is_causal[, sinks]) in place of the core and the repeats;
+    DeepSeek-V4's CSA: mla.latent_mqa_gathered(Q, kv, window_mask, picks, scale[, sinks]), and HF's
+    dense top-k bias goes once nothing reads it."""
     sinks = (region.sinks,) if region.sinks is not None else ()
     with g.inserting_before(region.output):
-        new = g.call_function(torch.ops.mla.latent_mqa.default,
-                              (region.query, region.latent, region.mask, region.scale, region.is_causal) + sinks)
+        if form == "latent_mqa_gathered":
+            picks, inserted = region.topk_indices, []
+            limit = (region.layout or {}).get("picks_below")
+            if limit is not None:     # picks not provably below C: those at or past it dropped, as HF drops C
+                inserted.append(g.call_function(operator.lt, (picks, limit)))
+                inserted.append(g.call_function(torch.where, (inserted[-1], picks, -1)))
+                picks = inserted[-1]
+            new = g.call_function(torch.ops.mla.latent_mqa_gathered.default,
+                                  (region.query, region.latent, region.base_mask, picks, region.scale) + sinks)
+            return _install(g, region, new, inserted)
+        else:
+            new = g.call_function(torch.ops.mla.latent_mqa.default,
+                                  (region.query, region.latent, region.mask, region.scale, region.is_causal) + sinks)
     return _install(g, region, new, [])
 
 
