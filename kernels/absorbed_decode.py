@@ -276,6 +276,10 @@ def mask_view(mask, B: int, S: int, T: int):
     """mask broadcastable to [B, 1, S, T] -> (kind, tensor, (stride_b, stride_s, stride_t)), no copy."""
     if mask is None:
         return 0, None, (0, 0, 0)
+    if type(mask) is torch.Tensor and not mask.is_meta and mask.dim() == 4:
+        view = _plain_mask_view(mask, B, S, T)
+        if view is not None:
+            return view
     m = mask
     while m.dim() < 4:
         m = m.unsqueeze(0)
@@ -288,6 +292,21 @@ def mask_view(mask, B: int, S: int, T: int):
     else:
         kind = 2
     return kind, m, (m.stride(0), m.stride(1), m.stride(2))
+
+
+def _plain_mask_view(mask, B: int, S: int, T: int):
+    """`mask_view` of a 4-D mask of real data (HF's [B, 1, S, T] decode mask) in one as_strided view:
+    the sizes and strides that expand(B, 1, S, T)[:, 0] gives (a size-1 dim expanded gets stride 0, a
+    dim at its target size keeps its stride), without the three views that build it (host time, at
+    every call). None where the mask does not expand (the general path raises torch's error)."""
+    b, h, s, t = mask.shape
+    if h != 1 or not (b == B or b == 1) or not (s == S or s == 1) or not (t == T or t == 1):
+        return None
+    sb, _, ss, st = mask.stride()
+    strides = (sb if b == B else 0, ss if s == S else 0, st if t == T else 0)
+    if mask.dtype == torch.bool:
+        return 1, mask.view(torch.uint8).as_strided((B, S, T), strides), strides
+    return 2, mask.as_strided((B, S, T), strides), strides
 
 
 def choose_splits(device, B: int, row_tiles: int, T: int, block_m: int = 64, floor: int = 256) -> tuple[int, int]:
@@ -382,14 +401,15 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
         kr = kr.to(dt)
     if q_rope.dtype != dt:
         q_rope = q_rope.to(dt)
+    dev = q_lat.device      # read once: each read builds a torch.device (host time at every call)
     if out is None:
-        out = torch.empty(B, H, S, r, dtype=dt, device=q_lat.device)
+        out = torch.empty(B, H, S, r, dtype=dt, device=dev)
     if B * H * S == 0:
         return out
-    plan = launch_plan(q_lat.device, dt, B, H, S, T, r, dr, bool(is_causal), num_splits)
+    plan = launch_plan(dev, dt, B, H, S, T, r, dr, bool(is_causal), num_splits)
     core = plan.core
     if core != "triton" and (is_traced(q_lat) or out.stride(-1) != 1 or not sm90.tma_ready(q_lat, q_rope, c, kr)):
-        plan = launch_plan(q_lat.device, dt, B, H, S, T, r, dr, bool(is_causal), num_splits, gluon=False)
+        plan = launch_plan(dev, dt, B, H, S, T, r, dr, bool(is_causal), num_splits, gluon=False)
         core = "triton"
     M, BLOCK_M, row_tiles, splits, chunk = H * S, plan.block_m, plan.row_tiles, plan.splits, plan.chunk
     R_PAD, DR_PAD = plan.r_pad, plan.dr_pad
@@ -399,8 +419,8 @@ def absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask=None, scale=1.
         o_part = ml = out  # unused
         sp = (0, 0, 0)
     else:
-        o_part = torch.empty(B, splits, M, R_PAD, dtype=torch.float32, device=q_lat.device)
-        ml = torch.empty(B, splits, M, 2, dtype=torch.float32, device=q_lat.device)   # (m_p, l_p) per row
+        o_part = torch.empty(B, splits, M, R_PAD, dtype=torch.float32, device=dev)
+        ml = torch.empty(B, splits, M, 2, dtype=torch.float32, device=dev)   # (m_p, l_p) per row
         sp = (o_part.stride(0), o_part.stride(1), o_part.stride(2))
     if core == "keys_major":
         keys_major.keys_major_split_attention(q_lat, q_rope, c, kr, kind, m, ms, kv_lens, out, o_part, ml, scale,
@@ -461,9 +481,9 @@ def absorbed_decode(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask=None, scale
                         "(kernels.registry.kernel_for sends other dtypes to the reference)")
     B, H, S = d.batch, d.heads, d.q_len
     if kv_lens is not None:   # a scalar (static cache fill) or per row; int32 [B] for the kernel
-        kv_lens = kv_lens.to(device=q_nope.device, dtype=torch.int32).reshape(-1).expand(B).contiguous()
+        kv_lens = kv_lens.to(device=d.device, dtype=torch.int32).reshape(-1).expand(B).contiguous()
     q_lat = absorb(q_nope, w_uk, dt)
-    o_lat = torch.empty(H, B * S, d.rank, dtype=dt, device=q_nope.device)
+    o_lat = torch.empty(H, B * S, d.rank, dtype=dt, device=d.device)   # d.device: q_nope's, read once
     absorbed_latent_attention(q_lat, q_rope, latent, k_rope, mask, scale, is_causal, kv_lens=kv_lens,
                               out=o_lat.view(H, B, S, d.rank).permute(1, 0, 2, 3), sinks=sinks)
     return project(o_lat, w_uv, B, S, q_nope.dtype)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -56,8 +56,10 @@ LOG2E = math.log2(math.e)     # exp(x) = exp2(x * LOG2E): the kernels' exponenti
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-@dataclass(frozen=True)
-class Dims:
+class Dims(NamedTuple):
+    """The sizes `check_args` read (a NamedTuple, not a frozen dataclass: it is built at every call,
+    and a frozen dataclass's __init__ costs ~3 us of Python against ~0.4)."""
+
     batch: int
     heads: int
     q_len: int
@@ -71,53 +73,86 @@ class Dims:
 
 def as_tokens(x: torch.Tensor, name: str) -> torch.Tensor:
     """[B, 1, T, d] (HF's single-head cache layout) or [B, T, d] -> [B, T, d], without a copy."""
-    if x.dim() == 4:
-        if x.shape[1] != 1:
-            raise ValueError(f"{name}: expected one shared head (shape [B, 1, T, d]), got {tuple(x.shape)}")
+    shape = x.shape
+    if len(shape) == 4:
+        if shape[1] != 1:
+            raise ValueError(f"{name}: expected one shared head (shape [B, 1, T, d]), got {tuple(shape)}")
         return x.squeeze(1)
-    if x.dim() != 3:
-        raise ValueError(f"{name}: expected [B, 1, T, d] or [B, T, d], got {tuple(x.shape)}")
+    if len(shape) != 3:
+        raise ValueError(f"{name}: expected [B, 1, T, d] or [B, T, d], got {tuple(shape)}")
     return x
 
 
+def _token_shape(x: torch.Tensor, name: str):
+    """The [B, T, d] sizes `as_tokens(x, name)` would give, with its errors, without making the view."""
+    shape = x.shape
+    if len(shape) == 4:
+        if shape[1] != 1:
+            raise ValueError(f"{name}: expected one shared head (shape [B, 1, T, d]), got {tuple(shape)}")
+        return shape[0], shape[2], shape[3]
+    if len(shape) != 3:
+        raise ValueError(f"{name}: expected [B, 1, T, d] or [B, T, d], got {tuple(shape)}")
+    return shape[0], shape[1], shape[2]
+
+
+_FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)
+
+
 def check_args(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask) -> Dims:
-    for name, t in (("q_nope", q_nope), ("q_rope", q_rope), ("latent", latent), ("k_rope", k_rope),
-                    ("w_uk", w_uk), ("w_uv", w_uv)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}: expected a floating dtype {FLOAT_DTYPES}, got {t.dtype}")
-    if q_nope.dim() != 4:
-        raise ValueError(f"q_nope: expected [B, H, S, dn], got {tuple(q_nope.shape)}")
-    B, H, S, dn = q_nope.shape
-    if q_rope.dim() != 4 or tuple(q_rope.shape[:3]) != (B, H, S):
-        raise ValueError(f"q_rope: expected [B={B}, H={H}, S={S}, dr], got {tuple(q_rope.shape)}")
-    dr = q_rope.shape[3]
-    lat = as_tokens(latent, "latent")
-    kr = as_tokens(k_rope, "k_rope")
-    if lat.shape[0] != B:
-        raise ValueError(f"latent: batch {lat.shape[0]} differs from the query's {B}")
-    T, r = lat.shape[1], lat.shape[2]
+    # Written for host time (it runs at every call of every form, once per layer per decode step):
+    # sizes are read once each and compared one by one, no views are made (`_token_shape`), the
+    # devices are compared without building a set, and messages are formatted only on the way to
+    # raising. The checks, their order and their messages are those of the plain version.
+    for t in (q_nope, q_rope, latent, k_rope, w_uk, w_uv):
+        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPE_SET:
+            _raise_tensor_type(q_nope, q_rope, latent, k_rope, w_uk, w_uv)
+    qs = q_nope.shape
+    if len(qs) != 4:
+        raise ValueError(f"q_nope: expected [B, H, S, dn], got {tuple(qs)}")
+    B, H, S, dn = qs
+    rs = q_rope.shape
+    if len(rs) != 4 or rs[:3] != (B, H, S):
+        raise ValueError(f"q_rope: expected [B={B}, H={H}, S={S}, dr], got {tuple(rs)}")
+    dr = rs[3]
+    lat_b, T, r = _token_shape(latent, "latent")
+    kr_shape = _token_shape(k_rope, "k_rope")
+    if lat_b != B:
+        raise ValueError(f"latent: batch {lat_b} differs from the query's {B}")
     if T == 0:
         raise ValueError(f"latent: T = 0 cached tokens (shape {tuple(latent.shape)}): attention over no keys "
                          f"is undefined")
     if r == 0:
         raise ValueError(f"latent: kv_lora_rank r = 0 (shape {tuple(latent.shape)})")
     if H == 0:
-        raise ValueError(f"q_nope: H = 0 heads (shape {tuple(q_nope.shape)})")
-    if tuple(kr.shape) != (B, T, dr):
+        raise ValueError(f"q_nope: H = 0 heads (shape {tuple(qs)})")
+    if kr_shape != (B, T, dr):
         raise ValueError(f"k_rope: expected [B={B}, 1, T={T}, dr={dr}], got {tuple(k_rope.shape)}")
-    if w_uk.dim() != 3 or tuple(w_uk.shape) != (H, dn, r):
-        raise ValueError(f"w_uk: expected [H={H}, dn={dn}, r={r}], got {tuple(w_uk.shape)}")
-    if w_uv.dim() != 3 or w_uv.shape[0] != H or w_uv.shape[2] != r:
-        raise ValueError(f"w_uv: expected [H={H}, dv, r={r}], got {tuple(w_uv.shape)}")
-    devices = {t.device for t in (q_nope, q_rope, latent, k_rope, w_uk, w_uv)}
+    uk = w_uk.shape
+    if len(uk) != 3 or uk != (H, dn, r):
+        raise ValueError(f"w_uk: expected [H={H}, dn={dn}, r={r}], got {tuple(uk)}")
+    uv = w_uv.shape
+    if len(uv) != 3 or uv[0] != H or uv[2] != r:
+        raise ValueError(f"w_uv: expected [H={H}, dv, r={r}], got {tuple(uv)}")
+    device = q_nope.device
+    same = (q_rope.device == device and latent.device == device and k_rope.device == device
+            and w_uk.device == device and w_uv.device == device)
     check_mask(mask, B, S, T)
-    if mask is not None:
-        devices.add(mask.device)
-    if len(devices) > 1:
+    if not same or (mask is not None and mask.device != device):
+        devices = {t.device for t in (q_nope, q_rope, latent, k_rope, w_uk, w_uv)}
+        if mask is not None:
+            devices.add(mask.device)
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    return Dims(B, H, S, T, r, dr, dn, w_uv.shape[1], next(iter(devices)))
+    return Dims(B, H, S, T, r, dr, dn, uv[1], device)
+
+
+def _raise_tensor_type(q_nope, q_rope, latent, k_rope, w_uk, w_uv) -> None:
+    """check_args's type errors, for the first argument at fault."""
+    for name, t in (("q_nope", q_nope), ("q_rope", q_rope), ("latent", latent), ("k_rope", k_rope),
+                    ("w_uk", w_uk), ("w_uv", w_uv)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected a floating dtype {FLOAT_DTYPES}, got {t.dtype}")
 
 
 def check_mask(mask, B, S: int, T: int) -> None:
@@ -138,17 +173,20 @@ def check_mask(mask, B, S: int, T: int) -> None:
         return
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask: expected a tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"mask: expected bool (True = attend) or a float additive mask, got {mask.dtype}")
-    shape, expected = tuple(mask.shape), f"[B={B}, 1, S={S}, T={T}]"
-    if len(shape) > 4:
-        raise ValueError(f"mask: shape {shape} has {len(shape)} dims; expected at most 4, broadcastable to {expected}")
-    if len(shape) >= 3 and shape[-3] != 1:
-        raise ValueError(f"mask: shape {shape} has {shape[-3]} at dim {len(shape) - 3}, the head axis where torch "
+    dtype = mask.dtype
+    if dtype is not torch.bool and dtype not in _FLOAT_DTYPE_SET:
+        raise TypeError(f"mask: expected bool (True = attend) or a float additive mask, got {dtype}")
+    shape = mask.shape     # torch.Size; the messages print it as a tuple
+    n = len(shape)
+    if n > 4:
+        raise ValueError(f"mask: shape {tuple(shape)} has {n} dims; expected at most 4, broadcastable to "
+                         f"[B={B}, 1, S={S}, T={T}]")
+    if n >= 3 and shape[-3] != 1:
+        raise ValueError(f"mask: shape {tuple(shape)} has {shape[-3]} at dim {n - 3}, the head axis where torch "
                          f"aligns a mask with [B, H, S, T] scores; per-head masks are not supported: expected 1 "
-                         f"there, {expected}, [1, S={S}, T={T}] or [S={S}, T={T}]")
-    if not _expands_to(shape, (B, 1, S, T)):
-        raise ValueError(f"mask: shape {shape} does not broadcast to {expected}")
+                         f"there, [B={B}, 1, S={S}, T={T}], [1, S={S}, T={T}] or [S={S}, T={T}]")
+    if not _expands_to(tuple(shape), (B, 1, S, T)):
+        raise ValueError(f"mask: shape {tuple(shape)} does not broadcast to [B={B}, 1, S={S}, T={T}]")
 
 
 def check_sinks(sinks, dims: Dims) -> None:
@@ -201,9 +239,14 @@ def _expands_to(shape: tuple, to: tuple) -> bool:
     against a plain target of 1 must be 1 itself."""
     if len(shape) > len(to):
         return False
-    pairs = list(zip(reversed(shape), reversed(to)))
-    if all(type(n) is int and type(m) is int for n, m in pairs):
-        return all(n == m or n == 1 for n, m in pairs)
+    pairs = tuple(zip(shape[::-1], to[::-1]))
+    for n, m in pairs:
+        if type(n) is not int or type(m) is not int:
+            break
+        if n != m and n != 1:
+            return False
+    else:
+        return True
     try:
         torch.broadcast_shapes(shape, to)
     except RuntimeError:

@@ -74,7 +74,7 @@ def _per_head_matmul_kernel(
 
 def takes(x: torch.Tensor, rows: int) -> bool:
     """Whether the kernel takes a per-head product of `rows` rows on x's device."""
-    return rows <= MAX_ROWS and (x.device.type == "cuda" or INTERPRET)
+    return rows <= MAX_ROWS and (x.is_cuda or INTERPRET)     # is_cuda: no torch.device object built
 
 
 def per_head_matmul(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

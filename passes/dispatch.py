@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+from torch._library.autograd import Info as AutogradInfo, make_autograd_impl
 
 from mla_compile.passes.forms.autograd import dense_backward, sparse_backward
 from mla_compile.passes.forms.ops import SPARSE_FORMS, implementation_for
@@ -52,13 +53,26 @@ def chooser(plan_id: int) -> Chooser:
     return _CHOOSERS[plan_id]
 
 
-# A custom_op, opaque to Inductor (not a triton_op like the forms): the form, and with it the kernels
-# and their launch parameters, is known only per call, on sizes that are symbolic at compile time.
-@torch.library.custom_op("mla::auto", mutates_args=())
-def auto(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
-         w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: Optional[torch.Tensor],
-         mask: Optional[torch.Tensor], scale: float, is_causal: bool, plan_id: int,
-         sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+# The op, opaque to Inductor (not a triton_op like the forms): the form, and with it the kernels and
+# their launch parameters, is known only per call, on sizes that are symbolic at compile time.
+#
+# It is defined on a torch.library.Library rather than with custom_op, for host time: without CUDA
+# graphs it runs once per layer per decode step. A custom_op call takes two Python kernels (its
+# autograd kernel, which redispatches, then the body wrapped in an output-aliasing check): ~25-33 us
+# of dispatch where the body takes ~2. Here the Autograd kernel runs the body itself when nothing is
+# traced and no gradient is wanted (one Python hop); any other call (fake or functional tensors,
+# meta, other keys, inputs requiring grad) takes torch's generated autograd kernel, the one
+# custom_op registers, so tracing, autograd and the fake kernel behave as a custom_op's.
+_LIB = torch.library.Library("mla", "FRAGMENT")
+_LIB.define("auto(Tensor q_nope, Tensor q_rope, Tensor latent, Tensor k_rope, Tensor w_uk, Tensor w_uv, "
+            "Tensor? topk_indices, Tensor? mask, float scale, bool is_causal, SymInt plan_id, "
+            "Tensor? sinks=None) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
+
+
+def _auto_body(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+               w_uk: torch.Tensor, w_uv: torch.Tensor, topk_indices: Optional[torch.Tensor],
+               mask: Optional[torch.Tensor], scale: float, is_causal: bool, plan_id: int,
+               sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     B, H, S, _ = q_nope.shape
     T = latent.shape[-2]
     k = topk_indices.shape[-1] if topk_indices is not None else None
@@ -73,7 +87,10 @@ def auto(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rop
     return fn(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask, scale, is_causal, sinks=sinks)
 
 
-@auto.register_fake
+_LIB.impl("auto", _auto_body, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("mla::auto", lib=_LIB)
 def _(q_nope, q_rope, latent, k_rope, w_uk, w_uv, topk_indices, mask, scale, is_causal, plan_id, sinks=None):
     B, H, S, _ = q_nope.shape
     return q_nope.new_empty(B, H, S, w_uv.shape[1])
@@ -112,4 +129,24 @@ def _backward_auto(ctx, grad):
     return grads + (None,) * 5 + ((d_sinks or (None,)) if ctx.n_inputs > 11 else ())
 
 
-torch.library.register_autograd("mla::auto", _backward_auto, setup_context=_setup_auto)
+_generated_autograd = make_autograd_impl(torch.ops.mla.auto.default, AutogradInfo(_backward_auto, _setup_auto))
+
+# The keysets of a call on plain CPU or CUDA tensors as the Autograd kernel sees them (compared by
+# their raw bits: DispatchKeySet has no hash).
+_PLAIN_KEYSETS = frozenset(
+    (torch._C.DispatchKeySet(backend) | torch._C.DispatchKeySet(autograd)).raw_repr()
+    for backend, autograd in ((torch._C.DispatchKey.CPU, torch._C.DispatchKey.AutogradCPU),
+                              (torch._C.DispatchKey.CUDA, torch._C.DispatchKey.AutogradCUDA)))
+
+
+def _auto_autograd(keyset, *args):
+    """mla.auto's Autograd kernel: the body at once for a call on plain tensors that wants no gradient
+    (its ops then record nothing), else torch's generated kernel (autograd.Function over a redispatch
+    below autograd)."""
+    if keyset.raw_repr() in _PLAIN_KEYSETS and not (torch._C.is_grad_enabled()
+                                                    and torch._C._any_requires_grad(*args)):
+        return _auto_body(*args)
+    return _generated_autograd(keyset, *args)
+
+
+_LIB.impl("auto", _auto_autograd, "Autograd", with_keyset=True)
