@@ -409,15 +409,18 @@ def test_hopper_decode_efficiency_where_the_gluon_kernel_runs():
 def test_latent_mqa_costs_what_the_plan_costs_the_absorbed_attention_kernel(device, causal, B, H, S, T, D):
     """Latent MQA runs the absorbed form's attention kernel with the query given, the shared head as
     the latent (r = D) and no RoPE part (dr = 0), so without a mask shared_kv.py and plan.py must price
-    that kernel's roofline part, max(compute, memory), the same. The launches are left out: plan.py
-    counts the split kernel and its merge, shared_kv.py one launch."""
+    that kernel's roofline part, max(compute, memory), the same, and both count two launches (the split
+    kernel and its merge)."""
     from mla_compile.cost.plan import resolve_device
     from mla_compile.cost.shared_kv import shared_kv_costs
 
     dev = resolve_device(device)
     p = plan(batch=B, q_len=S, kv_len=T, heads=H, kv_lora_rank=D, qk_rope_head_dim=0, qk_nope_head_dim=D,
              v_head_dim=D, device=dev, causal=causal)
-    kernels = {name: (compute, memory) for name, compute, memory, *_ in p._kernels("absorbed", p._sizes())}
+    kernels = {name: (compute, memory, launch) for name, compute, memory, launch, *_ in
+               p._kernels("absorbed", p._sizes())}
+    compute, memory, launch = kernels["attention"]
     latent = shared_kv_costs(dict(B=B, H=H, S=S, T=T, D=D), dev, torch.bfloat16, mask=False,
                              causal=causal)["latent_mqa"][1]
-    assert latent - dev.launch_overhead == pytest.approx(max(kernels["attention"]), rel=1e-12)
+    assert launch == pytest.approx(2 * dev.launch_overhead, rel=1e-12)
+    assert latent == pytest.approx(max(compute, memory) + launch, rel=1e-12)

@@ -2,10 +2,11 @@
 the way HF writes it and the way `mla.latent_mqa` runs it, on the same roofline as the MLA forms
 (`work.py`'s counting rules; D is the head width, K = V):
 
-* latent_mqa: one kernel when the device runs fused kernels (else the reference's products, with its
-  float32 scores materialised and walked like the MLA references'). FLOPs 4*B*H*L*D (Q K^T and P V
-  over the live pairs L), the softmax's vector work, and bytes: Q and the output (B*H*S*D*e each),
-  the head once per batch row (B*T*D*e), the mask (B*S*T*e) when one is read.
+* latent_mqa: the absorbed form's core when the device runs fused kernels (its split kernel and merge,
+  two launches; else the reference's products, with its float32 scores materialised and walked like
+  the MLA references'). FLOPs 4*B*H*L*D (Q K^T and P V over the live pairs L), the softmax's vector
+  work, and bytes: Q and the output (B*H*S*D*e each), the head once per batch row (B*T*D*e), the mask
+  (B*S*T*e) when one is read, once per row tile of (head, query) rows as `work.py` counts it.
 * as_written: HF's `repeat_kv` copies the head to every query head, twice (K and V: B*T*D*e read,
   B*H*T*D*e written, each), then matmul, softmax and matmul as separate launches: K and V read per
   head, the float32 scores written and walked, the mask read.
@@ -33,7 +34,7 @@ import torch
 from mla_compile.cost.devices import DeviceModel
 from mla_compile.cost.roofline import element_bytes, kernel_time, roofline_time
 from mla_compile.cost.symbols import SCORE_BYTES, B, H, S, T, e
-from mla_compile.cost.work import SOFTMAX_OPS, SOFTMAX_PASSES_UNFUSED, live_pairs
+from mla_compile.cost.work import ROW_TILE, SOFTMAX_OPS, SOFTMAX_PASSES_UNFUSED, live_pairs
 
 SHARED_KV_FORMS = ("latent_mqa", "as_written")
 GATHERED_FORMS = ("latent_mqa_gathered", "latent_mqa", "as_written")
@@ -51,7 +52,11 @@ def _kernels(form: str, fused: bool, mask: bool, causal: bool) -> list[tuple[str
     qo = 2 * B * H * S * D * e
     if form == "latent_mqa":
         if fused:
-            return [("attention", 4 * B * H * L * D, SOFTMAX_OPS * B * H * L, qo + B * T * D * e + mask_bytes, 1)]
+            # the absorbed form's core (split + merge: two launches, as work.py counts it), whose
+            # (head, query) row tiles each read their queries' mask rows
+            reads = sympy.Min(H, sympy.Max(1, H * S / ROW_TILE))
+            return [("attention", 4 * B * H * L * D, SOFTMAX_OPS * B * H * L,
+                     qo + B * T * D * e + reads * mask_bytes, 2)]
         return [("attention", 4 * B * H * full * D, SOFTMAX_OPS * B * H * full,
                  qo + B * T * D * e + mask_bytes + SOFTMAX_PASSES_UNFUSED * B * H * full * SCORE_BYTES, 3)]
     copies = [("repeat_kv", 0, 0, 2 * (B * T * D * e + B * H * T * D * e), 2)]
