@@ -57,3 +57,61 @@ def test_decode_loop_switches_form_at_the_crossover_without_recompiling():
     assert all(sum(r.runs.values()) == last_T - first_dynamic_T + 1 for r in autos), [r.runs for r in autos]
     assert f"ran: absorbed x{chooser.counts['absorbed']}" in mla_compile.format_rewrite_log()
     assert math.isfinite(boundary)
+
+
+# -- mla.auto's own Autograd kernel: the body at once where nothing is traced or differentiated --------
+
+def _auto_call(args, pid):
+    return torch.ops.mla.auto(args["q_nope"], args["q_rope"], args["latent"], args["k_rope"], args["w_uk"],
+                              args["w_uv"], None, args["mask"], 0.25, False, pid)
+
+
+def _count_generated(monkeypatch):
+    """Calls that take torch's generated autograd kernel (the slow path), counted."""
+    calls = []
+    generated = dispatch._generated_autograd
+    monkeypatch.setattr(dispatch, "_generated_autograd", lambda *a: (calls.append(1), generated(*a))[1])
+    return calls
+
+
+def test_auto_runs_its_body_directly_on_plain_tensors_without_gradients(monkeypatch):
+    from tests.helpers.reference import naive_mla, random_inputs
+
+    calls = _count_generated(monkeypatch)
+    pid = dispatch.register(dispatch.Chooser(lambda sizes: "absorbed", "absorbed always"))
+    args = random_inputs(2, 4, 1, 19, 32, 8, 16, 16, mask="bool", seed=5)
+    want = naive_mla(**{k: (v.double() if v.is_floating_point() else v) for k, v in args.items()}, scale=0.25)
+    with torch.no_grad():
+        got = _auto_call(args, pid)
+    assert not calls, "a no-grad call on plain tensors took the generated autograd kernel"
+    # grad mode on, but no input requires grad: the fast path too
+    got_grad_mode = _auto_call(args, pid)
+    assert not calls and not got_grad_mode.requires_grad
+    for out in (got, got_grad_mode):
+        assert out.shape == want.shape and out.dtype == torch.float32
+        assert (out.double() - want).abs().max() < 1e-5 * want.abs().max()
+
+
+def test_auto_differentiates_and_traces_through_the_generated_kernel(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tests.helpers.reference import naive_mla, random_inputs
+
+    calls = _count_generated(monkeypatch)
+    pid = dispatch.register(dispatch.Chooser(lambda sizes: "absorbed", "absorbed always"))
+    args = random_inputs(2, 4, 1, 13, 32, 8, 16, 16, dtype=torch.float64, mask="float", seed=6)
+    leaves = {k: v.clone().requires_grad_(k in ("q_nope", "latent", "w_uv")) if v is not None else None
+              for k, v in args.items()}
+    _auto_call(leaves, pid).square().sum().backward()
+    assert len(calls) == 1
+    ref = {k: v.clone().requires_grad_(k in ("q_nope", "latent", "w_uv")) if v is not None else None
+           for k, v in args.items()}
+    naive_mla(**ref, scale=0.25).square().sum().backward()
+    for k in ("q_nope", "latent", "w_uv"):
+        assert torch.allclose(leaves[k].grad, ref[k].grad, rtol=1e-9, atol=1e-10), k
+    # fake tensors (Dynamo's and AOTAutograd's tracing) never reach the body
+    with FakeTensorMode() as mode:
+        fake = {k: mode.from_tensor(v) if v is not None else None for k, v in args.items()}
+        out = _auto_call(fake, pid)
+    assert out.shape == (2, 4, 1, 16) and type(out).__name__ == "FakeTensor"
+    assert len(calls) == 2
