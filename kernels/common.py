@@ -73,14 +73,8 @@ class Dims(NamedTuple):
 
 def as_tokens(x: torch.Tensor, name: str) -> torch.Tensor:
     """[B, 1, T, d] (HF's single-head cache layout) or [B, T, d] -> [B, T, d], without a copy."""
-    shape = x.shape
-    if len(shape) == 4:
-        if shape[1] != 1:
-            raise ValueError(f"{name}: expected one shared head (shape [B, 1, T, d]), got {tuple(shape)}")
-        return x.squeeze(1)
-    if len(shape) != 3:
-        raise ValueError(f"{name}: expected [B, 1, T, d] or [B, T, d], got {tuple(shape)}")
-    return x
+    _token_shape(x, name)      # its errors
+    return x.squeeze(1) if x.dim() == 4 else x
 
 
 def _token_shape(x: torch.Tensor, name: str):

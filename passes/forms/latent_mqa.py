@@ -116,13 +116,20 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad):
     """The reference's gradient (recomputed under autograd): q, kv and the sinks get theirs."""
     q, kv, mask, sinks = ctx.saved_tensors
+    dq, dkv, dsinks = _reference_grads(grad, latent_mqa_reference, q, kv, sinks, mask, ctx.scale, ctx.is_causal)
+    return dq, dkv, None, None, None, dsinks
+
+
+def _reference_grads(grad, reference, q, kv, sinks, *args):
+    """(dq, dkv, dsinks or None): `reference(q, kv, *args, sinks)` recomputed under autograd and
+    differentiated against `grad` (the backward of both ops)."""
     leaves = [t.detach().requires_grad_() for t in (q, kv)]
     sink_leaf = sinks.detach().requires_grad_() if sinks is not None else None
     with torch.enable_grad():
-        out = latent_mqa_reference(*leaves, mask, ctx.scale, ctx.is_causal, sink_leaf)
+        out = reference(*leaves, *args, sink_leaf)
         wrt = leaves + ([sink_leaf] if sink_leaf is not None else [])
         grads = torch.autograd.grad(out, wrt, grad)
-    return grads[0], grads[1], None, None, None, (grads[2] if sink_leaf is not None else None)
+    return grads[0], grads[1], (grads[2] if sink_leaf is not None else None)
 
 
 torch.library.register_autograd("mla::latent_mqa", _backward, setup_context=_setup)
@@ -222,13 +229,9 @@ def _backward_gathered(ctx, grad):
     """The reference's gradient (recomputed under autograd; the gathered rows' gradients scatter-add
     back into kv): q, kv and the sinks get theirs."""
     q, kv, mask, topk_indices, sinks = ctx.saved_tensors
-    leaves = [t.detach().requires_grad_() for t in (q, kv)]
-    sink_leaf = sinks.detach().requires_grad_() if sinks is not None else None
-    with torch.enable_grad():
-        out = latent_mqa_gathered_reference(*leaves, mask, topk_indices, ctx.scale, sink_leaf)
-        wrt = leaves + ([sink_leaf] if sink_leaf is not None else [])
-        grads = torch.autograd.grad(out, wrt, grad)
-    return grads[0], grads[1], None, None, None, (grads[2] if sink_leaf is not None else None)
+    dq, dkv, dsinks = _reference_grads(grad, latent_mqa_gathered_reference, q, kv, sinks, mask, topk_indices,
+                                       ctx.scale)
+    return dq, dkv, None, None, None, dsinks
 
 
 torch.library.register_autograd("mla::latent_mqa_gathered", _backward_gathered, setup_context=_setup_gathered)
